@@ -1,0 +1,355 @@
+//! The tonic service implementations and the route table.
+
+use crate::{errors, validate, EtcdServer, ETCD_API_VERSION};
+use futures::stream::BoxStream;
+use metastore_engine::Engine;
+use metastore_mvcc::{ApplyResponse, Store};
+use metastore_proto::etcdserverpb::{
+    alarm_request::AlarmAction, cluster_server::Cluster, cluster_server::ClusterServer,
+    kv_server::Kv, kv_server::KvServer, maintenance_server::Maintenance,
+    maintenance_server::MaintenanceServer, response_op, AlarmRequest, AlarmResponse,
+    CompactionRequest, CompactionResponse, DefragmentRequest, DefragmentResponse,
+    DeleteRangeRequest, DeleteRangeResponse, DowngradeRequest, DowngradeResponse, HashKvRequest,
+    HashKvResponse, HashRequest, HashResponse, Member, MemberAddRequest, MemberAddResponse,
+    MemberListRequest, MemberListResponse, MemberPromoteRequest, MemberPromoteResponse,
+    MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse,
+    MoveLeaderRequest, MoveLeaderResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
+    SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse, TxnRequest, TxnResponse,
+};
+use metastore_proto::internal::{command::Op, Command};
+use prost::Message;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::{Request, Response, Status};
+
+/// gRPC services not served yet: any call to them answers `Unimplemented` with a message that
+/// says so (the README lists them too).
+pub const UNIMPLEMENTED_SERVICES: &[&str] = &[
+    "etcdserverpb.Watch",
+    "etcdserverpb.Lease",
+    "etcdserverpb.Auth",
+    "v3electionpb.Election",
+    "v3lockpb.Lock",
+];
+
+/// gRPC allows this much above the request limit, as etcd does, so that an oversized request
+/// reaches our check and gets etcd's "request is too large" instead of a transport error.
+const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+/// How long a linearizable read waits for its ReadIndex barrier.
+const READ_TIMEOUT: Duration = Duration::from_secs(7);
+
+struct Svc<E: Engine>(Arc<EtcdServer<E>>);
+
+impl<E: Engine> Clone for Svc<E> {
+    fn clone(&self) -> Self {
+        Svc(self.0.clone())
+    }
+}
+
+/// All services in one route table, with an `Unimplemented` fallback for everything else.
+pub fn routes<E: Engine>(server: Arc<EtcdServer<E>>) -> tonic::service::Routes {
+    let limit = server.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let svc = Svc(server);
+    let router = tonic::service::Routes::new(
+        KvServer::new(svc.clone())
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(usize::MAX),
+    )
+    .add_service(
+        MaintenanceServer::new(svc.clone())
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(usize::MAX),
+    )
+    .add_service(ClusterServer::new(svc).max_decoding_message_size(limit))
+    .into_axum_router()
+    .fallback(unimplemented_fallback);
+    tonic::service::Routes::from(router)
+}
+
+async fn unimplemented_fallback(uri: http::Uri) -> axum::response::Response {
+    let path = uri.path();
+    let service = path
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let message = if UNIMPLEMENTED_SERVICES.contains(&service) {
+        format!("metastore: the {service} service is not implemented yet ({path}); see the README's compatibility table")
+    } else {
+        format!("metastore: unknown gRPC method {path}")
+    };
+    Status::unimplemented(message).into_http()
+}
+
+impl<E: Engine> Svc<E> {
+    async fn propose(&self, op: Op) -> Result<ApplyResponse, Status> {
+        let cmd = Command { op: Some(op) };
+        if cmd.encoded_len() > self.0.limits.max_request_bytes {
+            return Err(errors::request_too_large());
+        }
+        let result = self
+            .0
+            .proposer
+            .submit(cmd)
+            .await
+            .map_err(errors::from_batch)?;
+        result.map_err(errors::from_mvcc)
+    }
+
+    async fn read_barrier(&self, serializable: bool) -> Result<(), Status> {
+        if serializable {
+            return Ok(());
+        }
+        match tokio::time::timeout(READ_TIMEOUT, self.0.raft.linearizable_barrier()).await {
+            Ok(r) => r.map_err(errors::from_raft),
+            Err(_) => Err(errors::timeout()),
+        }
+    }
+
+    fn fill_txn_headers(&self, resp: &mut TxnResponse) {
+        self.0.fill_header(&mut resp.header);
+        for op in &mut resp.responses {
+            match &mut op.response {
+                Some(response_op::Response::ResponseRange(r)) => self.0.fill_header(&mut r.header),
+                Some(response_op::Response::ResponsePut(r)) => self.0.fill_header(&mut r.header),
+                Some(response_op::Response::ResponseDeleteRange(r)) => {
+                    self.0.fill_header(&mut r.header)
+                }
+                Some(response_op::Response::ResponseTxn(r)) => self.fill_txn_headers(r),
+                None => {}
+            }
+        }
+    }
+}
+
+fn unexpected(what: &str) -> Status {
+    Status::internal(format!(
+        "metastore: state machine answered a {what} request with another kind"
+    ))
+}
+
+#[tonic::async_trait]
+impl<E: Engine> Kv for Svc<E> {
+    async fn range(
+        &self,
+        request: Request<RangeRequest>,
+    ) -> Result<Response<RangeResponse>, Status> {
+        let req = request.into_inner();
+        validate::check_range(&req)?;
+        self.read_barrier(req.serializable).await?;
+        let mut resp = self.0.store.range(&req).map_err(errors::from_mvcc)?;
+        self.0.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let req = request.into_inner();
+        validate::check_put(&req)?;
+        match self.propose(Op::Put(req)).await? {
+            ApplyResponse::Put(mut resp) => {
+                self.0.fill_header(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected("put")),
+        }
+    }
+
+    async fn delete_range(
+        &self,
+        request: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let req = request.into_inner();
+        validate::check_delete(&req)?;
+        match self.propose(Op::DeleteRange(req)).await? {
+            ApplyResponse::DeleteRange(mut resp) => {
+                self.0.fill_header(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected("delete")),
+        }
+    }
+
+    async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let req = request.into_inner();
+        validate::check_txn(&req, self.0.limits.max_txn_ops)?;
+        let mut resp = if Store::<E>::txn_is_read_only(&req) {
+            self.read_barrier(validate::txn_is_serializable(&req))
+                .await?;
+            self.0.store.read_txn(&req).map_err(errors::from_mvcc)?
+        } else {
+            match self.propose(Op::Txn(req)).await? {
+                ApplyResponse::Txn(resp) => resp,
+                _ => return Err(unexpected("txn")),
+            }
+        };
+        self.fill_txn_headers(&mut resp);
+        Ok(Response::new(resp))
+    }
+
+    async fn compact(
+        &self,
+        request: Request<CompactionRequest>,
+    ) -> Result<Response<CompactionResponse>, Status> {
+        let req = request.into_inner();
+        // Compaction is applied synchronously in the apply loop, so `physical` is always met.
+        match self.propose(Op::Compaction(req)).await? {
+            ApplyResponse::Compaction(mut resp) => {
+                self.0.fill_header(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected("compaction")),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl<E: Engine> Maintenance for Svc<E> {
+    async fn alarm(
+        &self,
+        request: Request<AlarmRequest>,
+    ) -> Result<Response<AlarmResponse>, Status> {
+        let req = request.into_inner();
+        match AlarmAction::try_from(req.action) {
+            // No alarm can be raised yet (quotas come with the storage work), so the list is
+            // truly empty.
+            Ok(AlarmAction::Get) => Ok(Response::new(AlarmResponse {
+                header: Some(self.0.header(self.0.store.current_revision())),
+                alarms: vec![],
+            })),
+            _ => Err(Status::unimplemented(
+                "metastore: activating or deactivating alarms is not implemented yet",
+            )),
+        }
+    }
+
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let raft = self.0.raft.status();
+        let db_size = self.0.store.engine().size_bytes() as i64;
+        Ok(Response::new(StatusResponse {
+            header: Some(self.0.header(self.0.store.current_revision())),
+            version: ETCD_API_VERSION.to_string(),
+            db_size,
+            leader: raft.leader_id,
+            raft_index: raft.commit_index,
+            raft_term: raft.term,
+            raft_applied_index: raft.applied_index,
+            errors: vec![],
+            db_size_in_use: db_size,
+            is_learner: false,
+        }))
+    }
+
+    async fn defragment(
+        &self,
+        _request: Request<DefragmentRequest>,
+    ) -> Result<Response<DefragmentResponse>, Status> {
+        Err(Status::unimplemented(
+            "metastore: Maintenance.Defragment is not implemented yet",
+        ))
+    }
+
+    async fn hash(&self, _request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        Err(Status::unimplemented(
+            "metastore: Maintenance.Hash is not implemented yet",
+        ))
+    }
+
+    async fn hash_kv(
+        &self,
+        _request: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
+        Err(Status::unimplemented(
+            "metastore: Maintenance.HashKV is not implemented yet",
+        ))
+    }
+
+    type SnapshotStream = BoxStream<'static, Result<SnapshotResponse, Status>>;
+
+    async fn snapshot(
+        &self,
+        _request: Request<SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(Status::unimplemented(
+            "metastore: Maintenance.Snapshot is not implemented yet",
+        ))
+    }
+
+    async fn move_leader(
+        &self,
+        _request: Request<MoveLeaderRequest>,
+    ) -> Result<Response<MoveLeaderResponse>, Status> {
+        Err(Status::unimplemented(
+            "metastore: Maintenance.MoveLeader is not implemented yet",
+        ))
+    }
+
+    async fn downgrade(
+        &self,
+        _request: Request<DowngradeRequest>,
+    ) -> Result<Response<DowngradeResponse>, Status> {
+        Err(Status::unimplemented(
+            "metastore: Maintenance.Downgrade is not implemented",
+        ))
+    }
+}
+
+const MEMBERSHIP_UNIMPLEMENTED: &str = "metastore: membership changes are not implemented yet";
+
+#[tonic::async_trait]
+impl<E: Engine> Cluster for Svc<E> {
+    async fn member_add(
+        &self,
+        _r: Request<MemberAddRequest>,
+    ) -> Result<Response<MemberAddResponse>, Status> {
+        Err(Status::unimplemented(MEMBERSHIP_UNIMPLEMENTED))
+    }
+
+    async fn member_remove(
+        &self,
+        _r: Request<MemberRemoveRequest>,
+    ) -> Result<Response<MemberRemoveResponse>, Status> {
+        Err(Status::unimplemented(MEMBERSHIP_UNIMPLEMENTED))
+    }
+
+    async fn member_update(
+        &self,
+        _r: Request<MemberUpdateRequest>,
+    ) -> Result<Response<MemberUpdateResponse>, Status> {
+        Err(Status::unimplemented(MEMBERSHIP_UNIMPLEMENTED))
+    }
+
+    async fn member_list(
+        &self,
+        request: Request<MemberListRequest>,
+    ) -> Result<Response<MemberListResponse>, Status> {
+        self.read_barrier(!request.get_ref().linearizable).await?;
+        let members = self
+            .0
+            .cluster
+            .members
+            .iter()
+            .map(|m| Member {
+                id: m.id,
+                name: m.name.clone(),
+                peer_ur_ls: m.peer_urls.clone(),
+                client_ur_ls: m.client_urls.clone(),
+                is_learner: false,
+            })
+            .collect();
+        Ok(Response::new(MemberListResponse {
+            header: Some(self.0.header(self.0.store.current_revision())),
+            members,
+        }))
+    }
+
+    async fn member_promote(
+        &self,
+        _r: Request<MemberPromoteRequest>,
+    ) -> Result<Response<MemberPromoteResponse>, Status> {
+        Err(Status::unimplemented(MEMBERSHIP_UNIMPLEMENTED))
+    }
+}

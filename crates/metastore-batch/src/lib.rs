@@ -1,0 +1,411 @@
+//! The batch proposer.
+//!
+//! Requests submit [`Command`]s; one task turns whatever is queued into a [`Batch`] (bounded by
+//! count and bytes), encodes it as one frame and hands it to a [`ProposalSink`] (the raft node).
+//! There is no timer: a lone request is proposed at once. Batches grow by themselves under load
+//! because at most `max_inflight_batches` batches are proposed-but-not-applied at a time, and
+//! everything that arrives meanwhile joins the next batch.
+//!
+//! The apply side reports each batch's per-command results through a [`Completer`], which
+//! resolves the waiting requests and frees the in-flight slot.
+
+use futures::future::BoxFuture;
+use metastore_codec::{encode_batch, Batch, CodecOptions, Command};
+use parking_lot::Mutex;
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    /// The proposal was refused (e.g. no leader); the message comes from the sink.
+    #[error("{0}")]
+    Rejected(String),
+    #[error("request timed out")]
+    Timeout,
+    #[error("batch proposer stopped")]
+    Stopped,
+}
+
+/// Where encoded batches go: the raft node.
+pub trait ProposalSink: Send + Sync + 'static {
+    /// Proposes one frame. Resolves once it is in the log (not when committed).
+    fn propose(&self, frame: Vec<u8>) -> BoxFuture<'static, Result<(), String>>;
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct BatchConfig {
+    /// Most commands in one batch.
+    pub max_batch_count: usize,
+    /// Most encoded bytes in one batch (a single larger command still goes alone).
+    pub max_batch_bytes: usize,
+    /// Batches proposed but not yet applied; more arrivals wait and join the next batch.
+    pub max_inflight_batches: usize,
+    /// How long a request waits for its result before it is answered with a timeout.
+    #[serde(with = "millis")]
+    pub request_timeout: Duration,
+    pub codec: CodecOptions,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_count: 1024,
+            max_batch_bytes: 4 * 1024 * 1024,
+            max_inflight_batches: 2,
+            request_timeout: Duration::from_secs(7),
+            codec: CodecOptions::default(),
+        }
+    }
+}
+
+mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+type Reply<R> = oneshot::Sender<Result<R, BatchError>>;
+
+struct InFlight<R> {
+    replies: Vec<Reply<R>>,
+    _permit: OwnedSemaphorePermit,
+    proposed_at: Instant,
+}
+
+struct Waiters<R> {
+    batches: Mutex<HashMap<u64, InFlight<R>>>,
+}
+
+/// Resolves the requests of applied batches. Cheap to clone; used by the apply loop.
+pub struct Completer<R> {
+    waiters: Arc<Waiters<R>>,
+}
+
+impl<R> Clone for Completer<R> {
+    fn clone(&self) -> Self {
+        Self {
+            waiters: self.waiters.clone(),
+        }
+    }
+}
+
+impl<R> Completer<R> {
+    /// Delivers the results of batch `id`, one per command in order. Batches proposed by
+    /// another member (or before a restart) have no waiters here and are ignored.
+    pub fn complete(&self, id: u64, results: Vec<R>) {
+        let Some(inflight) = self.waiters.batches.lock().remove(&id) else {
+            return;
+        };
+        for (reply, result) in inflight.replies.into_iter().zip(results) {
+            let _ = reply.send(Ok(result));
+        }
+    }
+
+    /// Whether a batch id is waited for on this member.
+    pub fn is_waiting(&self, id: u64) -> bool {
+        self.waiters.batches.lock().contains_key(&id)
+    }
+}
+
+/// Counters for metrics and benchmarks.
+#[derive(Default)]
+pub struct BatchStats {
+    pub batches: AtomicU64,
+    pub commands: AtomicU64,
+}
+
+pub struct BatchProposer<R> {
+    tx: mpsc::UnboundedSender<(Command, Reply<R>)>,
+    completer: Completer<R>,
+    stats: Arc<BatchStats>,
+    timeout: Duration,
+}
+
+impl<R: Send + 'static> BatchProposer<R> {
+    /// Starts the proposer task on the current tokio runtime.
+    pub fn start(config: BatchConfig, sink: Arc<dyn ProposalSink>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let waiters = Arc::new(Waiters {
+            batches: Mutex::new(HashMap::new()),
+        });
+        let stats = Arc::new(BatchStats::default());
+        let timeout = config.request_timeout;
+        tokio::spawn(run(config, sink, rx, waiters.clone(), stats.clone()));
+        Self {
+            tx,
+            completer: Completer { waiters },
+            stats,
+            timeout,
+        }
+    }
+
+    /// Submits one command and waits for its applied result.
+    pub async fn submit(&self, cmd: Command) -> Result<R, BatchError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send((cmd, reply))
+            .map_err(|_| BatchError::Stopped)?;
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(BatchError::Stopped),
+            Err(_) => Err(BatchError::Timeout),
+        }
+    }
+
+    pub fn completer(&self) -> Completer<R> {
+        self.completer.clone()
+    }
+
+    pub fn stats(&self) -> Arc<BatchStats> {
+        self.stats.clone()
+    }
+}
+
+async fn run<R: Send + 'static>(
+    config: BatchConfig,
+    sink: Arc<dyn ProposalSink>,
+    mut rx: mpsc::UnboundedReceiver<(Command, Reply<R>)>,
+    waiters: Arc<Waiters<R>>,
+    stats: Arc<BatchStats>,
+) {
+    let slots = Arc::new(Semaphore::new(config.max_inflight_batches.max(1)));
+    // Random start: ids must not repeat those of batches a previous run left in the log.
+    let mut next_id: u64 = rand::random::<u64>() >> 1;
+    let mut carry: Option<(Command, Reply<R>)> = None;
+    loop {
+        let first = match carry.take() {
+            Some(c) => c,
+            None => match rx.recv().await {
+                Some(c) => c,
+                None => return,
+            },
+        };
+        // Wait for an in-flight slot; while waiting, more requests queue up and join this batch.
+        let permit = loop {
+            match tokio::time::timeout(config.request_timeout, slots.clone().acquire_owned()).await
+            {
+                Ok(Ok(p)) => break p,
+                Ok(Err(_)) => return,
+                Err(_) => expire(&waiters, config.request_timeout),
+            }
+        };
+        let mut bytes = first.0.encoded_len();
+        let mut commands = vec![first.0];
+        let mut replies = vec![first.1];
+        while commands.len() < config.max_batch_count {
+            match rx.try_recv() {
+                Ok((cmd, reply)) => {
+                    let len = cmd.encoded_len();
+                    if bytes + len > config.max_batch_bytes {
+                        carry = Some((cmd, reply));
+                        break;
+                    }
+                    bytes += len;
+                    commands.push(cmd);
+                    replies.push(reply);
+                }
+                Err(_) => break,
+            }
+        }
+        next_id = next_id.wrapping_add(1);
+        let id = next_id;
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats
+            .commands
+            .fetch_add(commands.len() as u64, Ordering::Relaxed);
+        let frame = encode_batch(&Batch { id, commands }, &config.codec).to_vec();
+        waiters.batches.lock().insert(
+            id,
+            InFlight {
+                replies,
+                _permit: permit,
+                proposed_at: Instant::now(),
+            },
+        );
+        if let Err(reason) = sink.propose(frame).await {
+            if let Some(inflight) = waiters.batches.lock().remove(&id) {
+                for reply in inflight.replies {
+                    let _ = reply.send(Err(BatchError::Rejected(reason.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// Drops batches that were never applied (e.g. lost in a leader change), answering their
+/// requests with a timeout and freeing their slots.
+fn expire<R>(waiters: &Waiters<R>, older_than: Duration) {
+    let mut batches = waiters.batches.lock();
+    let stale: Vec<u64> = batches
+        .iter()
+        .filter(|(_, b)| b.proposed_at.elapsed() >= older_than)
+        .map(|(id, _)| *id)
+        .collect();
+    for id in stale {
+        if let Some(b) = batches.remove(&id) {
+            tracing::warn!(batch = id, "batch never applied; timing out its requests");
+            for reply in b.replies {
+                let _ = reply.send(Err(BatchError::Timeout));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metastore_codec::{decode_batch, Op};
+    use metastore_proto::etcdserverpb::CompactionRequest;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A sink that "applies" every proposal after a delay, like a raft node with an fsync.
+    struct EchoSink {
+        completer: Mutex<Option<Completer<usize>>>,
+        sizes: Mutex<Vec<usize>>,
+        delay: Duration,
+        proposals: AtomicUsize,
+    }
+
+    impl ProposalSink for Arc<EchoSink> {
+        fn propose(&self, frame: Vec<u8>) -> BoxFuture<'static, Result<(), String>> {
+            let me = self.clone();
+            Box::pin(async move {
+                me.proposals.fetch_add(1, Ordering::SeqCst);
+                let batch = decode_batch(&frame).map_err(|e| e.to_string())?;
+                me.sizes.lock().push(batch.commands.len());
+                let completer = me.completer.lock().clone().ok_or("no completer")?;
+                let delay = me.delay;
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let results = batch
+                        .commands
+                        .iter()
+                        .map(|c| match &c.op {
+                            Some(Op::Compaction(r)) => r.revision as usize,
+                            _ => 0,
+                        })
+                        .collect();
+                    completer.complete(batch.id, results);
+                });
+                Ok(())
+            })
+        }
+    }
+
+    fn cmd(n: i64) -> Command {
+        Command {
+            op: Some(Op::Compaction(CompactionRequest {
+                revision: n,
+                physical: false,
+            })),
+        }
+    }
+
+    fn setup(delay: Duration, config: BatchConfig) -> (Arc<BatchProposer<usize>>, Arc<EchoSink>) {
+        let sink = Arc::new(EchoSink {
+            completer: Mutex::new(None),
+            sizes: Mutex::new(Vec::new()),
+            delay,
+            proposals: AtomicUsize::new(0),
+        });
+        let proposer = BatchProposer::start(config, Arc::new(sink.clone()));
+        *sink.completer.lock() = Some(proposer.completer());
+        (Arc::new(proposer), sink)
+    }
+
+    #[tokio::test]
+    async fn lone_request_is_proposed_alone_and_answered() {
+        let (p, sink) = setup(Duration::ZERO, BatchConfig::default());
+        assert_eq!(p.submit(cmd(42)).await, Ok(42));
+        assert_eq!(*sink.sizes.lock(), vec![1]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_requests_coalesce_and_each_gets_its_own_result() {
+        let (p, sink) = setup(Duration::from_millis(5), BatchConfig::default());
+        let tasks: Vec<_> = (0..256)
+            .map(|i| {
+                let p = p.clone();
+                tokio::spawn(async move { (i, p.submit(cmd(i)).await) })
+            })
+            .collect();
+        for t in tasks {
+            let (i, r) = t.await.expect("join");
+            assert_eq!(r, Ok(i as usize));
+        }
+        let sizes = sink.sizes.lock().clone();
+        assert_eq!(sizes.iter().sum::<usize>(), 256);
+        // With a slow "apply", most requests must have shared a batch.
+        assert!(sizes.len() < 128, "batches: {sizes:?}");
+    }
+
+    #[tokio::test]
+    async fn batches_respect_count_cap() {
+        let config = BatchConfig {
+            max_batch_count: 10,
+            max_inflight_batches: 1,
+            ..Default::default()
+        };
+        let (p, sink) = setup(Duration::from_millis(2), config);
+        let tasks: Vec<_> = (0..100)
+            .map(|i| {
+                let p = p.clone();
+                tokio::spawn(async move { p.submit(cmd(i)).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("join").expect("ok");
+        }
+        assert!(sink.sizes.lock().iter().all(|&n| n <= 10));
+    }
+
+    struct RefusingSink;
+    impl ProposalSink for RefusingSink {
+        fn propose(&self, _frame: Vec<u8>) -> BoxFuture<'static, Result<(), String>> {
+            Box::pin(async { Err("no leader".to_string()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn refused_proposals_fail_their_requests() {
+        let p: BatchProposer<usize> =
+            BatchProposer::start(BatchConfig::default(), Arc::new(RefusingSink));
+        assert_eq!(
+            p.submit(cmd(1)).await,
+            Err(BatchError::Rejected("no leader".into()))
+        );
+    }
+
+    struct BlackHole;
+    impl ProposalSink for BlackHole {
+        fn propose(&self, _frame: Vec<u8>) -> BoxFuture<'static, Result<(), String>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn never_applied_requests_time_out() {
+        let config = BatchConfig {
+            request_timeout: Duration::from_millis(50),
+            max_inflight_batches: 1,
+            ..Default::default()
+        };
+        let p: Arc<BatchProposer<usize>> =
+            Arc::new(BatchProposer::start(config, Arc::new(BlackHole)));
+        assert_eq!(p.submit(cmd(1)).await, Err(BatchError::Timeout));
+        // The lost batch's slot is reclaimed: later requests are proposed (and time out) too
+        // instead of hanging forever.
+        assert_eq!(p.submit(cmd(2)).await, Err(BatchError::Timeout));
+    }
+}

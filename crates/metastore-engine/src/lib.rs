@@ -1,0 +1,119 @@
+//! The engine trait: an ordered byte-key store with a few key spaces and atomic write batches.
+//!
+//! Engines know nothing of MVCC, Raft or etcd. The state machine (`metastore-mvcc`) encodes its
+//! revisions and metadata into keys of these spaces.
+
+use bytes::Bytes;
+use std::ops::Bound;
+
+/// Separate key spaces (column families in RocksDB terms).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Space {
+    /// Revision-keyed MVCC records.
+    Kv,
+    /// Small bookkeeping values: applied index, revisions, …
+    Meta,
+}
+
+impl Space {
+    pub const ALL: [Space; 2] = [Space::Kv, Space::Meta];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Space::Kv => "kv",
+            Space::Meta => "meta",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("engine i/o error: {0}")]
+    Io(String),
+    #[error("engine corruption: {0}")]
+    Corruption(String),
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteOp {
+    Put {
+        space: Space,
+        key: Bytes,
+        value: Bytes,
+    },
+    Delete {
+        space: Space,
+        key: Bytes,
+    },
+}
+
+/// Writes applied together: on a crash either all or none of them survive (for engines that
+/// persist), and one batch is written per applied raft batch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteBatch {
+    ops: Vec<WriteOp>,
+}
+
+impl WriteBatch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn put(&mut self, space: Space, key: impl Into<Bytes>, value: impl Into<Bytes>) {
+        self.ops.push(WriteOp::Put {
+            space,
+            key: key.into(),
+            value: value.into(),
+        });
+    }
+
+    pub fn delete(&mut self, space: Space, key: impl Into<Bytes>) {
+        self.ops.push(WriteOp::Delete {
+            space,
+            key: key.into(),
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    pub fn ops(&self) -> &[WriteOp] {
+        &self.ops
+    }
+
+    pub fn into_ops(self) -> Vec<WriteOp> {
+        self.ops
+    }
+}
+
+/// An ordered key-value engine. Reads may run concurrently with one writer.
+pub trait Engine: Send + Sync + 'static {
+    /// A short name for logs and metrics (`memory`, `rocksdb`).
+    fn name(&self) -> &'static str;
+
+    fn get(&self, space: Space, key: &[u8]) -> Result<Option<Bytes>>;
+
+    /// Visits keys in `range` in ascending order until `visit` returns false.
+    fn scan(
+        &self,
+        space: Space,
+        range: (Bound<&[u8]>, Bound<&[u8]>),
+        visit: &mut dyn FnMut(&[u8], &Bytes) -> bool,
+    ) -> Result<()>;
+
+    /// Applies a batch.
+    fn write(&self, batch: WriteBatch) -> Result<()>;
+
+    /// Approximate bytes held (keys + values), for status and quotas.
+    fn size_bytes(&self) -> u64;
+
+    /// Whether data written survives a process restart without replaying the raft log.
+    fn is_persistent(&self) -> bool;
+}

@@ -1,0 +1,207 @@
+//! The in-memory key index: for every user key, the revisions at which it was written.
+//!
+//! The engine stores records by revision; this index answers "which revision of key K is visible
+//! at revision R" without touching the engine. It is a lock-free skiplist of keys, each holding a
+//! small per-key lock, so readers of different keys never contend and no global lock exists.
+
+use bytes::Bytes;
+use crossbeam_skiplist::SkipMap;
+use parking_lot::RwLock;
+use std::ops::Bound;
+
+/// A revision: `main` is the store revision of the write, `sub` orders changes inside it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Revision {
+    pub main: i64,
+    pub sub: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexRev {
+    pub rev: Revision,
+    pub tombstone: bool,
+}
+
+#[derive(Default)]
+pub struct KeyIndex {
+    keys: SkipMap<Bytes, RwLock<Vec<IndexRev>>>,
+}
+
+/// The key range of a request, as etcd interprets `key` / `range_end`.
+pub enum KeyRange<'a> {
+    Single(&'a [u8]),
+    Span(Bound<&'a [u8]>, Bound<&'a [u8]>),
+    Empty,
+}
+
+impl<'a> KeyRange<'a> {
+    pub fn new(key: &'a [u8], range_end: &'a [u8]) -> Self {
+        if range_end.is_empty() {
+            KeyRange::Single(key)
+        } else if range_end == [0] {
+            // "\0" as range_end means every key >= key.
+            KeyRange::Span(Bound::Included(key), Bound::Unbounded)
+        } else if range_end <= key {
+            KeyRange::Empty
+        } else {
+            KeyRange::Span(Bound::Included(key), Bound::Excluded(range_end))
+        }
+    }
+}
+
+/// The newest entry at or below `rev`, if it is a live (non-tombstone) one.
+fn visible(revs: &[IndexRev], rev: i64) -> Option<IndexRev> {
+    let pos = revs.partition_point(|r| r.rev.main <= rev);
+    if pos == 0 {
+        return None;
+    }
+    let r = revs[pos - 1];
+    (!r.tombstone).then_some(r)
+}
+
+impl KeyIndex {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Visits, in key order, every key in `range` that is live at `rev`, with its visible revision.
+    /// Stops when `visit` returns false.
+    pub fn visit(
+        &self,
+        range: &KeyRange<'_>,
+        rev: i64,
+        visit: &mut dyn FnMut(&Bytes, IndexRev) -> bool,
+    ) {
+        match range {
+            KeyRange::Empty => {}
+            KeyRange::Single(key) => {
+                if let Some(entry) = self.keys.get(*key) {
+                    if let Some(r) = visible(&entry.value().read(), rev) {
+                        visit(entry.key(), r);
+                    }
+                }
+            }
+            KeyRange::Span(lo, hi) => {
+                for entry in self.keys.range::<[u8], _>((*lo, *hi)) {
+                    let found = visible(&entry.value().read(), rev);
+                    if let Some(r) = found {
+                        if !visit(entry.key(), r) {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The live revision of one key at `rev`.
+    pub fn get(&self, key: &[u8], rev: i64) -> Option<IndexRev> {
+        self.keys
+            .get(key)
+            .and_then(|e| visible(&e.value().read(), rev))
+    }
+
+    /// Records a write. Revisions must arrive in increasing order per key (the apply loop
+    /// guarantees it).
+    pub fn push(&self, key: &Bytes, entry: IndexRev) {
+        if let Some(e) = self.keys.get(&key[..]) {
+            e.value().write().push(entry);
+            return;
+        }
+        self.keys.insert(key.clone(), RwLock::new(vec![entry]));
+    }
+
+    /// Drops every revision superseded at or below `rev`, keeping the newest one at or below it
+    /// unless that is a tombstone. Returns the dropped revisions with their tombstone flags so
+    /// the caller can delete their records.
+    pub fn compact(&self, rev: i64) -> Vec<IndexRev> {
+        let mut dropped = Vec::new();
+        let mut emptied = Vec::new();
+        for entry in self.keys.iter() {
+            let mut revs = entry.value().write();
+            let pos = revs.partition_point(|r| r.rev.main <= rev);
+            if pos == 0 {
+                continue;
+            }
+            let cut = if revs[pos - 1].tombstone {
+                pos
+            } else {
+                pos - 1
+            };
+            if cut == 0 {
+                continue;
+            }
+            dropped.extend(revs.drain(..cut));
+            if revs.is_empty() {
+                emptied.push(entry.key().clone());
+            }
+        }
+        for key in emptied {
+            // Only remove if still empty: the single writer is the caller, so it is.
+            if let Some(e) = self.keys.get(&key[..]) {
+                if e.value().read().is_empty() {
+                    e.remove();
+                }
+            }
+        }
+        dropped
+    }
+
+    /// Number of keys with any history (live or not).
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ir(main: i64, tombstone: bool) -> IndexRev {
+        IndexRev {
+            rev: Revision { main, sub: 0 },
+            tombstone,
+        }
+    }
+
+    #[test]
+    fn visibility_and_compaction() {
+        let idx = KeyIndex::new();
+        let k = Bytes::from_static(b"k");
+        idx.push(&k, ir(2, false));
+        idx.push(&k, ir(4, false));
+        idx.push(&k, ir(6, true));
+        idx.push(&k, ir(8, false));
+        assert_eq!(idx.get(b"k", 1), None);
+        assert_eq!(idx.get(b"k", 3), Some(ir(2, false)));
+        assert_eq!(idx.get(b"k", 5), Some(ir(4, false)));
+        assert_eq!(idx.get(b"k", 7), None);
+        assert_eq!(idx.get(b"k", 9), Some(ir(8, false)));
+        // Compacting at 5 keeps rev 4 (newest <= 5) and drops rev 2.
+        assert_eq!(idx.compact(5), vec![ir(2, false)]);
+        assert_eq!(idx.get(b"k", 5), Some(ir(4, false)));
+        // Compacting at 7 drops 4 and the tombstone at 6.
+        assert_eq!(idx.compact(7), vec![ir(4, false), ir(6, true)]);
+        assert_eq!(idx.get(b"k", 9), Some(ir(8, false)));
+        let j = Bytes::from_static(b"j");
+        idx.push(&j, ir(10, false));
+        idx.push(&j, ir(11, true));
+        assert_eq!(idx.compact(11).len(), 2);
+        assert_eq!(idx.len(), 1);
+    }
+
+    #[test]
+    fn key_ranges() {
+        assert!(matches!(KeyRange::new(b"b", b"a"), KeyRange::Empty));
+        assert!(matches!(KeyRange::new(b"b", b"b"), KeyRange::Empty));
+        assert!(matches!(KeyRange::new(b"b", b""), KeyRange::Single(_)));
+        assert!(matches!(
+            KeyRange::new(b"b", b"\0"),
+            KeyRange::Span(Bound::Included(_), Bound::Unbounded)
+        ));
+    }
+}

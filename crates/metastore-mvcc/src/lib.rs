@@ -1,0 +1,38 @@
+//! The MVCC state machine: etcd's revision model over any [`Engine`].
+//!
+//! - Every write transaction gets the next *main* revision; the changes inside it get increasing
+//!   *sub* revisions. Each key carries `create_revision`, `mod_revision` and `version`; a delete
+//!   writes a tombstone and resets the version.
+//! - The engine stores one record per revision (`Space::Kv`, key = revision); the in-memory
+//!   [`keyindex::KeyIndex`] maps user keys to their revisions. On open, the index is rebuilt from
+//!   the engine, so persistent engines need no replay of what they already hold.
+//! - Reads run without any global lock at the published revision; the single apply loop writes.
+//! - One applied raft batch = one engine write batch, carrying the applied raft index.
+
+pub mod keyindex;
+mod store;
+
+pub use keyindex::{IndexRev, Revision};
+pub use store::{ApplyResponse, Store};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MvccError {
+    #[error("mvcc: required revision has been compacted")]
+    Compacted,
+    #[error("mvcc: required revision is a future revision")]
+    FutureRev,
+    #[error("requested lease not found")]
+    LeaseNotFound,
+    #[error("key not found")]
+    KeyNotFound,
+    #[error("storage engine failed: {0}")]
+    Engine(String),
+    #[error("corrupt record at revision {0}: {1}")]
+    Corrupt(i64, String),
+}
+
+impl From<metastore_engine::EngineError> for MvccError {
+    fn from(e: metastore_engine::EngineError) -> Self {
+        MvccError::Engine(e.to_string())
+    }
+}

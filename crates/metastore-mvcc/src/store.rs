@@ -1,0 +1,786 @@
+use crate::keyindex::{IndexRev, KeyIndex, KeyRange, Revision};
+use crate::MvccError;
+use bytes::Bytes;
+use metastore_engine::{Engine, Space, WriteBatch};
+use metastore_proto::etcdserverpb::{
+    compare, range_request, request_op, response_op, CompactionRequest, CompactionResponse,
+    Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
+    RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+};
+use metastore_proto::internal::{command::Op, Command};
+use metastore_proto::mvccpb::KeyValue;
+use parking_lot::Mutex;
+use prost::Message;
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::HashMap;
+use std::ops::Bound;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+type Result<T> = std::result::Result<T, MvccError>;
+
+const META_APPLIED: &[u8] = b"applied_index";
+const META_REVISION: &[u8] = b"revision";
+const META_COMPACT: &[u8] = b"compact_revision";
+
+/// The result of one applied command. Headers carry only the revision; the API layer adds the
+/// cluster/member/term fields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApplyResponse {
+    Put(PutResponse),
+    DeleteRange(DeleteRangeResponse),
+    Txn(TxnResponse),
+    Compaction(CompactionResponse),
+}
+
+pub struct Store<E: Engine> {
+    engine: Arc<E>,
+    index: KeyIndex,
+    /// The revision readers see: published only after the engine holds everything up to it.
+    current_rev: AtomicI64,
+    compact_rev: AtomicI64,
+    applied_index: AtomicU64,
+    /// Serialises writers. The apply loop is the only writer in the server; this keeps the
+    /// single-writer invariant true for tests and tools too. Readers never take it.
+    writer: Mutex<()>,
+}
+
+fn rev_key(rev: Revision, tombstone: bool) -> Bytes {
+    let mut k = Vec::with_capacity(17);
+    k.extend_from_slice(&rev.main.to_be_bytes());
+    k.extend_from_slice(&rev.sub.to_be_bytes());
+    if tombstone {
+        k.push(b't');
+    }
+    k.into()
+}
+
+fn parse_rev_key(k: &[u8]) -> Option<(Revision, bool)> {
+    if k.len() != 16 && !(k.len() == 17 && k[16] == b't') {
+        return None;
+    }
+    let main = i64::from_be_bytes(k[0..8].try_into().ok()?);
+    let sub = i64::from_be_bytes(k[8..16].try_into().ok()?);
+    Some((Revision { main, sub }, k.len() == 17))
+}
+
+fn read_meta_i64(engine: &dyn Engine, key: &[u8]) -> Result<Option<i64>> {
+    match engine.get(Space::Meta, key)? {
+        None => Ok(None),
+        Some(v) => {
+            let arr: [u8; 8] = v[..].try_into().map_err(|_| {
+                MvccError::Corrupt(0, format!("meta key {key:?} has {} bytes", v.len()))
+            })?;
+            Ok(Some(i64::from_be_bytes(arr)))
+        }
+    }
+}
+
+fn header(revision: i64) -> Option<ResponseHeader> {
+    Some(ResponseHeader {
+        revision,
+        ..Default::default()
+    })
+}
+
+impl<E: Engine> Store<E> {
+    /// Opens the store over an engine, rebuilding the key index from what the engine holds.
+    pub fn open(engine: Arc<E>) -> Result<Self> {
+        let index = KeyIndex::new();
+        let mut max_rev = 1i64;
+        let mut err = None;
+        engine.scan(
+            Space::Kv,
+            (Bound::Unbounded, Bound::Unbounded),
+            &mut |k, v| {
+                let Some((rev, tombstone)) = parse_rev_key(k) else {
+                    err = Some(MvccError::Corrupt(0, format!("bad revision key {k:?}")));
+                    return false;
+                };
+                match KeyValue::decode(v.clone()) {
+                    Ok(kv) => {
+                        index.push(&kv.key, IndexRev { rev, tombstone });
+                        max_rev = max_rev.max(rev.main);
+                        true
+                    }
+                    Err(e) => {
+                        err = Some(MvccError::Corrupt(rev.main, e.to_string()));
+                        false
+                    }
+                }
+            },
+        )?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        let revision = read_meta_i64(engine.as_ref(), META_REVISION)?
+            .unwrap_or(1)
+            .max(max_rev);
+        let compact = read_meta_i64(engine.as_ref(), META_COMPACT)?.unwrap_or(-1);
+        let applied = read_meta_i64(engine.as_ref(), META_APPLIED)?.unwrap_or(0) as u64;
+        Ok(Self {
+            engine,
+            index,
+            current_rev: AtomicI64::new(revision),
+            compact_rev: AtomicI64::new(compact),
+            applied_index: AtomicU64::new(applied),
+            writer: Mutex::new(()),
+        })
+    }
+
+    pub fn engine(&self) -> &Arc<E> {
+        &self.engine
+    }
+
+    /// The revision of the last applied write.
+    pub fn current_revision(&self) -> i64 {
+        self.current_rev.load(Ordering::Acquire)
+    }
+
+    /// The revision of the last compaction (-1 when never compacted).
+    pub fn compact_revision(&self) -> i64 {
+        self.compact_rev.load(Ordering::Acquire)
+    }
+
+    /// The last raft index whose commands are reflected in the store.
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index.load(Ordering::Acquire)
+    }
+
+    /// Number of keys with history in the index.
+    pub fn key_count(&self) -> usize {
+        self.index.len()
+    }
+
+    /// A serializable read at the current (or requested) revision.
+    pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse> {
+        let view = View {
+            current: self.current_revision(),
+            overlay: None,
+        };
+        self.range_in(req, &view)
+    }
+
+    /// Applies the commands of one committed raft entry at `raft_index`. Entries at or below the
+    /// applied index (already reflected in a persistent engine) are skipped and return `None`.
+    /// An `Err` means the engine failed: the store must not be written again.
+    pub fn apply(
+        &self,
+        raft_index: u64,
+        commands: &[Command],
+    ) -> Result<Option<Vec<Result<ApplyResponse>>>> {
+        let _writer = self.writer.lock();
+        if raft_index != 0 && raft_index <= self.applied_index() {
+            return Ok(None);
+        }
+        let mut ctx = WriteCtx {
+            rev: self.current_revision(),
+            main: 0,
+            sub: 0,
+            batch: WriteBatch::new(),
+            overlay: HashMap::new(),
+            compact: None,
+        };
+        let mut results = Vec::with_capacity(commands.len());
+        for cmd in commands {
+            ctx.begin();
+            let result = match &cmd.op {
+                Some(Op::Put(p)) => self.check_put(p, ctx.rev, &ctx).and_then(|()| {
+                    self.put(p, &mut ctx).map(|prev_kv| {
+                        ApplyResponse::Put(PutResponse {
+                            header: header(ctx.main),
+                            prev_kv,
+                        })
+                    })
+                }),
+                Some(Op::DeleteRange(d)) => {
+                    self.delete_range(d, &mut ctx).map(|(deleted, prev_kvs)| {
+                        ApplyResponse::DeleteRange(DeleteRangeResponse {
+                            header: header(ctx.rev_after()),
+                            deleted,
+                            prev_kvs,
+                        })
+                    })
+                }
+                Some(Op::Txn(t)) => self.txn(t, &mut ctx).map(ApplyResponse::Txn),
+                Some(Op::Compaction(c)) => self.compact(c, &mut ctx).map(ApplyResponse::Compaction),
+                None => Err(MvccError::Corrupt(
+                    ctx.rev,
+                    "command without operation".into(),
+                )),
+            };
+            ctx.end();
+            results.push(result);
+        }
+        let WriteCtx {
+            rev,
+            mut batch,
+            compact,
+            ..
+        } = ctx;
+        batch.put(Space::Meta, META_REVISION, rev.to_be_bytes().to_vec());
+        if raft_index != 0 {
+            batch.put(Space::Meta, META_APPLIED, raft_index.to_be_bytes().to_vec());
+        }
+        if let Some(c) = compact {
+            batch.put(Space::Meta, META_COMPACT, c.to_be_bytes().to_vec());
+        }
+        self.engine.write(batch)?;
+        self.current_rev.store(rev, Ordering::Release);
+        if raft_index != 0 {
+            self.applied_index.store(raft_index, Ordering::Release);
+        }
+        Ok(Some(results))
+    }
+
+    // ---- reads -------------------------------------------------------------------------------
+
+    fn load(&self, rev: Revision, view: &View<'_>) -> Result<KeyValue> {
+        let key = rev_key(rev, false);
+        let raw = match view.overlay.and_then(|o| o.get(&key)) {
+            Some(v) => Some(v.clone()),
+            None => self.engine.get(Space::Kv, &key)?,
+        };
+        // A record missing under a visible index entry can only have been removed by a
+        // compaction racing this reader.
+        let raw = raw.ok_or(MvccError::Compacted)?;
+        KeyValue::decode(raw).map_err(|e| MvccError::Corrupt(rev.main, e.to_string()))
+    }
+
+    fn check_rev(&self, requested: i64, view: &View<'_>) -> Result<i64> {
+        let rev = if requested <= 0 {
+            view.current
+        } else {
+            requested
+        };
+        if rev > view.current {
+            return Err(MvccError::FutureRev);
+        }
+        if rev < self.compact_revision() {
+            return Err(MvccError::Compacted);
+        }
+        Ok(rev)
+    }
+
+    fn range_in(&self, req: &RangeRequest, view: &View<'_>) -> Result<RangeResponse> {
+        let rev = self.check_rev(req.revision, view)?;
+        let sort_order = range_request::SortOrder::try_from(req.sort_order)
+            .unwrap_or(range_request::SortOrder::None);
+        let sort_target = range_request::SortTarget::try_from(req.sort_target)
+            .unwrap_or(range_request::SortTarget::Key);
+        let filtered = req.min_mod_revision != 0
+            || req.max_mod_revision != 0
+            || req.min_create_revision != 0
+            || req.max_create_revision != 0;
+        // As etcd: when sorting or filtering, fetch everything and cut afterwards; otherwise
+        // fetch one more than the limit to know whether there is `more`.
+        let fetch_limit =
+            if sort_order != range_request::SortOrder::None || filtered || req.limit <= 0 {
+                usize::MAX
+            } else {
+                (req.limit as usize).saturating_add(1)
+            };
+        let mut count = 0i64;
+        let mut revs = Vec::new();
+        self.index.visit(
+            &KeyRange::new(&req.key, &req.range_end),
+            rev,
+            &mut |_, r| {
+                count += 1;
+                if !req.count_only && revs.len() < fetch_limit {
+                    revs.push(r.rev);
+                }
+                true
+            },
+        );
+        let mut kvs = Vec::with_capacity(revs.len());
+        for r in revs {
+            kvs.push(self.load(r, view)?);
+        }
+        // A compaction that ran while we read may have trimmed what we saw.
+        if rev < self.compact_revision() {
+            return Err(MvccError::Compacted);
+        }
+        if filtered {
+            kvs.retain(|kv| {
+                (req.max_mod_revision == 0 || kv.mod_revision <= req.max_mod_revision)
+                    && (req.min_mod_revision == 0 || kv.mod_revision >= req.min_mod_revision)
+                    && (req.max_create_revision == 0
+                        || kv.create_revision <= req.max_create_revision)
+                    && (req.min_create_revision == 0
+                        || kv.create_revision >= req.min_create_revision)
+            });
+        }
+        let order = match (sort_order, sort_target) {
+            (range_request::SortOrder::None, range_request::SortTarget::Key) => None,
+            (range_request::SortOrder::Ascend, range_request::SortTarget::Key) => None,
+            (range_request::SortOrder::None, _) => Some(false),
+            (range_request::SortOrder::Ascend, _) => Some(false),
+            (range_request::SortOrder::Descend, _) => Some(true),
+        };
+        if let Some(descend) = order {
+            fn key_of(kv: &KeyValue, sort_target: range_request::SortTarget) -> SortKey<'_> {
+                match sort_target {
+                    range_request::SortTarget::Key => SortKey::Bytes(&kv.key),
+                    range_request::SortTarget::Version => SortKey::Int(kv.version),
+                    range_request::SortTarget::Create => SortKey::Int(kv.create_revision),
+                    range_request::SortTarget::Mod => SortKey::Int(kv.mod_revision),
+                    range_request::SortTarget::Value => SortKey::Bytes(&kv.value),
+                }
+            }
+            kvs.sort_by(|a, b| {
+                let o = key_of(a, sort_target).cmp(&key_of(b, sort_target));
+                if descend {
+                    o.reverse()
+                } else {
+                    o
+                }
+            });
+        }
+        let mut more = false;
+        if req.limit > 0 && kvs.len() > req.limit as usize {
+            kvs.truncate(req.limit as usize);
+            more = true;
+        }
+        if req.keys_only {
+            for kv in &mut kvs {
+                kv.value = Bytes::new();
+            }
+        }
+        Ok(RangeResponse {
+            header: header(view.current),
+            kvs,
+            more,
+            count,
+        })
+    }
+
+    // ---- writes ------------------------------------------------------------------------------
+
+    fn check_put(&self, p: &PutRequest, rev: i64, ctx: &WriteCtx) -> Result<()> {
+        if p.lease != 0 {
+            // No lease exists until the lease service lands; etcd answers the same for an
+            // unknown lease.
+            return Err(MvccError::LeaseNotFound);
+        }
+        if (p.ignore_value || p.ignore_lease) && self.index.get(&p.key, rev).is_none() {
+            let _ = ctx;
+            return Err(MvccError::KeyNotFound);
+        }
+        Ok(())
+    }
+
+    /// Writes a put at the context's revision; returns the previous value if asked for.
+    fn put(&self, p: &PutRequest, ctx: &mut WriteCtx) -> Result<Option<KeyValue>> {
+        let view_rev = ctx.read_rev();
+        let prev = match self.index.get(&p.key, view_rev) {
+            Some(r) => Some(self.load(r.rev, &ctx.view())?),
+            None => None,
+        };
+        let (create_revision, version) = match &prev {
+            Some(kv) => (kv.create_revision, kv.version + 1),
+            None => (ctx.main, 1),
+        };
+        let value = match (&prev, p.ignore_value) {
+            (Some(kv), true) => kv.value.clone(),
+            _ => p.value.clone(),
+        };
+        let lease = match (&prev, p.ignore_lease) {
+            (Some(kv), true) => kv.lease,
+            _ => p.lease,
+        };
+        let rev = ctx.next_rev();
+        let kv = KeyValue {
+            key: p.key.clone(),
+            create_revision,
+            mod_revision: rev.main,
+            version,
+            value,
+            lease,
+        };
+        let rk = rev_key(rev, false);
+        let encoded: Bytes = kv.encode_to_vec().into();
+        ctx.overlay.insert(rk.clone(), encoded.clone());
+        ctx.batch.put(Space::Kv, rk, encoded);
+        self.index.push(
+            &p.key,
+            IndexRev {
+                rev,
+                tombstone: false,
+            },
+        );
+        Ok(if p.prev_kv { prev } else { None })
+    }
+
+    fn delete_range(
+        &self,
+        d: &DeleteRangeRequest,
+        ctx: &mut WriteCtx,
+    ) -> Result<(i64, Vec<KeyValue>)> {
+        let view_rev = ctx.read_rev();
+        let mut victims = Vec::new();
+        self.index.visit(
+            &KeyRange::new(&d.key, &d.range_end),
+            view_rev,
+            &mut |k, r| {
+                victims.push((k.clone(), r.rev));
+                true
+            },
+        );
+        let mut prev_kvs = Vec::new();
+        for (key, rev) in &victims {
+            if d.prev_kv {
+                prev_kvs.push(self.load(*rev, &ctx.view())?);
+            }
+            let rev = ctx.next_rev();
+            let tomb = KeyValue {
+                key: key.clone(),
+                mod_revision: rev.main,
+                ..Default::default()
+            };
+            ctx.batch
+                .put(Space::Kv, rev_key(rev, true), tomb.encode_to_vec());
+            self.index.push(
+                key,
+                IndexRev {
+                    rev,
+                    tombstone: true,
+                },
+            );
+        }
+        Ok((victims.len() as i64, prev_kvs))
+    }
+
+    fn compact(&self, c: &CompactionRequest, ctx: &mut WriteCtx) -> Result<CompactionResponse> {
+        let compacted = self.compact_revision();
+        if c.revision <= compacted {
+            return Err(MvccError::Compacted);
+        }
+        if c.revision > ctx.rev {
+            return Err(MvccError::FutureRev);
+        }
+        // Publish first: a reader that sees a trimmed index then also sees the new compact
+        // revision when it re-checks, and reports Compacted instead of a partial answer.
+        self.compact_rev.store(c.revision, Ordering::SeqCst);
+        for dropped in self.index.compact(c.revision) {
+            ctx.overlay.remove(&rev_key(dropped.rev, false));
+            ctx.batch
+                .delete(Space::Kv, rev_key(dropped.rev, dropped.tombstone));
+        }
+        ctx.compact = Some(c.revision);
+        Ok(CompactionResponse {
+            header: header(ctx.rev),
+        })
+    }
+
+    // ---- transactions ------------------------------------------------------------------------
+
+    fn compare(&self, c: &Compare, view: &View<'_>) -> Result<bool> {
+        let target =
+            compare::CompareTarget::try_from(c.target).unwrap_or(compare::CompareTarget::Version);
+        let req = RangeRequest {
+            key: c.key.clone(),
+            range_end: c.range_end.clone(),
+            ..Default::default()
+        };
+        let kvs = self.range_in(&req, view)?.kvs;
+        if kvs.is_empty() {
+            // A value cannot be compared on a missing key: nil and "" look the same on the wire.
+            if target == compare::CompareTarget::Value {
+                return Ok(false);
+            }
+            return Ok(compare_kv(c, target, &KeyValue::default()));
+        }
+        Ok(kvs.iter().all(|kv| compare_kv(c, target, kv)))
+    }
+
+    /// Evaluates every compare of the transaction (nested ones too) against the state before
+    /// it runs, as etcd does; returns the branch taken at each txn in depth-first order.
+    fn txn_path(&self, t: &TxnRequest, view: &View<'_>, path: &mut Vec<bool>) -> Result<()> {
+        let mut ok = true;
+        for c in &t.compare {
+            if !self.compare(c, view)? {
+                ok = false;
+                break;
+            }
+        }
+        path.push(ok);
+        for op in branch(t, ok) {
+            if let Some(request_op::Request::RequestTxn(inner)) = &op.request {
+                self.txn_path(inner, view, path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the ops of the chosen branches before anything is written, so that a txn either
+    /// applies whole or fails with nothing changed.
+    fn txn_check(
+        &self,
+        t: &TxnRequest,
+        path: &[bool],
+        at: &mut usize,
+        ctx: &WriteCtx,
+    ) -> Result<()> {
+        let ok = path[*at];
+        *at += 1;
+        let view = ctx.view();
+        for op in branch(t, ok) {
+            match &op.request {
+                Some(request_op::Request::RequestRange(r)) => {
+                    self.check_rev(r.revision, &view)?;
+                }
+                Some(request_op::Request::RequestPut(p)) => self.check_put(p, ctx.rev, ctx)?,
+                Some(request_op::Request::RequestTxn(inner)) => {
+                    self.txn_check(inner, path, at, ctx)?
+                }
+                Some(request_op::Request::RequestDeleteRange(_)) | None => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn txn_exec(
+        &self,
+        t: &TxnRequest,
+        path: &[bool],
+        at: &mut usize,
+        ctx: &mut WriteCtx,
+    ) -> Result<TxnResponse> {
+        let ok = path[*at];
+        *at += 1;
+        let mut responses = Vec::new();
+        for op in branch(t, ok) {
+            let response = match &op.request {
+                Some(request_op::Request::RequestRange(r)) => {
+                    let view = View {
+                        current: ctx.read_rev(),
+                        overlay: Some(&ctx.overlay),
+                    };
+                    response_op::Response::ResponseRange(self.range_in(r, &view)?)
+                }
+                Some(request_op::Request::RequestPut(p)) => {
+                    let prev_kv = self.put(p, ctx)?;
+                    response_op::Response::ResponsePut(PutResponse {
+                        header: header(ctx.main),
+                        prev_kv,
+                    })
+                }
+                Some(request_op::Request::RequestDeleteRange(d)) => {
+                    let (deleted, prev_kvs) = self.delete_range(d, ctx)?;
+                    response_op::Response::ResponseDeleteRange(DeleteRangeResponse {
+                        header: header(ctx.read_rev()),
+                        deleted,
+                        prev_kvs,
+                    })
+                }
+                Some(request_op::Request::RequestTxn(inner)) => {
+                    response_op::Response::ResponseTxn(self.txn_exec(inner, path, at, ctx)?)
+                }
+                None => continue,
+            };
+            responses.push(ResponseOp {
+                response: Some(response),
+            });
+        }
+        Ok(TxnResponse {
+            header: header(ctx.read_rev()),
+            succeeded: ok,
+            responses,
+        })
+    }
+
+    fn txn(&self, t: &TxnRequest, ctx: &mut WriteCtx) -> Result<TxnResponse> {
+        let mut path = Vec::new();
+        self.txn_path(t, &ctx.view(), &mut path)?;
+        self.txn_check(t, &path, &mut 0, ctx)?;
+        let mut resp = self.txn_exec(t, &path, &mut 0, ctx)?;
+        // Every header of a txn answer carries the txn's final revision.
+        let final_rev = ctx.rev_after();
+        set_txn_revision(&mut resp, final_rev);
+        Ok(resp)
+    }
+
+    /// Whether a txn request (every branch, nested too) contains no write.
+    pub fn txn_is_read_only(t: &TxnRequest) -> bool {
+        t.success
+            .iter()
+            .chain(t.failure.iter())
+            .all(|op| match &op.request {
+                Some(request_op::Request::RequestRange(_)) | None => true,
+                Some(request_op::Request::RequestTxn(inner)) => Self::txn_is_read_only(inner),
+                _ => false,
+            })
+    }
+
+    /// Runs a read-only txn locally (serializable view at the current revision).
+    pub fn read_txn(&self, t: &TxnRequest) -> Result<TxnResponse> {
+        let view = View {
+            current: self.current_revision(),
+            overlay: None,
+        };
+        let mut path = Vec::new();
+        self.txn_path(t, &view, &mut path)?;
+        let mut at = 0;
+        self.read_txn_exec(t, &path, &mut at, &view)
+    }
+
+    fn read_txn_exec(
+        &self,
+        t: &TxnRequest,
+        path: &[bool],
+        at: &mut usize,
+        view: &View<'_>,
+    ) -> Result<TxnResponse> {
+        let ok = path[*at];
+        *at += 1;
+        let mut responses = Vec::new();
+        for op in branch(t, ok) {
+            let response = match &op.request {
+                Some(request_op::Request::RequestRange(r)) => {
+                    response_op::Response::ResponseRange(self.range_in(r, view)?)
+                }
+                Some(request_op::Request::RequestTxn(inner)) => {
+                    response_op::Response::ResponseTxn(self.read_txn_exec(inner, path, at, view)?)
+                }
+                _ => continue,
+            };
+            responses.push(ResponseOp {
+                response: Some(response),
+            });
+        }
+        Ok(TxnResponse {
+            header: header(view.current),
+            succeeded: ok,
+            responses,
+        })
+    }
+}
+
+fn set_txn_revision(resp: &mut TxnResponse, rev: i64) {
+    resp.header = header(rev);
+    for op in &mut resp.responses {
+        match &mut op.response {
+            Some(response_op::Response::ResponsePut(p)) => p.header = header(rev),
+            Some(response_op::Response::ResponseDeleteRange(d)) => d.header = header(rev),
+            Some(response_op::Response::ResponseRange(r)) => r.header = header(rev),
+            Some(response_op::Response::ResponseTxn(t)) => set_txn_revision(t, rev),
+            None => {}
+        }
+    }
+}
+
+fn branch(t: &TxnRequest, ok: bool) -> &[RequestOp] {
+    if ok {
+        &t.success
+    } else {
+        &t.failure
+    }
+}
+
+fn compare_kv(c: &Compare, target: compare::CompareTarget, kv: &KeyValue) -> bool {
+    use compare::TargetUnion;
+    let ord = match target {
+        compare::CompareTarget::Value => {
+            let want: &[u8] = match &c.target_union {
+                Some(TargetUnion::Value(v)) => v,
+                _ => &[],
+            };
+            kv.value[..].cmp(want)
+        }
+        compare::CompareTarget::Version => kv.version.cmp(&int_target(c, |u| match u {
+            TargetUnion::Version(v) => Some(*v),
+            _ => None,
+        })),
+        compare::CompareTarget::Create => kv.create_revision.cmp(&int_target(c, |u| match u {
+            TargetUnion::CreateRevision(v) => Some(*v),
+            _ => None,
+        })),
+        compare::CompareTarget::Mod => kv.mod_revision.cmp(&int_target(c, |u| match u {
+            TargetUnion::ModRevision(v) => Some(*v),
+            _ => None,
+        })),
+        compare::CompareTarget::Lease => kv.lease.cmp(&int_target(c, |u| match u {
+            TargetUnion::Lease(v) => Some(*v),
+            _ => None,
+        })),
+    };
+    match compare::CompareResult::try_from(c.result) {
+        Ok(compare::CompareResult::Equal) => ord == CmpOrdering::Equal,
+        Ok(compare::CompareResult::NotEqual) => ord != CmpOrdering::Equal,
+        Ok(compare::CompareResult::Greater) => ord == CmpOrdering::Greater,
+        Ok(compare::CompareResult::Less) => ord == CmpOrdering::Less,
+        Err(_) => false,
+    }
+}
+
+fn int_target(c: &Compare, pick: impl Fn(&compare::TargetUnion) -> Option<i64>) -> i64 {
+    c.target_union.as_ref().and_then(pick).unwrap_or(0)
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+enum SortKey<'a> {
+    Int(i64),
+    Bytes(&'a [u8]),
+}
+
+/// What a read sees: the revision it reads at, plus the not-yet-persisted records of the raft
+/// batch being applied (reads inside a txn see the txn's own earlier writes).
+struct View<'a> {
+    current: i64,
+    overlay: Option<&'a HashMap<Bytes, Bytes>>,
+}
+
+struct WriteCtx {
+    /// Revision of the store as of the commands applied so far in this batch.
+    rev: i64,
+    /// Main revision of the command being applied.
+    main: i64,
+    /// Next sub revision; 0 means the command has changed nothing yet.
+    sub: i64,
+    batch: WriteBatch,
+    overlay: HashMap<Bytes, Bytes>,
+    compact: Option<i64>,
+}
+
+impl WriteCtx {
+    fn begin(&mut self) {
+        self.main = self.rev + 1;
+        self.sub = 0;
+    }
+
+    fn end(&mut self) {
+        if self.sub > 0 {
+            self.rev = self.main;
+        }
+    }
+
+    fn next_rev(&mut self) -> Revision {
+        let r = Revision {
+            main: self.main,
+            sub: self.sub,
+        };
+        self.sub += 1;
+        r
+    }
+
+    /// The revision a read inside the current command sees: its own writes once it made any.
+    fn read_rev(&self) -> i64 {
+        if self.sub > 0 {
+            self.main
+        } else {
+            self.rev
+        }
+    }
+
+    fn rev_after(&self) -> i64 {
+        self.read_rev()
+    }
+
+    fn view(&self) -> View<'_> {
+        View {
+            current: self.read_rev(),
+            overlay: Some(&self.overlay),
+        }
+    }
+}

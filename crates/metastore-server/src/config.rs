@@ -1,0 +1,291 @@
+//! Configuration: `configs/config.yaml`-style file, overridden by etcd-style flags.
+
+use clap::Parser;
+use metastore_api::Limits;
+use metastore_batch::BatchConfig;
+use metastore_raft::RaftConfig;
+use serde::{Deserialize, Serialize};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("invalid config file {0}: {1}")]
+    Parse(PathBuf, serde_yaml::Error),
+    #[error("invalid URL {0:?}: {1}")]
+    Url(String, String),
+    #[error("invalid --initial-cluster {0:?}: {1}")]
+    InitialCluster(String, String),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    #[default]
+    Memory,
+    Rocksdb,
+}
+
+/// gRPC server tuning (layer 1 of the plans).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct GrpcConfig {
+    pub max_concurrent_streams: u32,
+    pub initial_stream_window_size: u32,
+    pub initial_connection_window_size: u32,
+    pub keepalive_interval_ms: u64,
+    pub keepalive_timeout_ms: u64,
+    pub tcp_nodelay: bool,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 2048,
+            initial_stream_window_size: 8 * 1024 * 1024,
+            initial_connection_window_size: 16 * 1024 * 1024,
+            keepalive_interval_ms: 10_000,
+            keepalive_timeout_ms: 10_000,
+            tcp_nodelay: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct Config {
+    pub name: String,
+    /// Empty means `<name>.etcd`, as etcd does.
+    pub data_dir: String,
+    pub listen_client_urls: String,
+    pub advertise_client_urls: String,
+    pub listen_peer_urls: String,
+    pub initial_advertise_peer_urls: String,
+    pub initial_cluster: String,
+    pub initial_cluster_token: String,
+    pub storage: StorageKind,
+    pub log_level: String,
+    #[serde(flatten)]
+    pub limits: Limits,
+    pub grpc: GrpcConfig,
+    pub raft: RaftConfig,
+    pub batch: BatchConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            name: "default".into(),
+            data_dir: String::new(),
+            listen_client_urls: "http://127.0.0.1:2379".into(),
+            advertise_client_urls: "http://127.0.0.1:2379".into(),
+            listen_peer_urls: "http://127.0.0.1:2380".into(),
+            initial_advertise_peer_urls: "http://127.0.0.1:2380".into(),
+            initial_cluster: String::new(),
+            initial_cluster_token: "etcd-cluster".into(),
+            storage: StorageKind::Memory,
+            log_level: "info".into(),
+            limits: Limits::default(),
+            grpc: GrpcConfig::default(),
+            raft: RaftConfig::default(),
+            batch: BatchConfig::default(),
+        }
+    }
+}
+
+/// Command-line flags; names follow etcd's. Every flag overrides the config file.
+#[derive(Parser, Debug, Default)]
+#[command(
+    name = "metastore",
+    version,
+    about = "MetaStore: an etcd v3 compatible metadata store"
+)]
+pub struct Flags {
+    /// YAML config file (see configs/config.yaml for every knob).
+    #[arg(long)]
+    pub config_file: Option<PathBuf>,
+    /// Human-readable name for this member.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Path to the data directory (default: <name>.etcd).
+    #[arg(long)]
+    pub data_dir: Option<String>,
+    /// Comma-separated URLs to listen on for client traffic.
+    #[arg(long)]
+    pub listen_client_urls: Option<String>,
+    /// Comma-separated client URLs advertised to the cluster.
+    #[arg(long)]
+    pub advertise_client_urls: Option<String>,
+    /// Comma-separated URLs to listen on for peer traffic.
+    #[arg(long)]
+    pub listen_peer_urls: Option<String>,
+    /// Comma-separated peer URLs advertised to the cluster.
+    #[arg(long)]
+    pub initial_advertise_peer_urls: Option<String>,
+    /// Initial cluster configuration: name=peer-url,...
+    #[arg(long)]
+    pub initial_cluster: Option<String>,
+    /// Initial cluster token.
+    #[arg(long)]
+    pub initial_cluster_token: Option<String>,
+    /// Storage engine.
+    #[arg(long, value_enum)]
+    pub storage: Option<StorageKind>,
+    /// Maximum client request size in bytes.
+    #[arg(long)]
+    pub max_request_bytes: Option<usize>,
+    /// Maximum number of operations permitted in a transaction.
+    #[arg(long)]
+    pub max_txn_ops: Option<usize>,
+    /// Log level (error, warn, info, debug, trace).
+    #[arg(long)]
+    pub log_level: Option<String>,
+}
+
+impl Config {
+    pub fn load(flags: Flags) -> Result<Config, ConfigError> {
+        let mut cfg = match &flags.config_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError::Read(path.clone(), e))?;
+                serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse(path.clone(), e))?
+            }
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $(if let Some(v) = flags.$f { cfg.$f = v; })* };
+        }
+        set!(
+            name,
+            data_dir,
+            listen_client_urls,
+            advertise_client_urls,
+            listen_peer_urls,
+            initial_advertise_peer_urls,
+            initial_cluster,
+            initial_cluster_token,
+            storage,
+            log_level
+        );
+        if let Some(v) = flags.max_request_bytes {
+            cfg.limits.max_request_bytes = v;
+        }
+        if let Some(v) = flags.max_txn_ops {
+            cfg.limits.max_txn_ops = v;
+        }
+        if cfg.data_dir.is_empty() {
+            cfg.data_dir = format!("{}.etcd", cfg.name);
+        }
+        if cfg.initial_cluster.is_empty() {
+            cfg.initial_cluster = format!("{}={}", cfg.name, cfg.initial_advertise_peer_urls);
+        }
+        Ok(cfg)
+    }
+
+    pub fn client_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+        split(&self.listen_client_urls).map(parse_url).collect()
+    }
+
+    pub fn advertise_client_urls(&self) -> Vec<String> {
+        split(&self.advertise_client_urls)
+            .map(str::to_string)
+            .collect()
+    }
+
+    pub fn peer_urls(&self) -> Vec<String> {
+        split(&self.initial_advertise_peer_urls)
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// `name=url,name=url` as (name, urls) in the order given.
+    pub fn initial_members(&self) -> Result<Vec<(String, Vec<String>)>, ConfigError> {
+        let mut members: Vec<(String, Vec<String>)> = Vec::new();
+        for part in split(&self.initial_cluster) {
+            let (name, url) = part.split_once('=').ok_or_else(|| {
+                ConfigError::InitialCluster(
+                    self.initial_cluster.clone(),
+                    format!("{part:?} is not name=url"),
+                )
+            })?;
+            parse_url(url)?;
+            match members.iter_mut().find(|(n, _)| n == name) {
+                Some((_, urls)) => urls.push(url.to_string()),
+                None => members.push((name.to_string(), vec![url.to_string()])),
+            }
+        }
+        if !members.iter().any(|(n, _)| *n == self.name) {
+            return Err(ConfigError::InitialCluster(
+                self.initial_cluster.clone(),
+                format!("it does not name this member ({})", self.name),
+            ));
+        }
+        Ok(members)
+    }
+}
+
+fn split(s: &str) -> impl Iterator<Item = &str> {
+    s.split(',').map(str::trim).filter(|p| !p.is_empty())
+}
+
+fn parse_url(url: &str) -> Result<SocketAddr, ConfigError> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        ConfigError::Url(
+            url.into(),
+            "only http:// URLs are supported (TLS is not implemented yet)".into(),
+        )
+    })?;
+    let hostport = rest.trim_end_matches('/');
+    hostport
+        .to_socket_addrs()
+        .map_err(|e| ConfigError::Url(url.into(), e.to_string()))?
+        .next()
+        .ok_or_else(|| ConfigError::Url(url.into(), "resolves to no address".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_etcd() {
+        let cfg = Config::load(Flags::default()).expect("load");
+        assert_eq!(cfg.data_dir, "default.etcd");
+        assert_eq!(
+            cfg.client_addrs().expect("addrs"),
+            vec!["127.0.0.1:2379".parse().expect("addr")]
+        );
+        assert_eq!(
+            cfg.initial_members().expect("members"),
+            vec![("default".into(), vec!["http://127.0.0.1:2380".into()])]
+        );
+        assert_eq!(cfg.limits.max_request_bytes, 1_572_864);
+        assert_eq!(cfg.limits.max_txn_ops, 128);
+    }
+
+    #[test]
+    fn shipped_config_file_parses_and_flags_override() {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/config.yaml");
+        let flags = Flags {
+            config_file: Some(path),
+            name: Some("n1".into()),
+            max_txn_ops: Some(4),
+            ..Default::default()
+        };
+        let cfg = Config::load(flags).expect("load");
+        assert_eq!(cfg.name, "n1");
+        assert_eq!(cfg.limits.max_txn_ops, 4);
+        assert_eq!(cfg.raft.election_tick, 10);
+        assert_eq!(cfg.grpc.max_concurrent_streams, 2048);
+    }
+
+    #[test]
+    fn bad_urls_are_explained() {
+        assert!(parse_url("https://127.0.0.1:1").is_err());
+        assert!(parse_url("http://nonsense").is_err());
+    }
+}

@@ -1,0 +1,197 @@
+//! Wiring of the MetaStore crates into a running member. No logic beyond composition lives
+//! here: configuration in, services out.
+
+pub mod config;
+
+use config::{Config, ConfigError, StorageKind};
+use metastore_api::apply::{ApplyDriver, CompleterSlot};
+use metastore_api::{ClusterInfo, EtcdServer, MemberInfo};
+use metastore_memory::MemoryEngine;
+use metastore_mvcc::Store;
+use metastore_raft::{NoPeers, RaftNode};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("data dir {0}: {1}")]
+    DataDir(PathBuf, std::io::Error),
+    #[error("data dir {0} belongs to another member: {1}")]
+    Identity(PathBuf, String),
+    #[error("state machine: {0}")]
+    Store(#[from] metastore_mvcc::MvccError),
+    #[error("raft: {0}")]
+    Raft(#[from] metastore_raft::RaftError),
+    #[error("serving {0}: {1}")]
+    Serve(std::net::SocketAddr, tonic::transport::Error),
+}
+
+/// FNV-1a: stable across builds and platforms, unlike std's hasher, so IDs computed from the
+/// same configuration never change.
+fn fnv1a(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in part.bytes().chain(std::iter::once(0)) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h.max(1)
+}
+
+fn member_id(peer_urls: &[String], token: &str) -> u64 {
+    let mut urls: Vec<&str> = peer_urls.iter().map(String::as_str).collect();
+    urls.sort_unstable();
+    urls.push(token);
+    fnv1a(&urls)
+}
+
+/// The member and cluster IDs, fixed at first start and kept in the data dir.
+fn identity(
+    dir: &Path,
+    cfg: &Config,
+    members: &[(String, Vec<String>)],
+) -> Result<(u64, u64), ServerError> {
+    let path = dir.join("identity");
+    let err = |e| ServerError::DataDir(path.clone(), e);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let ids: Vec<u64> = text
+            .split_whitespace()
+            .filter_map(|w| u64::from_str_radix(w, 16).ok())
+            .collect();
+        return match ids.as_slice() {
+            [member, cluster] => Ok((*member, *cluster)),
+            _ => Err(ServerError::Identity(
+                path,
+                format!("unreadable identity file {text:?}"),
+            )),
+        };
+    }
+    let mut ids: Vec<u64> = members
+        .iter()
+        .map(|(_, urls)| member_id(urls, &cfg.initial_cluster_token))
+        .collect();
+    let me = members
+        .iter()
+        .position(|(n, _)| *n == cfg.name)
+        .map(|i| ids[i])
+        .unwrap_or_default();
+    ids.sort_unstable();
+    let id_strings: Vec<String> = ids.iter().map(|i| format!("{i:x}")).collect();
+    let mut parts: Vec<&str> = id_strings.iter().map(String::as_str).collect();
+    parts.push(&cfg.initial_cluster_token);
+    let cluster = fnv1a(&parts);
+    std::fs::write(&path, format!("{me:x} {cluster:x}\n")).map_err(err)?;
+    Ok((me, cluster))
+}
+
+/// A started member: the shared server state and its client listeners' addresses.
+pub struct Member {
+    pub server: Arc<EtcdServer<MemoryEngine>>,
+    pub config: Config,
+}
+
+/// Opens the data dir, restores state, starts raft and the API; does not listen yet.
+pub fn start(cfg: Config) -> Result<Member, ServerError> {
+    if cfg.storage != StorageKind::Memory {
+        return Err(ConfigError::Unsupported(
+            "--storage rocksdb is not available yet: only the memory engine is built".into(),
+        )
+        .into());
+    }
+    let members = cfg.initial_members()?;
+    if members.len() != 1 {
+        return Err(ConfigError::Unsupported(format!(
+            "--initial-cluster names {} members; this build runs single-member clusters only (peer transport is not implemented yet)",
+            members.len()
+        ))
+        .into());
+    }
+    let member_dir = PathBuf::from(&cfg.data_dir).join("member");
+    std::fs::create_dir_all(&member_dir)
+        .map_err(|e| ServerError::DataDir(member_dir.clone(), e))?;
+    let (member_id, cluster_id) = identity(&member_dir, &cfg, &members)?;
+
+    let engine = Arc::new(MemoryEngine::new());
+    let store = Arc::new(Store::open(engine)?);
+    let slot = CompleterSlot::default();
+    let driver = ApplyDriver::new(store.clone(), slot.clone());
+    let raft = RaftNode::start(
+        member_id,
+        vec![member_id],
+        member_dir.join("wal"),
+        cfg.raft.clone(),
+        Arc::new(NoPeers),
+        Box::new(driver),
+    )?;
+    let cluster = ClusterInfo {
+        cluster_id,
+        member_id,
+        members: vec![MemberInfo {
+            id: member_id,
+            name: cfg.name.clone(),
+            peer_urls: cfg.peer_urls(),
+            client_urls: cfg.advertise_client_urls(),
+        }],
+    };
+    let server = EtcdServer::new(
+        store,
+        raft,
+        slot,
+        cfg.batch.clone(),
+        cfg.limits.clone(),
+        cluster,
+    );
+    Ok(Member {
+        server,
+        config: cfg,
+    })
+}
+
+/// Serves clients until `shutdown` resolves, then stops raft cleanly.
+pub async fn serve(
+    member: Member,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let addrs = member.config.client_addrs()?;
+    let grpc = &member.config.grpc;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for addr in addrs {
+        let routes = metastore_api::routes(member.server.clone());
+        let mut stop = stop_rx.clone();
+        let builder = tonic::transport::Server::builder()
+            .tcp_nodelay(grpc.tcp_nodelay)
+            .max_concurrent_streams(grpc.max_concurrent_streams)
+            .initial_stream_window_size(grpc.initial_stream_window_size)
+            .initial_connection_window_size(grpc.initial_connection_window_size)
+            .http2_keepalive_interval(Some(Duration::from_millis(grpc.keepalive_interval_ms)))
+            .http2_keepalive_timeout(Some(Duration::from_millis(grpc.keepalive_timeout_ms)));
+        let mut builder = builder;
+        let router = builder.add_routes(routes);
+        tasks.push(tokio::spawn(async move {
+            router
+                .serve_with_shutdown(addr, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+                .map_err(|e| ServerError::Serve(addr, e))
+        }));
+        tracing::info!(%addr, "ready to serve client requests");
+    }
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let mut result = Ok(());
+    for t in tasks {
+        if let Ok(Err(e)) = t.await {
+            result = Err(e);
+        }
+    }
+    let raft = member.server.raft.clone();
+    let _ = tokio::task::spawn_blocking(move || raft.shutdown()).await;
+    result
+}

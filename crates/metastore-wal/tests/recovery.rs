@@ -1,0 +1,302 @@
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::fs;
+
+use common::*;
+use metastore_wal::{encoded_len, Record, Wal, WalError, WalOptions, MAX_PAYLOAD};
+
+fn sample_records() -> Vec<Record> {
+    vec![
+        rec(0, 0, b""),
+        rec(1, 1, b"a"),
+        rec(255, u64::MAX, b"max index"),
+        rec(7, 42, &[0u8; 1000]),
+        rec(2, 3, b""),
+        rec(
+            3,
+            1 << 40,
+            &(0..=255u8).cycle().take(100_000).collect::<Vec<_>>(),
+        ),
+        rec(9, 5, b"last"),
+    ]
+}
+
+#[test]
+fn round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("wal");
+    let records = sample_records();
+    {
+        let (wal, recovered) = open(&dir);
+        assert!(recovered.is_empty());
+        assert_eq!(wal.segment_count(), 0);
+        assert_eq!(wal.dir(), dir.as_path());
+        // A batch and single appends; Lsns are 1-based and consecutive.
+        let batch: Vec<(u8, u64, &[u8])> = records[..3]
+            .iter()
+            .map(|r| (r.kind, r.index, r.payload.as_slice()))
+            .collect();
+        assert_eq!(wal.append(&batch).unwrap(), 3);
+        assert_eq!(wal.append(&[]).unwrap(), 3);
+        let mut lsn = 3;
+        for r in &records[3..] {
+            lsn = wal.append_sync(r.kind, r.index, &r.payload).unwrap();
+        }
+        assert_eq!(lsn, records.len() as u64);
+        let stats = wal.stats();
+        assert_eq!(stats.records, records.len() as u64);
+        let bytes: usize = records.iter().map(|r| encoded_len(r.payload.len())).sum();
+        assert_eq!(stats.bytes, bytes as u64);
+        assert_eq!(wal.segment_count(), 1);
+    }
+    let (wal, recovered) = open(&dir);
+    assert_eq!(recovered, records);
+    // Lsns continue after the recovered count.
+    assert_eq!(
+        wal.append_sync(4, 100, b"after reopen").unwrap(),
+        records.len() as u64 + 1
+    );
+    drop(wal);
+    let (_wal, recovered) = open(&dir);
+    assert_eq!(recovered.len(), records.len() + 1);
+    assert_eq!(recovered[..records.len()], records[..]);
+    assert_eq!(recovered[records.len()], rec(4, 100, b"after reopen"));
+}
+
+#[test]
+fn unsynced_records_are_flushed_on_drop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let records = sample_records();
+    {
+        let (wal, _) = open(tmp.path());
+        append_all(&wal, &records);
+    }
+    let (_wal, recovered) = open(tmp.path());
+    assert_eq!(recovered, records);
+}
+
+#[test]
+fn record_too_large_is_rejected_without_side_effects() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (wal, _) = open(tmp.path());
+    let big = vec![0u8; MAX_PAYLOAD + 1];
+    match wal.append(&[(1, 1, b"ok"), (1, 2, &big)]) {
+        Err(WalError::RecordTooLarge(n)) => assert_eq!(n, MAX_PAYLOAD + 1),
+        other => panic!("expected RecordTooLarge, got {other:?}"),
+    }
+    // Nothing of the rejected batch was appended and the log is still usable.
+    assert_eq!(wal.append_sync(1, 3, b"next").unwrap(), 1);
+    drop(wal);
+    let (_wal, recovered) = open(tmp.path());
+    assert_eq!(recovered, vec![rec(1, 3, b"next")]);
+}
+
+/// Writes `records` into a fresh log in `dir` and returns the single segment file's bytes,
+/// its name, and the offset at which each record starts.
+fn build_single_segment(
+    dir: &std::path::Path,
+    records: &[Record],
+) -> (Vec<u8>, String, Vec<usize>) {
+    let (wal, _) = open(dir);
+    append_all(&wal, records);
+    wal.sync_to(u64::MAX).unwrap();
+    drop(wal);
+    let files = segment_files(dir);
+    assert_eq!(files.len(), 1);
+    let bytes = fs::read(&files[0]).unwrap();
+    let mut offsets = Vec::new();
+    let mut off = 0;
+    for r in records {
+        offsets.push(off);
+        off += encoded_len(r.payload.len());
+    }
+    assert_eq!(off, bytes.len());
+    let name = files[0].file_name().unwrap().to_str().unwrap().to_owned();
+    (bytes, name, offsets)
+}
+
+#[test]
+fn torn_tail_at_every_byte_is_truncated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let records: Vec<Record> = (1..=5u64)
+        .map(|i| rec(i as u8, i * 10, format!("payload number {i}").as_bytes()))
+        .collect();
+    let (orig, name, offsets) = build_single_segment(&tmp.path().join("orig"), &records);
+    let last_start = *offsets.last().unwrap();
+    let whole = &records[..records.len() - 1];
+
+    for cut in last_start..orig.len() {
+        let dir = tmp.path().join(format!("cut-{cut}"));
+        fs::create_dir_all(&dir).unwrap();
+        let seg = dir.join(&name);
+        fs::write(&seg, &orig[..cut]).unwrap();
+
+        let (wal, recovered) = open(&dir);
+        assert_eq!(recovered, whole, "cut at {cut}");
+        assert_eq!(
+            fs::metadata(&seg).unwrap().len(),
+            last_start as u64,
+            "file truncated to the last whole record (cut at {cut})"
+        );
+        let lsn = wal
+            .append_sync(77, 1000, b"appended after recovery")
+            .unwrap();
+        assert_eq!(lsn, whole.len() as u64 + 1);
+        drop(wal);
+
+        let (_wal, recovered) = open(&dir);
+        let mut expected = whole.to_vec();
+        expected.push(rec(77, 1000, b"appended after recovery"));
+        assert_eq!(recovered, expected, "reopen after append (cut at {cut})");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn garbage_tail_is_dropped_but_garbage_in_the_middle_is_corrupt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let records: Vec<Record> = (1..=5u64)
+        .map(|i| rec(1, i, format!("record {i} with some bytes").as_bytes()))
+        .collect();
+    let (orig, name, offsets) = build_single_segment(&tmp.path().join("orig"), &records);
+
+    // Damage the payload of the last record (CRC mismatch on a record ending at EOF): torn.
+    {
+        let dir = tmp.path().join("tail");
+        fs::create_dir_all(&dir).unwrap();
+        let mut bytes = orig.clone();
+        let n = bytes.len();
+        bytes[n - 3..].copy_from_slice(b"XYZ");
+        fs::write(dir.join(&name), &bytes).unwrap();
+        let (wal, recovered) = open(&dir);
+        assert_eq!(recovered, records[..4]);
+        assert_eq!(
+            fs::metadata(dir.join(&name)).unwrap().len(),
+            offsets[4] as u64
+        );
+        wal.append_sync(1, 6, b"six").unwrap();
+        drop(wal);
+        let (_wal, recovered) = open(&dir);
+        assert_eq!(recovered.len(), 5);
+        assert_eq!(recovered[4], rec(1, 6, b"six"));
+    }
+
+    // The same damage to the third record (records follow it): Corrupt at its offset.
+    for (what, pos) in [
+        ("payload", offsets[3] - 3),
+        ("crc field", offsets[2] + 5),
+        ("kind", offsets[2] + 8),
+        ("index", offsets[2] + 10),
+    ] {
+        let dir = tmp
+            .path()
+            .join(format!("middle-{}", what.replace(' ', "-")));
+        fs::create_dir_all(&dir).unwrap();
+        let mut bytes = orig.clone();
+        bytes[pos] ^= 0x5a;
+        let seg = dir.join(&name);
+        fs::write(&seg, &bytes).unwrap();
+        match Wal::open(&dir, WalOptions::default()) {
+            Err(WalError::Corrupt { path, offset, .. }) => {
+                assert_eq!(path, seg, "{what}");
+                assert_eq!(offset, offsets[2] as u64, "{what}");
+            }
+            other => panic!("{what}: expected Corrupt, got {other:?}"),
+        }
+        // Never silently repaired: the file is untouched.
+        assert_eq!(fs::read(&seg).unwrap(), bytes, "{what}");
+    }
+}
+
+#[test]
+fn zero_filled_tail_is_torn_but_bad_length_is_corrupt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let records: Vec<Record> = (1..=3u64).map(|i| rec(0, i, b"abc")).collect();
+    let (orig, name, _) = build_single_segment(&tmp.path().join("orig"), &records);
+
+    let dir = tmp.path().join("zeros");
+    fs::create_dir_all(&dir).unwrap();
+    let mut bytes = orig.clone();
+    bytes.extend_from_slice(&[0u8; 4096]);
+    fs::write(dir.join(&name), &bytes).unwrap();
+    let (_wal, recovered) = open(&dir);
+    assert_eq!(recovered, records);
+    assert_eq!(
+        fs::metadata(dir.join(&name)).unwrap().len(),
+        orig.len() as u64
+    );
+
+    let dir = tmp.path().join("badlen");
+    fs::create_dir_all(&dir).unwrap();
+    let mut bytes = orig.clone();
+    bytes.extend_from_slice(&[3, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    fs::write(dir.join(&name), &bytes).unwrap();
+    match Wal::open(&dir, WalOptions::default()) {
+        Err(WalError::Corrupt { offset, .. }) => assert_eq!(offset, orig.len() as u64),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn damage_in_a_non_last_segment_is_corrupt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let records: Vec<Record> = (1..=20u64).map(|i| rec(0, i, &[i as u8; 50])).collect();
+    {
+        let (wal, _) = open_with(tmp.path(), 100);
+        append_all(&wal, &records);
+        wal.sync_to(u64::MAX).unwrap();
+    }
+    let files = segment_files(tmp.path());
+    assert!(files.len() >= 3);
+    // Cut the first segment inside its last record: fine for a last segment, not here.
+    let first = fs::read(&files[0]).unwrap();
+    fs::write(&files[0], &first[..first.len() - 1]).unwrap();
+    match Wal::open(tmp.path(), WalOptions::default()) {
+        Err(WalError::Corrupt { path, offset, .. }) => {
+            assert_eq!(path, files[0]);
+            let rec_len = encoded_len(50);
+            assert_eq!(offset, (first.len() - rec_len) as u64);
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    fs::write(&files[0], &first).unwrap();
+
+    // A missing segment in the middle is reported, not skipped.
+    fs::remove_file(&files[1]).unwrap();
+    match Wal::open(tmp.path(), WalOptions::default()) {
+        Err(WalError::Corrupt { path, .. }) => assert_eq!(path, files[2]),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn write_failure_poisons_the_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (wal, _) = open_with(tmp.path(), 1);
+    wal.append_sync(0, 5, b"first").unwrap();
+    // The next record goes to segment 2 named after its index; occupy that name with a
+    // directory so creating the segment fails.
+    let blocker = tmp.path().join(format!("{:016x}-{:016x}.wal", 2u64, 6u64));
+    fs::create_dir(&blocker).unwrap();
+    match wal.append_sync(0, 6, b"second") {
+        Err(WalError::Io { path, .. }) => assert_eq!(path, blocker),
+        other => panic!("expected Io, got {other:?}"),
+    }
+    assert!(matches!(
+        wal.append(&[(0, 7, b"x")]),
+        Err(WalError::Poisoned)
+    ));
+    assert!(matches!(wal.sync_to(1), Err(WalError::Poisoned)));
+    assert!(matches!(
+        wal.append_sync(0, 7, b"x"),
+        Err(WalError::Poisoned)
+    ));
+    assert!(matches!(wal.purge_below(100), Err(WalError::Poisoned)));
+    drop(wal);
+
+    fs::remove_dir(&blocker).unwrap();
+    let (_wal, recovered) = open_with(tmp.path(), 1);
+    assert_eq!(recovered, vec![rec(0, 5, b"first")]);
+}
