@@ -78,3 +78,64 @@ pub fn from_batch(e: BatchError) -> Status {
         BatchError::Rejected(reason) => Status::unavailable(format!("etcdserver: {reason}")),
     }
 }
+
+/// Rewrites tonic's answer to an over-limit request message (`OutOfRange`, "decoded message
+/// length too large") into grpc-go's (`ResourceExhausted`, "grpc: received message larger than
+/// max"), which is what etcd clients get from etcd and map to their errors.
+pub fn grpc_go_size_error<B>(mut resp: http::Response<B>) -> http::Response<B> {
+    let headers = resp.headers();
+    if headers.get("grpc-status").and_then(|v| v.to_str().ok()) != Some("11") {
+        return resp;
+    }
+    let Some(message) = headers.get("grpc-message").and_then(|v| v.to_str().ok()) else {
+        return resp;
+    };
+    let message = message.replace("%20", " ");
+    if !message.contains("decoded message length too large") {
+        return resp;
+    }
+    let numbers: Vec<&str> = message
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let text = match numbers.as_slice() {
+        [found, limit, ..] => {
+            format!("grpc: received message larger than max ({found} vs. {limit})")
+        }
+        _ => "grpc: received message larger than max".to_string(),
+    };
+    let headers = resp.headers_mut();
+    headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    if let Ok(v) = http::HeaderValue::from_str(&text.replace(' ', "%20")) {
+        headers.insert("grpc-message", v);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversize_decode_error_becomes_resource_exhausted() {
+        let resp = Status::out_of_range(
+            "Error, decoded message length too large: found 2621451 bytes, the limit is: 2097152 bytes",
+        )
+        .into_http::<()>();
+        let resp = grpc_go_size_error(resp);
+        let status = Status::from_header_map(resp.headers()).expect("status");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            status.message(),
+            "grpc: received message larger than max (2621451 vs. 2097152)"
+        );
+        // Other errors pass through untouched.
+        let other = grpc_go_size_error(errors_compacted_http());
+        let status = Status::from_header_map(other.headers()).expect("status");
+        assert_eq!(status.code(), tonic::Code::OutOfRange);
+    }
+
+    fn errors_compacted_http() -> http::Response<()> {
+        compacted().into_http::<()>()
+    }
+}

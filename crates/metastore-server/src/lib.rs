@@ -170,7 +170,9 @@ pub async fn serve(
             .initial_connection_window_size(grpc.initial_connection_window_size)
             .http2_keepalive_interval(Some(Duration::from_millis(grpc.keepalive_interval_ms)))
             .http2_keepalive_timeout(Some(Duration::from_millis(grpc.keepalive_timeout_ms)));
-        let mut builder = builder;
+        let mut builder = builder.layer(tower::util::MapResponseLayer::new(
+            metastore_api::errors::grpc_go_size_error::<tonic::body::Body>,
+        ));
         let router = builder.add_routes(routes);
         tasks.push(tokio::spawn(async move {
             router

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what building and testing MetaStore needs beyond the Rust toolchain, on Debian.
+# - protoc: the etcd-client test dependency generates its code with it (our own crates use a
+#   vendored protoc and need nothing).
+# - etcdctl (Debian package etcd-client): the end-to-end script drives the server with it.
+set -euo pipefail
+need=()
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+protoc --version
+ETCDCTL_API=3 etcdctl version | head -1

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs every test: unit, property and integration tests (the real binary driven by the
+# etcd-client crate), then the etcdctl end-to-end script against the real binary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cargo build --workspace --all-targets
+cargo test --workspace --no-fail-fast
+target_dir="${CARGO_TARGET_DIR:-target}"
+METASTORE_BIN="$target_dir/debug/metastore" bash tests/e2e/etcdctl.sh
