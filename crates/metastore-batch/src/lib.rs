@@ -192,9 +192,11 @@ async fn run<R: Send + 'static>(
             },
         };
         // Wait for an in-flight slot; while waiting, more requests queue up and join this batch.
+        // Poll at most every second so a batch lost in a leader change frees its slot soon after
+        // it has timed out, instead of one more full timeout later.
+        let poll = config.request_timeout.min(Duration::from_secs(1));
         let permit = loop {
-            match tokio::time::timeout(config.request_timeout, slots.clone().acquire_owned()).await
-            {
+            match tokio::time::timeout(poll, slots.clone().acquire_owned()).await {
                 Ok(Ok(p)) => break p,
                 Ok(Err(_)) => return,
                 Err(_) => expire(&waiters, config.request_timeout),

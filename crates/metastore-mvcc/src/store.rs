@@ -185,7 +185,7 @@ impl<E: Engine> Store<E> {
         for cmd in commands {
             ctx.begin();
             let result = match &cmd.op {
-                Some(Op::Put(p)) => self.check_put(p, ctx.rev, &ctx).and_then(|()| {
+                Some(Op::Put(p)) => self.check_put(p, ctx.rev).and_then(|()| {
                     self.put(p, &mut ctx).map(|prev_kv| {
                         ApplyResponse::Put(PutResponse {
                             header: header(ctx.main),
@@ -357,14 +357,13 @@ impl<E: Engine> Store<E> {
 
     // ---- writes ------------------------------------------------------------------------------
 
-    fn check_put(&self, p: &PutRequest, rev: i64, ctx: &WriteCtx) -> Result<()> {
+    fn check_put(&self, p: &PutRequest, rev: i64) -> Result<()> {
         if p.lease != 0 {
             // No lease exists until the lease service lands; etcd answers the same for an
             // unknown lease.
             return Err(MvccError::LeaseNotFound);
         }
         if (p.ignore_value || p.ignore_lease) && self.index.get(&p.key, rev).is_none() {
-            let _ = ctx;
             return Err(MvccError::KeyNotFound);
         }
         Ok(())
@@ -530,7 +529,7 @@ impl<E: Engine> Store<E> {
                 Some(request_op::Request::RequestRange(r)) => {
                     self.check_rev(r.revision, &view)?;
                 }
-                Some(request_op::Request::RequestPut(p)) => self.check_put(p, ctx.rev, ctx)?,
+                Some(request_op::Request::RequestPut(p)) => self.check_put(p, ctx.rev)?,
                 Some(request_op::Request::RequestTxn(inner)) => {
                     self.txn_check(inner, path, at, ctx)?
                 }

@@ -242,6 +242,7 @@ impl RaftNode {
                 inflight_reads: HashMap::new(),
                 read_seq: 0,
                 last_term: 0,
+                trimmed_below: 0,
             };
             std::thread::Builder::new()
                 .name("raft".into())
@@ -349,7 +350,13 @@ struct Driver {
     inflight_reads: HashMap<Vec<u8>, Vec<oneshot::Sender<Result<u64, RaftError>>>>,
     read_seq: u64,
     last_term: u64,
+    trimmed_below: u64,
 }
+
+/// Applied entries kept in memory for lagging followers before the in-memory log is trimmed.
+const CATCH_UP_ENTRIES: u64 = 10_000;
+/// Trim in steps, not on every Ready.
+const TRIM_STEP: u64 = 1_000;
 
 impl Driver {
     fn run(&mut self) {
@@ -554,6 +561,14 @@ impl Driver {
         self.shared
             .last_index
             .store(raft.raft_log.last_index(), Ordering::Release);
+        let applied = *self.shared.applied.borrow();
+        let trim_to = applied.saturating_sub(CATCH_UP_ENTRIES);
+        if trim_to >= self.trimmed_below + TRIM_STEP {
+            match self.raw.store().trim_memory(trim_to) {
+                Ok(()) => self.trimmed_below = trim_to,
+                Err(e) => tracing::warn!(error = %e, trim_to, "cannot trim the in-memory raft log"),
+            }
+        }
     }
 }
 

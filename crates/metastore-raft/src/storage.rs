@@ -137,6 +137,15 @@ impl WalStorage {
         Ok(())
     }
 
+    /// Drops in-memory entries below `index` (they stay in the WAL, which is what a restart
+    /// replays). Only applied entries may be dropped.
+    pub fn trim_memory(&self, index: u64) -> Result<(), RaftError> {
+        self.mem
+            .wl()
+            .compact(index)
+            .map_err(|e| RaftError::Raft(e.to_string()))
+    }
+
     pub fn set_commit(&self, commit: u64) {
         self.mem.wl().mut_hard_state().commit = commit;
     }
