@@ -36,8 +36,16 @@ impl<E: Engine> ApplyDriver<E> {
 impl<E: Engine> StateMachine for ApplyDriver<E> {
     fn apply(&mut self, entries: Vec<CommittedEntry>) -> Result<(), String> {
         for entry in entries {
-            let batch = decode_batch(&entry.data)
-                .map_err(|e| format!("raft entry {} does not decode: {e}", entry.index))?;
+            // The WAL's CRC rules out damage, so an entry that does not decode does so on every
+            // member alike: skipping it keeps members identical, while stopping would brick
+            // them all, again at every replay.
+            let batch = match decode_batch(&entry.data) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(index = entry.index, error = %e, "skipping an undecodable raft entry");
+                    continue;
+                }
+            };
             let results = self
                 .store
                 .apply(entry.index, &batch.commands)

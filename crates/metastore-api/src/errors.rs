@@ -39,6 +39,12 @@ pub fn future_rev() -> Status {
 pub fn lease_not_found() -> Status {
     Status::not_found("etcdserver: requested lease not found")
 }
+pub fn lease_exists() -> Status {
+    Status::failed_precondition("etcdserver: lease already exists")
+}
+pub fn lease_ttl_too_large() -> Status {
+    Status::out_of_range("etcdserver: too large lease TTL")
+}
 pub fn no_leader() -> Status {
     Status::unavailable("etcdserver: no leader")
 }
@@ -55,6 +61,7 @@ pub fn from_mvcc(e: MvccError) -> Status {
         MvccError::FutureRev => future_rev(),
         MvccError::LeaseNotFound => lease_not_found(),
         MvccError::KeyNotFound => key_not_found(),
+        MvccError::LeaseExists => lease_exists(),
         MvccError::Engine(_) | MvccError::Corrupt(..) => {
             Status::internal(format!("etcdserver: {e}"))
         }

@@ -7,14 +7,14 @@ use metastore_mvcc::{ApplyResponse, Store};
 use metastore_proto::etcdserverpb::{
     alarm_request::AlarmAction, cluster_server::Cluster, cluster_server::ClusterServer,
     kv_server::Kv, kv_server::KvServer, maintenance_server::Maintenance,
-    maintenance_server::MaintenanceServer, response_op, AlarmRequest, AlarmResponse,
-    CompactionRequest, CompactionResponse, DefragmentRequest, DefragmentResponse,
-    DeleteRangeRequest, DeleteRangeResponse, DowngradeRequest, DowngradeResponse, HashKvRequest,
-    HashKvResponse, HashRequest, HashResponse, Member, MemberAddRequest, MemberAddResponse,
-    MemberListRequest, MemberListResponse, MemberPromoteRequest, MemberPromoteResponse,
-    MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse,
-    MoveLeaderRequest, MoveLeaderResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
-    SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse, TxnRequest, TxnResponse,
+    maintenance_server::MaintenanceServer, AlarmRequest, AlarmResponse, CompactionRequest,
+    CompactionResponse, DefragmentRequest, DefragmentResponse, DeleteRangeRequest,
+    DeleteRangeResponse, DowngradeRequest, DowngradeResponse, HashKvRequest, HashKvResponse,
+    HashRequest, HashResponse, Member, MemberAddRequest, MemberAddResponse, MemberListRequest,
+    MemberListResponse, MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest,
+    MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse, MoveLeaderRequest,
+    MoveLeaderResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, SnapshotRequest,
+    SnapshotResponse, StatusRequest, StatusResponse, TxnRequest, TxnResponse,
 };
 use metastore_proto::internal::{command::Op, Command};
 use prost::Message;
@@ -106,21 +106,6 @@ impl<E: Engine> Svc<E> {
             Err(_) => Err(errors::timeout()),
         }
     }
-
-    fn fill_txn_headers(&self, resp: &mut TxnResponse) {
-        self.0.fill_header(&mut resp.header);
-        for op in &mut resp.responses {
-            match &mut op.response {
-                Some(response_op::Response::ResponseRange(r)) => self.0.fill_header(&mut r.header),
-                Some(response_op::Response::ResponsePut(r)) => self.0.fill_header(&mut r.header),
-                Some(response_op::Response::ResponseDeleteRange(r)) => {
-                    self.0.fill_header(&mut r.header)
-                }
-                Some(response_op::Response::ResponseTxn(r)) => self.fill_txn_headers(r),
-                None => {}
-            }
-        }
-    }
 }
 
 fn unexpected(what: &str) -> Status {
@@ -183,7 +168,8 @@ impl<E: Engine> Kv for Svc<E> {
                 _ => return Err(unexpected("txn")),
             }
         };
-        self.fill_txn_headers(&mut resp);
+        // As etcd: only the outer header carries the cluster fields.
+        self.0.fill_header(&mut resp.header);
         Ok(Response::new(resp))
     }
 

@@ -39,7 +39,21 @@ pub fn check_delete(r: &DeleteRangeRequest) -> Result<(), Status> {
     Ok(())
 }
 
+/// Deepest txn nesting accepted. Each level adds two protobuf message levels, and the raft
+/// entry wraps the request in two more; prost refuses to decode past 100 levels, so a deeper
+/// txn would be accepted from the client yet fail to decode when it is applied.
+pub const MAX_TXN_DEPTH: usize = 32;
+
 pub fn check_txn(r: &TxnRequest, max_txn_ops: usize) -> Result<(), Status> {
+    check_txn_at(r, max_txn_ops, 1)
+}
+
+fn check_txn_at(r: &TxnRequest, max_txn_ops: usize, depth: usize) -> Result<(), Status> {
+    if depth > MAX_TXN_DEPTH {
+        return Err(Status::invalid_argument(format!(
+            "metastore: txn nesting is deeper than {MAX_TXN_DEPTH} levels"
+        )));
+    }
     let ops = r.compare.len().max(r.success.len()).max(r.failure.len());
     if ops > max_txn_ops {
         return Err(errors::too_many_ops());
@@ -52,7 +66,7 @@ pub fn check_txn(r: &TxnRequest, max_txn_ops: usize) -> Result<(), Status> {
             Some(request_op::Request::RequestRange(x)) => check_range(x)?,
             Some(request_op::Request::RequestPut(x)) => check_put(x)?,
             Some(request_op::Request::RequestDeleteRange(x)) => check_delete(x)?,
-            Some(request_op::Request::RequestTxn(x)) => check_txn(x, max_txn_ops)?,
+            Some(request_op::Request::RequestTxn(x)) => check_txn_at(x, max_txn_ops, depth + 1)?,
             None => {}
         }
     }
@@ -126,16 +140,11 @@ fn check_intervals(reqs: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Vec<Interval
     Ok((puts, dels))
 }
 
-/// etcd treats a txn whose every range is serializable as serializable.
+/// etcd's `isTxnSerializable`: every op of both branches is a serializable range.
 pub fn txn_is_serializable(r: &TxnRequest) -> bool {
-    r.success
-        .iter()
-        .chain(r.failure.iter())
-        .all(|op| match &op.request {
-            Some(request_op::Request::RequestRange(x)) => x.serializable,
-            Some(request_op::Request::RequestTxn(x)) => txn_is_serializable(x),
-            _ => true,
-        })
+    r.success.iter().chain(r.failure.iter()).all(
+        |op| matches!(&op.request, Some(request_op::Request::RequestRange(x)) if x.serializable),
+    )
 }
 
 #[cfg(test)]
@@ -187,6 +196,20 @@ mod tests {
         assert!(check_txn(&txn(vec![nested(inner)], vec![]), 128).is_ok());
         let inner = txn(vec![put("x")], vec![]);
         assert!(check_txn(&txn(vec![nested(inner), put("x")], vec![]), 128).is_err());
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_it_reaches_raft() {
+        let mut t = txn(vec![put("x")], vec![]);
+        for _ in 0..MAX_TXN_DEPTH - 1 {
+            t = txn(vec![nested(t)], vec![]);
+        }
+        assert!(check_txn(&t, 128).is_ok());
+        let t = txn(vec![nested(t)], vec![]);
+        assert_eq!(
+            check_txn(&t, 128).expect_err("too deep").code(),
+            tonic::Code::InvalidArgument
+        );
     }
 
     #[test]

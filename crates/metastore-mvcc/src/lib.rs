@@ -10,10 +10,14 @@
 //! - One applied raft batch = one engine write batch, carrying the applied raft index.
 
 pub mod keyindex;
+pub mod lease;
 mod store;
+pub mod watch;
 
 pub use keyindex::{IndexRev, Revision};
+pub use lease::{LeaseInfo, MAX_LEASE_TTL};
 pub use store::{ApplyResponse, Store};
+pub use watch::{StreamReceiver, WatchHub, WatchSpec, INVALID_WATCH_ID};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MvccError {
@@ -23,6 +27,8 @@ pub enum MvccError {
     FutureRev,
     #[error("requested lease not found")]
     LeaseNotFound,
+    #[error("lease already exists")]
+    LeaseExists,
     #[error("key not found")]
     KeyNotFound,
     #[error("storage engine failed: {0}")]

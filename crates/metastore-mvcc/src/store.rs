@@ -1,4 +1,6 @@
 use crate::keyindex::{IndexRev, KeyIndex, KeyRange, Revision};
+use crate::lease::{lease_meta_key, LeaseInfo, Lessor, LEASE_META_PREFIX};
+use crate::watch::{History, StreamReceiver, WatchHub, WatchSpec};
 use crate::MvccError;
 use bytes::Bytes;
 use metastore_engine::{Engine, Space, WriteBatch};
@@ -7,8 +9,12 @@ use metastore_proto::etcdserverpb::{
     Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
     RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
-use metastore_proto::internal::{command::Op, Command};
-use metastore_proto::mvccpb::KeyValue;
+use metastore_proto::etcdserverpb::{
+    LeaseCheckpointRequest, LeaseCheckpointResponse, LeaseGrantRequest, LeaseGrantResponse,
+    LeaseRevokeRequest, LeaseRevokeResponse,
+};
+use metastore_proto::internal::{command::Op, Command, LeaseRecord};
+use metastore_proto::mvccpb::{event::EventType, Event, KeyValue};
 use parking_lot::Mutex;
 use prost::Message;
 use std::cmp::Ordering as CmpOrdering;
@@ -31,6 +37,9 @@ pub enum ApplyResponse {
     DeleteRange(DeleteRangeResponse),
     Txn(TxnResponse),
     Compaction(CompactionResponse),
+    LeaseGrant(LeaseGrantResponse),
+    LeaseRevoke(LeaseRevokeResponse),
+    LeaseCheckpoint(LeaseCheckpointResponse),
 }
 
 pub struct Store<E: Engine> {
@@ -43,6 +52,8 @@ pub struct Store<E: Engine> {
     /// Serialises writers. The apply loop is the only writer in the server; this keeps the
     /// single-writer invariant true for tests and tools too. Readers never take it.
     writer: Mutex<()>,
+    hub: WatchHub,
+    leases: Lessor,
 }
 
 fn rev_key(rev: Revision, tombstone: bool) -> Bytes {
@@ -118,14 +129,60 @@ impl<E: Engine> Store<E> {
             .max(max_rev);
         let compact = read_meta_i64(engine.as_ref(), META_COMPACT)?.unwrap_or(-1);
         let applied = read_meta_i64(engine.as_ref(), META_APPLIED)?.unwrap_or(0) as u64;
-        Ok(Self {
+        let store = Self {
             engine,
             index,
             current_rev: AtomicI64::new(revision),
             compact_rev: AtomicI64::new(compact),
             applied_index: AtomicU64::new(applied),
             writer: Mutex::new(()),
-        })
+            hub: WatchHub::new(revision),
+            leases: Lessor::default(),
+        };
+        if compact >= 0 {
+            // A crash between a compaction's logical and physical halves leaves superseded
+            // records behind: finish the job.
+            store.physical_compaction(compact)?;
+        }
+        store.load_leases()?;
+        Ok(store)
+    }
+
+    fn load_leases(&self) -> Result<()> {
+        let mut records = Vec::new();
+        let mut end = LEASE_META_PREFIX.to_vec();
+        end.push(0xff);
+        self.engine.scan(
+            Space::Meta,
+            (
+                Bound::Included(LEASE_META_PREFIX),
+                Bound::Excluded(&end[..]),
+            ),
+            &mut |_, v| {
+                records.push(v.clone());
+                true
+            },
+        )?;
+        for raw in records {
+            let rec = LeaseRecord::decode(raw)
+                .map_err(|e| MvccError::Corrupt(0, format!("lease record: {e}")))?;
+            self.leases.grant(rec.id, rec.ttl, rec.remaining_ttl);
+        }
+        let current = self.current_revision();
+        let view = View::at(current);
+        let mut attached = Vec::new();
+        self.index
+            .visit(&KeyRange::new(&[0], &[0]), current, &mut |_, r| {
+                attached.push(r.rev);
+                true
+            });
+        for rev in attached {
+            let kv = self.load(rev, &view)?;
+            if kv.lease != 0 {
+                self.leases.attach(kv.lease, &kv.key);
+            }
+        }
+        Ok(())
     }
 
     pub fn engine(&self) -> &Arc<E> {
@@ -154,11 +211,98 @@ impl<E: Engine> Store<E> {
 
     /// A serializable read at the current (or requested) revision.
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse> {
-        let view = View {
-            current: self.current_revision(),
-            overlay: None,
-        };
-        self.range_in(req, &view)
+        at_current(req.revision <= 0, || {
+            self.range_in(req, &View::at(self.current_revision()))
+        })
+    }
+
+    // ---- leases (read side) --------------------------------------------------------------------
+
+    pub fn lease(&self, id: i64, with_keys: bool) -> Option<LeaseInfo> {
+        self.leases.get(id, with_keys)
+    }
+
+    pub fn leases(&self) -> Vec<LeaseInfo> {
+        self.leases.list()
+    }
+
+    // ---- watch ----------------------------------------------------------------------------------
+
+    pub fn watch_hub(&self) -> &WatchHub {
+        &self.hub
+    }
+
+    /// Opens a watch stream on this store.
+    pub fn open_watch_stream(&self) -> (u64, StreamReceiver) {
+        self.hub.open_stream()
+    }
+
+    pub fn watch(&self, stream: u64, spec: WatchSpec) {
+        self.hub.watch(stream, spec, self.compact_revision());
+    }
+
+    /// Starts the loop that brings unsynced watchers up to date from history. It ends when
+    /// the store is dropped.
+    pub fn spawn_watch_sync(self: &Arc<Self>) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let weak = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("watch-sync".into())
+            .spawn(move || loop {
+                let Some(store) = weak.upgrade() else { return };
+                let caught_up = store.hub.sync_round(
+                    &|| store.compact_revision(),
+                    &|from, to| store.history(from, to).ok(),
+                    std::time::Duration::from_millis(100),
+                );
+                drop(store);
+                if !caught_up {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            })
+    }
+
+    /// Every event with a revision in `from..=to`, in order, each with its previous value.
+    fn history(&self, from: i64, to: i64) -> Result<History> {
+        let lo = rev_key(Revision { main: from, sub: 0 }, false);
+        let hi = rev_key(
+            Revision {
+                main: to.saturating_add(1),
+                sub: 0,
+            },
+            false,
+        );
+        let mut raw = Vec::new();
+        self.engine.scan(
+            Space::Kv,
+            (Bound::Included(&lo[..]), Bound::Excluded(&hi[..])),
+            &mut |k, v| {
+                raw.push((k.len() == 17, v.clone()));
+                true
+            },
+        )?;
+        let mut events = Vec::with_capacity(raw.len());
+        for (tombstone, v) in raw {
+            let kv = KeyValue::decode(v).map_err(|e| MvccError::Corrupt(from, e.to_string()))?;
+            let is_create = !tombstone && kv.create_revision == kv.mod_revision;
+            let prev_kv = if is_create {
+                None
+            } else {
+                self.index
+                    .get(&kv.key, kv.mod_revision - 1)
+                    .and_then(|r| self.load(r.rev, &View::at(to)).ok())
+            };
+            let kind = if tombstone {
+                EventType::Delete
+            } else {
+                EventType::Put
+            };
+            events.push(Event {
+                r#type: kind as i32,
+                kv: Some(kv),
+                prev_kv,
+            });
+        }
+        Ok(History { events })
     }
 
     /// Applies the commands of one committed raft entry at `raft_index`. Entries at or below the
@@ -180,12 +324,13 @@ impl<E: Engine> Store<E> {
             batch: WriteBatch::new(),
             overlay: HashMap::new(),
             compact: None,
+            events: self.hub.has_watchers().then(Vec::new),
         };
         let mut results = Vec::with_capacity(commands.len());
         for cmd in commands {
             ctx.begin();
             let result = match &cmd.op {
-                Some(Op::Put(p)) => self.check_put(p, ctx.rev).and_then(|()| {
+                Some(Op::Put(p)) => self.check_put(p, ctx.rev, false).and_then(|()| {
                     self.put(p, &mut ctx).map(|prev_kv| {
                         ApplyResponse::Put(PutResponse {
                             header: header(ctx.main),
@@ -204,6 +349,15 @@ impl<E: Engine> Store<E> {
                 }
                 Some(Op::Txn(t)) => self.txn(t, &mut ctx).map(ApplyResponse::Txn),
                 Some(Op::Compaction(c)) => self.compact(c, &mut ctx).map(ApplyResponse::Compaction),
+                Some(Op::LeaseGrant(g)) => {
+                    self.lease_grant(g, &mut ctx).map(ApplyResponse::LeaseGrant)
+                }
+                Some(Op::LeaseRevoke(r)) => self
+                    .lease_revoke(r, &mut ctx)
+                    .map(ApplyResponse::LeaseRevoke),
+                Some(Op::LeaseCheckpoint(c)) => self
+                    .lease_checkpoint(c, &mut ctx)
+                    .map(ApplyResponse::LeaseCheckpoint),
                 None => Err(MvccError::Corrupt(
                     ctx.rev,
                     "command without operation".into(),
@@ -216,6 +370,7 @@ impl<E: Engine> Store<E> {
             rev,
             mut batch,
             compact,
+            events,
             ..
         } = ctx;
         batch.put(Space::Meta, META_REVISION, rev.to_be_bytes().to_vec());
@@ -230,7 +385,28 @@ impl<E: Engine> Store<E> {
         if raft_index != 0 {
             self.applied_index.store(raft_index, Ordering::Release);
         }
+        if let Some(c) = compact {
+            // Only now that the revision is published: a reader at the (old) current
+            // revision must never see records it can still read vanish.
+            self.physical_compaction(c)?;
+        }
+        self.hub.dispatch(rev, events.as_deref());
         Ok(Some(results))
+    }
+
+    /// Publishes `rev` as the compact revision, then drops superseded records at or below it.
+    fn physical_compaction(&self, rev: i64) -> Result<()> {
+        // Publish first: a reader that then sees a trimmed index also sees the new compact
+        // revision when it re-checks, and reports Compacted instead of a partial answer.
+        self.compact_rev.store(rev, Ordering::SeqCst);
+        let mut batch = WriteBatch::new();
+        for dropped in self.index.compact(rev) {
+            batch.delete(Space::Kv, rev_key(dropped.rev, dropped.tombstone));
+        }
+        if !batch.is_empty() {
+            self.engine.write(batch)?;
+        }
+        Ok(())
     }
 
     // ---- reads -------------------------------------------------------------------------------
@@ -256,7 +432,7 @@ impl<E: Engine> Store<E> {
         if rev > view.current {
             return Err(MvccError::FutureRev);
         }
-        if rev < self.compact_revision() {
+        if rev < self.compact_revision().max(view.compact_floor) {
             return Err(MvccError::Compacted);
         }
         Ok(rev)
@@ -298,7 +474,7 @@ impl<E: Engine> Store<E> {
             kvs.push(self.load(r, view)?);
         }
         // A compaction that ran while we read may have trimmed what we saw.
-        if rev < self.compact_revision() {
+        if rev < self.compact_revision().max(view.compact_floor) {
             return Err(MvccError::Compacted);
         }
         if filtered {
@@ -357,16 +533,21 @@ impl<E: Engine> Store<E> {
 
     // ---- writes ------------------------------------------------------------------------------
 
-    fn check_put(&self, p: &PutRequest, rev: i64) -> Result<()> {
-        if p.lease != 0 {
-            // No lease exists until the lease service lands; etcd answers the same for an
-            // unknown lease.
-            return Err(MvccError::LeaseNotFound);
+    /// etcd checks a plain put's lease before its key, and a txn put's key before its lease.
+    fn check_put(&self, p: &PutRequest, rev: i64, key_first: bool) -> Result<()> {
+        let lease_err =
+            (p.lease != 0 && !self.leases.exists(p.lease)).then_some(MvccError::LeaseNotFound);
+        let key_err = ((p.ignore_value || p.ignore_lease) && self.index.get(&p.key, rev).is_none())
+            .then_some(MvccError::KeyNotFound);
+        let (first, second) = if key_first {
+            (key_err, lease_err)
+        } else {
+            (lease_err, key_err)
+        };
+        match first.or(second) {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        if (p.ignore_value || p.ignore_lease) && self.index.get(&p.key, rev).is_none() {
-            return Err(MvccError::KeyNotFound);
-        }
-        Ok(())
     }
 
     /// Writes a put at the context's revision; returns the previous value if asked for.
@@ -408,6 +589,22 @@ impl<E: Engine> Store<E> {
                 tombstone: false,
             },
         );
+        let old_lease = prev.as_ref().map(|kv| kv.lease).unwrap_or(0);
+        if old_lease != kv.lease {
+            if old_lease != 0 {
+                self.leases.detach(old_lease, &kv.key);
+            }
+            if kv.lease != 0 {
+                self.leases.attach(kv.lease, &kv.key);
+            }
+        }
+        if let Some(events) = &mut ctx.events {
+            events.push(Event {
+                r#type: EventType::Put as i32,
+                kv: Some(kv),
+                prev_kv: prev.clone(),
+            });
+        }
         Ok(if p.prev_kv { prev } else { None })
     }
 
@@ -428,8 +625,9 @@ impl<E: Engine> Store<E> {
         );
         let mut prev_kvs = Vec::new();
         for (key, rev) in &victims {
-            if d.prev_kv {
-                prev_kvs.push(self.load(*rev, &ctx.view())?);
+            let prev = self.load(*rev, &ctx.view())?;
+            if prev.lease != 0 {
+                self.leases.detach(prev.lease, key);
             }
             let rev = ctx.next_rev();
             let tomb = KeyValue {
@@ -439,6 +637,16 @@ impl<E: Engine> Store<E> {
             };
             ctx.batch
                 .put(Space::Kv, rev_key(rev, true), tomb.encode_to_vec());
+            if let Some(events) = &mut ctx.events {
+                events.push(Event {
+                    r#type: EventType::Delete as i32,
+                    kv: Some(tomb),
+                    prev_kv: Some(prev.clone()),
+                });
+            }
+            if d.prev_kv {
+                prev_kvs.push(prev);
+            }
             self.index.push(
                 key,
                 IndexRev {
@@ -451,21 +659,15 @@ impl<E: Engine> Store<E> {
     }
 
     fn compact(&self, c: &CompactionRequest, ctx: &mut WriteCtx) -> Result<CompactionResponse> {
-        let compacted = self.compact_revision();
+        let compacted = self.compact_revision().max(ctx.compact.unwrap_or(-1));
         if c.revision <= compacted {
             return Err(MvccError::Compacted);
         }
         if c.revision > ctx.rev {
             return Err(MvccError::FutureRev);
         }
-        // Publish first: a reader that sees a trimmed index then also sees the new compact
-        // revision when it re-checks, and reports Compacted instead of a partial answer.
-        self.compact_rev.store(c.revision, Ordering::SeqCst);
-        for dropped in self.index.compact(c.revision) {
-            ctx.overlay.remove(&rev_key(dropped.rev, false));
-            ctx.batch
-                .delete(Space::Kv, rev_key(dropped.rev, dropped.tombstone));
-        }
+        // Compacted logically now (later commands of this entry see it through the view);
+        // records are dropped once the entry's revision is published.
         ctx.compact = Some(c.revision);
         Ok(CompactionResponse {
             header: header(ctx.rev),
@@ -527,9 +729,19 @@ impl<E: Engine> Store<E> {
         for op in branch(t, ok) {
             match &op.request {
                 Some(request_op::Request::RequestRange(r)) => {
-                    self.check_rev(r.revision, &view)?;
+                    // etcd's txn check takes the requested revision literally: only 0 means
+                    // "current", so a negative one below the compact revision is Compacted.
+                    if r.revision == 0 {
+                        continue;
+                    }
+                    if r.revision > view.current {
+                        return Err(MvccError::FutureRev);
+                    }
+                    if r.revision < self.compact_revision().max(view.compact_floor) {
+                        return Err(MvccError::Compacted);
+                    }
                 }
-                Some(request_op::Request::RequestPut(p)) => self.check_put(p, ctx.rev)?,
+                Some(request_op::Request::RequestPut(p)) => self.check_put(p, ctx.rev, true)?,
                 Some(request_op::Request::RequestTxn(inner)) => {
                     self.txn_check(inner, path, at, ctx)?
                 }
@@ -539,6 +751,9 @@ impl<E: Engine> Store<E> {
         Ok(())
     }
 
+    /// Executes the chosen branches. As etcd: each op's header carries the revision it saw
+    /// (ranges: the one read at; writes: the txn's revision once it has changed something),
+    /// nested txns get an empty header, and only the outer one gets the final revision.
     fn txn_exec(
         &self,
         t: &TxnRequest,
@@ -552,11 +767,7 @@ impl<E: Engine> Store<E> {
         for op in branch(t, ok) {
             let response = match &op.request {
                 Some(request_op::Request::RequestRange(r)) => {
-                    let view = View {
-                        current: ctx.read_rev(),
-                        overlay: Some(&ctx.overlay),
-                    };
-                    response_op::Response::ResponseRange(self.range_in(r, &view)?)
+                    response_op::Response::ResponseRange(self.range_in(r, &ctx.view())?)
                 }
                 Some(request_op::Request::RequestPut(p)) => {
                     let prev_kv = self.put(p, ctx)?;
@@ -583,7 +794,7 @@ impl<E: Engine> Store<E> {
             });
         }
         Ok(TxnResponse {
-            header: header(ctx.read_rev()),
+            header: Some(ResponseHeader::default()),
             succeeded: ok,
             responses,
         })
@@ -594,34 +805,30 @@ impl<E: Engine> Store<E> {
         self.txn_path(t, &ctx.view(), &mut path)?;
         self.txn_check(t, &path, &mut 0, ctx)?;
         let mut resp = self.txn_exec(t, &path, &mut 0, ctx)?;
-        // Every header of a txn answer carries the txn's final revision.
-        let final_rev = ctx.rev_after();
-        set_txn_revision(&mut resp, final_rev);
+        resp.header = header(ctx.rev_after());
         Ok(resp)
     }
 
-    /// Whether a txn request (every branch, nested too) contains no write.
+    /// etcd's `IsTxnReadonly`: every op of both branches is a range (a nested txn counts as a
+    /// write, whatever it holds).
     pub fn txn_is_read_only(t: &TxnRequest) -> bool {
         t.success
             .iter()
             .chain(t.failure.iter())
-            .all(|op| match &op.request {
-                Some(request_op::Request::RequestRange(_)) | None => true,
-                Some(request_op::Request::RequestTxn(inner)) => Self::txn_is_read_only(inner),
-                _ => false,
-            })
+            .all(|op| matches!(op.request, Some(request_op::Request::RequestRange(_))))
     }
 
     /// Runs a read-only txn locally (serializable view at the current revision).
     pub fn read_txn(&self, t: &TxnRequest) -> Result<TxnResponse> {
-        let view = View {
-            current: self.current_revision(),
-            overlay: None,
-        };
-        let mut path = Vec::new();
-        self.txn_path(t, &view, &mut path)?;
-        let mut at = 0;
-        self.read_txn_exec(t, &path, &mut at, &view)
+        at_current(true, || {
+            let view = View::at(self.current_revision());
+            let mut path = Vec::new();
+            self.txn_path(t, &view, &mut path)?;
+            let mut at = 0;
+            let mut resp = self.read_txn_exec(t, &path, &mut at, &view)?;
+            resp.header = header(view.current);
+            Ok(resp)
+        })
     }
 
     fn read_txn_exec(
@@ -649,22 +856,85 @@ impl<E: Engine> Store<E> {
             });
         }
         Ok(TxnResponse {
-            header: header(view.current),
+            header: Some(ResponseHeader::default()),
             succeeded: ok,
             responses,
         })
     }
+
+    // ---- leases (apply side) -------------------------------------------------------------------
+
+    fn put_lease_record(&self, ctx: &mut WriteCtx, id: i64, ttl: i64, remaining_ttl: i64) {
+        let rec = LeaseRecord {
+            id,
+            ttl,
+            remaining_ttl,
+        };
+        ctx.batch
+            .put(Space::Meta, lease_meta_key(id), rec.encode_to_vec());
+    }
+
+    fn lease_grant(&self, g: &LeaseGrantRequest, ctx: &mut WriteCtx) -> Result<LeaseGrantResponse> {
+        if self.leases.exists(g.id) {
+            return Err(MvccError::LeaseExists);
+        }
+        self.leases.grant(g.id, g.ttl, 0);
+        self.put_lease_record(ctx, g.id, g.ttl, 0);
+        Ok(LeaseGrantResponse {
+            header: header(ctx.read_rev()),
+            id: g.id,
+            ttl: g.ttl,
+            error: String::new(),
+        })
+    }
+
+    /// Deletes every key attached to the lease, all at one revision, and the lease.
+    fn lease_revoke(
+        &self,
+        r: &LeaseRevokeRequest,
+        ctx: &mut WriteCtx,
+    ) -> Result<LeaseRevokeResponse> {
+        let keys = self.leases.revoke(r.id).ok_or(MvccError::LeaseNotFound)?;
+        ctx.batch.delete(Space::Meta, lease_meta_key(r.id));
+        for key in keys {
+            let d = DeleteRangeRequest {
+                key,
+                range_end: Bytes::new(),
+                prev_kv: false,
+            };
+            self.delete_range(&d, ctx)?;
+        }
+        Ok(LeaseRevokeResponse {
+            header: header(ctx.read_rev()),
+        })
+    }
+
+    fn lease_checkpoint(
+        &self,
+        c: &LeaseCheckpointRequest,
+        ctx: &mut WriteCtx,
+    ) -> Result<LeaseCheckpointResponse> {
+        for cp in &c.checkpoints {
+            if let Some(ttl) = self.leases.checkpoint(cp.id, cp.remaining_ttl) {
+                self.put_lease_record(ctx, cp.id, ttl, cp.remaining_ttl);
+            }
+        }
+        Ok(LeaseCheckpointResponse {
+            header: header(ctx.read_rev()),
+        })
+    }
 }
 
-fn set_txn_revision(resp: &mut TxnResponse, rev: i64) {
-    resp.header = header(rev);
-    for op in &mut resp.responses {
-        match &mut op.response {
-            Some(response_op::Response::ResponsePut(p)) => p.header = header(rev),
-            Some(response_op::Response::ResponseDeleteRange(d)) => d.header = header(rev),
-            Some(response_op::Response::ResponseRange(r)) => r.header = header(rev),
-            Some(response_op::Response::ResponseTxn(t)) => set_txn_revision(t, rev),
-            None => {}
+/// A read "at the current revision" that raced a compaction of that very revision (the
+/// compaction was published just after the reader took the revision) is simply done again at
+/// the newer revision: etcd never fails such a read. Reads at a named revision are not retried.
+fn at_current<T>(current: bool, mut read: impl FnMut() -> Result<T>) -> Result<T> {
+    const ATTEMPTS: usize = 16;
+    let mut attempt = 0;
+    loop {
+        match read() {
+            Err(MvccError::Compacted) if current && attempt < ATTEMPTS => attempt += 1,
+            other => return other,
         }
     }
 }
@@ -709,7 +979,8 @@ fn compare_kv(c: &Compare, target: compare::CompareTarget, kv: &KeyValue) -> boo
         Ok(compare::CompareResult::NotEqual) => ord != CmpOrdering::Equal,
         Ok(compare::CompareResult::Greater) => ord == CmpOrdering::Greater,
         Ok(compare::CompareResult::Less) => ord == CmpOrdering::Less,
-        Err(_) => false,
+        // etcd's compareKV falls through to true for a result it does not know.
+        Err(_) => true,
     }
 }
 
@@ -728,6 +999,18 @@ enum SortKey<'a> {
 struct View<'a> {
     current: i64,
     overlay: Option<&'a HashMap<Bytes, Bytes>>,
+    /// A compaction applied earlier in the same raft entry but not yet published.
+    compact_floor: i64,
+}
+
+impl View<'static> {
+    fn at(current: i64) -> Self {
+        View {
+            current,
+            overlay: None,
+            compact_floor: -1,
+        }
+    }
 }
 
 struct WriteCtx {
@@ -740,6 +1023,8 @@ struct WriteCtx {
     batch: WriteBatch,
     overlay: HashMap<Bytes, Bytes>,
     compact: Option<i64>,
+    /// Events for watchers, in revision order; None when no watcher exists.
+    events: Option<Vec<Event>>,
 }
 
 impl WriteCtx {
@@ -780,6 +1065,7 @@ impl WriteCtx {
         View {
             current: self.read_rev(),
             overlay: Some(&self.overlay),
+            compact_floor: self.compact.unwrap_or(-1),
         }
     }
 }

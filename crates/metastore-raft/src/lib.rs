@@ -156,6 +156,8 @@ struct Shared {
     last_index: AtomicU64,
     stopped: AtomicBool,
     applied: watch::Sender<u64>,
+    /// Last log index found at start: what a restarted member re-applies before serving.
+    replay_target: u64,
     failure: Mutex<Option<RaftError>>,
 }
 
@@ -209,6 +211,7 @@ impl RaftNode {
             // election timeout.
             raw.campaign().map_err(|e| RaftError::Raft(e.to_string()))?;
         }
+        let replay_target = raw.raft.raft_log.last_index();
         let (applied_tx, _) = watch::channel(applied);
         let shared = Arc::new(Shared {
             id,
@@ -218,6 +221,7 @@ impl RaftNode {
             last_index: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
             applied: applied_tx,
+            replay_target,
             failure: Mutex::new(None),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -284,15 +288,26 @@ impl RaftNode {
         rx.await.map_err(|_| self.stopped_error())?
     }
 
-    /// Waits until the state machine has applied `index`.
+    /// Waits until the state machine has applied `index`; fails at once if the member stops.
     pub async fn wait_applied(&self, index: u64) -> Result<(), RaftError> {
         let mut rx = self.shared.applied.subscribe();
-        let reached = rx.wait_for(|&a| a >= index).await.is_ok();
+        let shared = self.shared.clone();
+        let reached = rx
+            .wait_for(|&a| a >= index || shared.stopped.load(Ordering::Acquire))
+            .await
+            .map(|a| *a >= index)
+            .unwrap_or(false);
         if reached {
             Ok(())
         } else {
             Err(self.stopped_error())
         }
+    }
+
+    /// Waits until everything in the log at start has been re-applied, so that no read is
+    /// served from a state older than the one before the restart.
+    pub async fn wait_replayed(&self) -> Result<(), RaftError> {
+        self.wait_applied(self.shared.replay_target).await
     }
 
     /// A linearizable read barrier: ReadIndex, then wait for the apply loop to catch up.
@@ -362,13 +377,13 @@ impl Driver {
     fn run(&mut self) {
         let mut next_tick = Instant::now() + self.tick_interval;
         // A campaign started before the loop is processed now, not a tick later.
-        if let Err(e) = self.on_ready() {
+        if let Err(e) = self.drain_ready() {
             tracing::error!(error = %e, "raft loop failed at start; stopping this member");
             *self.shared.failure.lock() = Some(e);
             self.shared.stopped.store(true, Ordering::Release);
+            self.shared.applied.send_modify(|_| {});
             return;
         }
-        self.publish();
         loop {
             let timeout = next_tick.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(timeout) {
@@ -400,15 +415,19 @@ impl Driver {
                     next_tick = Instant::now() + self.tick_interval;
                 }
             }
-            self.issue_reads();
-            if let Err(e) = self.on_ready() {
+            if self.shared.stopped.load(Ordering::Acquire) {
+                // The apply loop failed: going on would acknowledge nothing.
+                break;
+            }
+            if let Err(e) = self.drain_ready() {
                 tracing::error!(error = %e, "raft loop failed; stopping this member");
                 *self.shared.failure.lock() = Some(e);
                 break;
             }
-            self.publish();
         }
         self.shared.stopped.store(true, Ordering::Release);
+        // Wake every reader waiting on the applied index: they fail now, not at their timeout.
+        self.shared.applied.send_modify(|_| {});
         let err = self
             .shared
             .failure
@@ -536,24 +555,40 @@ impl Driver {
         self.apply_tx.send(entries).map_err(|_| RaftError::Stopped)
     }
 
-    fn publish(&mut self) {
-        let raft = &self.raw.raft;
-        let term = raft.term;
-        if term != self.last_term {
-            if self.last_term != 0 {
-                // Reads in flight under the old term may never be answered.
-                for (_, waiters) in self.inflight_reads.drain() {
-                    for tx in waiters {
-                        let _ = tx.send(Err(RaftError::NoLeader));
-                    }
-                }
+    /// Handles Readies until raft has nothing more, so no leftover work waits for a tick.
+    fn drain_ready(&mut self) -> Result<(), RaftError> {
+        loop {
+            self.issue_reads();
+            self.on_ready()?;
+            self.publish();
+            if !self.raw.has_ready() {
+                return Ok(());
             }
-            self.last_term = term;
         }
-        let leader = raft.leader_id;
-        if self.shared.leader.swap(leader, Ordering::AcqRel) != leader {
+    }
+
+    fn fail_inflight_reads(&mut self) {
+        for (_, waiters) in self.inflight_reads.drain() {
+            for tx in waiters {
+                let _ = tx.send(Err(RaftError::NoLeader));
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        let term = self.raw.raft.term;
+        let leader = self.raw.raft.leader_id;
+        let leader_changed = self.shared.leader.swap(leader, Ordering::AcqRel) != leader;
+        if (term != self.last_term && self.last_term != 0) || leader_changed {
+            // raft-rs drops its read queue when leadership moves (a CheckQuorum step-down
+            // keeps the term): reads in flight may never be answered.
+            self.fail_inflight_reads();
+        }
+        self.last_term = term;
+        if leader_changed {
             tracing::info!(term, leader, id = self.shared.id, "raft leader changed");
         }
+        let raft = &self.raw.raft;
         self.shared.term.store(term, Ordering::Release);
         self.shared
             .commit
@@ -595,6 +630,7 @@ fn apply_loop(shared: Arc<Shared>, mut sm: Box<dyn StateMachine>, rx: Receiver<V
                 tracing::error!(error = %e, "state machine failed; stopping this member");
                 *shared.failure.lock() = Some(RaftError::StateMachine(e));
                 shared.stopped.store(true, Ordering::Release);
+                shared.applied.send_modify(|_| {});
                 return;
             }
         }

@@ -27,6 +27,8 @@ pub enum ServerError {
     Raft(#[from] metastore_raft::RaftError),
     #[error("serving {0}: {1}")]
     Serve(std::net::SocketAddr, tonic::transport::Error),
+    #[error("the raft member stopped: {0}")]
+    MemberStopped(String),
 }
 
 /// FNV-1a: stable across builds and platforms, unlike std's hasher, so IDs computed from the
@@ -157,6 +159,14 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let addrs = member.config.client_addrs()?;
+    // Serve nothing older than what was acknowledged before a restart.
+    let started = std::time::Instant::now();
+    member.server.raft.wait_replayed().await?;
+    tracing::info!(
+        applied = member.server.raft.status().applied_index,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "log replayed"
+    );
     let grpc = &member.config.grpc;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
@@ -184,10 +194,26 @@ pub async fn serve(
         }));
         tracing::info!(%addr, "ready to serve client requests");
     }
-    shutdown.await;
-    tracing::info!("shutting down");
-    let _ = stop_tx.send(true);
+    // A member whose raft or apply loop stopped can acknowledge nothing: exit so that a
+    // supervisor restarts it, instead of answering every request with a timeout.
+    let raft = member.server.raft.clone();
+    let watchdog = async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if raft.is_stopped() {
+                return;
+            }
+        }
+    };
     let mut result = Ok(());
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutting down"),
+        _ = watchdog => {
+            tracing::error!("raft member stopped; shutting down");
+            result = Err(ServerError::MemberStopped(format!("{:?}", member.server.raft.status())));
+        }
+    }
+    let _ = stop_tx.send(true);
     for t in tasks {
         if let Ok(Err(e)) = t.await {
             result = Err(e);

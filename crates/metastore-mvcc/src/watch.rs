@@ -1,0 +1,666 @@
+//! The watch hub: delivers the store's events to watchers, in revision order, each exactly once.
+//!
+//! As in etcd, watchers are *synced* (caught up: the apply loop hands them events as revisions
+//! are applied) or *unsynced* (behind: a catch-up loop reads their events back from the store's
+//! history). A watcher whose stream is full is never waited for: it drops to unsynced and
+//! catches up later, so slow watchers neither block writes nor grow memory without bound.
+//!
+//! All messages of one stream (created, events, progress, canceled) travel in one channel, in
+//! the order the hub decided them under its lock; event messages are refused once the stream
+//! holds more than its limit, control messages never are.
+
+use crate::keyindex::KeyRange;
+use bytes::Bytes;
+use metastore_proto::etcdserverpb::{ResponseHeader, WatchResponse};
+use metastore_proto::mvccpb::{event::EventType, Event};
+use parking_lot::{Condvar, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// The watch id etcd uses for responses not tied to one watcher.
+pub const INVALID_WATCH_ID: i64 = -1;
+
+pub const ERR_DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
+pub const ERR_EMPTY_RANGE: &str = "mvcc: watcher range is empty";
+pub const ERR_COMPACTED: &str = "etcdserver: mvcc: required revision has been compacted";
+
+/// The receiving end of a watch stream.
+pub struct StreamReceiver {
+    rx: mpsc::UnboundedReceiver<WatchResponse>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl StreamReceiver {
+    pub async fn recv(&mut self) -> Option<WatchResponse> {
+        let msg = self.rx.recv().await?;
+        if !msg.events.is_empty() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+        Some(msg)
+    }
+}
+
+#[derive(Clone)]
+struct StreamSink {
+    tx: mpsc::UnboundedSender<WatchResponse>,
+    queued: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+enum Delivery {
+    Sent,
+    Full,
+    Closed,
+}
+
+impl StreamSink {
+    fn control(&self, msg: WatchResponse) {
+        let _ = self.tx.send(msg);
+    }
+
+    fn events(&self, msg: WatchResponse) -> Delivery {
+        if self.tx.is_closed() {
+            return Delivery::Closed;
+        }
+        if self.queued.load(Ordering::Acquire) >= self.limit {
+            return Delivery::Full;
+        }
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        match self.tx.send(msg) {
+            Ok(()) => Delivery::Sent,
+            Err(_) => Delivery::Closed,
+        }
+    }
+}
+
+/// What a watcher asked for.
+#[derive(Clone, Debug, Default)]
+pub struct WatchSpec {
+    /// 0 lets the stream choose the next free id.
+    pub watch_id: i64,
+    pub key: Bytes,
+    /// etcd's encoding: empty = this key only, `[0]` = every key >= `key`.
+    pub range_end: Bytes,
+    /// 0 = from the next revision.
+    pub start_revision: i64,
+    pub prev_kv: bool,
+    pub filter_put: bool,
+    pub filter_delete: bool,
+}
+
+struct Watcher {
+    stream: u64,
+    watch_id: i64,
+    spec: WatchSpec,
+    /// Next revision this watcher must receive.
+    next_rev: i64,
+    synced: bool,
+}
+
+impl Watcher {
+    fn matches(&self, key: &[u8]) -> bool {
+        match KeyRange::new(&self.spec.key, &self.spec.range_end) {
+            KeyRange::Single(k) => k == key,
+            KeyRange::Span(lo, hi) => {
+                use std::ops::Bound;
+                let above = match lo {
+                    Bound::Included(l) => key >= l,
+                    Bound::Excluded(l) => key > l,
+                    Bound::Unbounded => true,
+                };
+                let below = match hi {
+                    Bound::Included(h) => key <= h,
+                    Bound::Excluded(h) => key < h,
+                    Bound::Unbounded => true,
+                };
+                above && below
+            }
+            KeyRange::Empty => false,
+        }
+    }
+
+    fn wants(&self, ev: &Event) -> bool {
+        let put = ev.r#type == EventType::Put as i32;
+        if (put && self.spec.filter_put) || (!put && self.spec.filter_delete) {
+            return false;
+        }
+        ev.kv
+            .as_ref()
+            .is_some_and(|kv| kv.mod_revision >= self.next_rev && self.matches(&kv.key))
+    }
+
+    fn shape(&self, ev: &Event) -> Event {
+        let mut ev = ev.clone();
+        if !self.spec.prev_kv {
+            ev.prev_kv = None;
+        }
+        ev
+    }
+}
+
+struct Stream {
+    sink: StreamSink,
+    next_auto_id: i64,
+    ids: HashMap<i64, u64>,
+}
+
+#[derive(Default)]
+struct Inner {
+    next_handle: u64,
+    next_stream: u64,
+    streams: HashMap<u64, Stream>,
+    watchers: HashMap<u64, Watcher>,
+    /// Synced single-key watchers by key; synced range watchers apart.
+    by_key: HashMap<Bytes, HashSet<u64>>,
+    ranges: HashSet<u64>,
+    unsynced: HashSet<u64>,
+    /// Every revision up to this one has been handed to synced watchers.
+    dispatched_rev: i64,
+}
+
+impl Inner {
+    fn index(&mut self, handle: u64) {
+        let Some(w) = self.watchers.get(&handle) else {
+            return;
+        };
+        if w.spec.range_end.is_empty() {
+            self.by_key
+                .entry(w.spec.key.clone())
+                .or_default()
+                .insert(handle);
+        } else {
+            self.ranges.insert(handle);
+        }
+    }
+
+    fn unindex(&mut self, handle: u64) {
+        let Some(w) = self.watchers.get(&handle) else {
+            return;
+        };
+        if w.spec.range_end.is_empty() {
+            if let Some(set) = self.by_key.get_mut(&w.spec.key) {
+                set.remove(&handle);
+                if set.is_empty() {
+                    self.by_key.remove(&w.spec.key);
+                }
+            }
+        } else {
+            self.ranges.remove(&handle);
+        }
+    }
+
+    fn desync(&mut self, handle: u64, from_rev: i64) {
+        self.unindex(handle);
+        if let Some(w) = self.watchers.get_mut(&handle) {
+            w.synced = false;
+            w.next_rev = w.next_rev.max(from_rev);
+        }
+        self.unsynced.insert(handle);
+    }
+
+    fn remove(&mut self, handle: u64) -> Option<Watcher> {
+        self.unindex(handle);
+        self.unsynced.remove(&handle);
+        let w = self.watchers.remove(&handle)?;
+        if let Some(s) = self.streams.get_mut(&w.stream) {
+            s.ids.remove(&w.watch_id);
+        }
+        Some(w)
+    }
+}
+
+/// Per-stream limit of undelivered event responses before watchers drop to catch-up mode.
+pub const STREAM_EVENT_LIMIT: usize = 1024;
+
+pub struct WatchHub {
+    inner: Mutex<Inner>,
+    wake: Condvar,
+    watchers: AtomicUsize,
+}
+
+fn header(revision: i64) -> Option<ResponseHeader> {
+    Some(ResponseHeader {
+        revision,
+        ..Default::default()
+    })
+}
+
+/// Events of the revisions from one catch-up read, for the catch-up loop.
+pub(crate) struct History {
+    pub events: Vec<Event>,
+}
+
+impl WatchHub {
+    pub(crate) fn new(current_rev: i64) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                dispatched_rev: current_rev,
+                ..Default::default()
+            }),
+            wake: Condvar::new(),
+            watchers: AtomicUsize::new(0),
+        }
+    }
+
+    /// Whether any watcher exists: when none does, the apply loop skips building events.
+    pub fn has_watchers(&self) -> bool {
+        self.watchers.load(Ordering::Acquire) > 0
+    }
+
+    pub fn watcher_count(&self) -> usize {
+        self.watchers.load(Ordering::Acquire)
+    }
+
+    /// Opens a stream; returns its id and the receiving end.
+    pub fn open_stream(&self) -> (u64, StreamReceiver) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let mut inner = self.inner.lock();
+        inner.next_stream += 1;
+        let id = inner.next_stream;
+        inner.streams.insert(
+            id,
+            Stream {
+                sink: StreamSink {
+                    tx,
+                    queued: queued.clone(),
+                    limit: STREAM_EVENT_LIMIT,
+                },
+                next_auto_id: 0,
+                ids: HashMap::new(),
+            },
+        );
+        (id, StreamReceiver { rx, queued })
+    }
+
+    /// Closes a stream and all its watchers.
+    pub fn close_stream(&self, stream: u64) {
+        let mut inner = self.inner.lock();
+        let Some(s) = inner.streams.remove(&stream) else {
+            return;
+        };
+        for handle in s.ids.into_values() {
+            if inner.remove(handle).is_some() {
+                self.watchers.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Creates a watcher; the "created" response (or a refusal) goes to the stream first.
+    pub fn watch(&self, stream: u64, spec: WatchSpec, compact_rev: i64) {
+        let mut inner = self.inner.lock();
+        let rev = inner.dispatched_rev;
+        let Some(s) = inner.streams.get_mut(&stream) else {
+            return;
+        };
+        let refuse = |s: &Stream, reason: &str| {
+            s.sink.control(WatchResponse {
+                header: header(rev),
+                watch_id: INVALID_WATCH_ID,
+                created: true,
+                canceled: true,
+                cancel_reason: reason.to_string(),
+                ..Default::default()
+            })
+        };
+        if spec.start_revision < 0 {
+            refuse(s, ERR_COMPACTED);
+            return;
+        }
+        if matches!(KeyRange::new(&spec.key, &spec.range_end), KeyRange::Empty) {
+            refuse(s, ERR_EMPTY_RANGE);
+            return;
+        }
+        let watch_id = if spec.watch_id != 0 {
+            if s.ids.contains_key(&spec.watch_id) {
+                refuse(s, ERR_DUPLICATE_ID);
+                return;
+            }
+            spec.watch_id
+        } else {
+            while s.ids.contains_key(&s.next_auto_id) {
+                s.next_auto_id += 1;
+            }
+            let id = s.next_auto_id;
+            s.next_auto_id += 1;
+            id
+        };
+        s.sink.control(WatchResponse {
+            header: header(rev),
+            watch_id,
+            created: true,
+            ..Default::default()
+        });
+        inner.next_handle += 1;
+        let handle = inner.next_handle;
+        if let Some(s) = inner.streams.get_mut(&stream) {
+            s.ids.insert(watch_id, handle);
+        }
+        let next_rev = if spec.start_revision == 0 {
+            rev + 1
+        } else {
+            spec.start_revision
+        };
+        let behind = next_rev <= rev || next_rev < compact_rev;
+        inner.watchers.insert(
+            handle,
+            Watcher {
+                stream,
+                watch_id,
+                spec,
+                next_rev,
+                synced: !behind,
+            },
+        );
+        self.watchers.fetch_add(1, Ordering::AcqRel);
+        if behind {
+            inner.unsynced.insert(handle);
+            self.wake.notify_one();
+        } else {
+            inner.index(handle);
+        }
+    }
+
+    /// Cancels a watcher; answers with etcd's canceled response if it existed.
+    pub fn cancel(&self, stream: u64, watch_id: i64) {
+        let mut inner = self.inner.lock();
+        let rev = inner.dispatched_rev;
+        let Some(handle) = inner
+            .streams
+            .get(&stream)
+            .and_then(|s| s.ids.get(&watch_id).copied())
+        else {
+            return;
+        };
+        if inner.remove(handle).is_some() {
+            self.watchers.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Some(s) = inner.streams.get(&stream) {
+            s.sink.control(WatchResponse {
+                header: header(rev),
+                watch_id,
+                canceled: true,
+                ..Default::default()
+            });
+        }
+    }
+
+    /// Sends a progress notification to each listed watcher that is caught up (an unsynced one
+    /// gets events soon, which carry the same information).
+    pub fn progress(&self, stream: u64, watch_ids: &[i64]) {
+        let inner = self.inner.lock();
+        let Some(s) = inner.streams.get(&stream) else {
+            return;
+        };
+        for id in watch_ids {
+            let synced = s
+                .ids
+                .get(id)
+                .and_then(|h| inner.watchers.get(h))
+                .is_some_and(|w| w.synced);
+            if synced {
+                s.sink.control(WatchResponse {
+                    header: header(inner.dispatched_rev),
+                    watch_id: *id,
+                    ..Default::default()
+                });
+            }
+        }
+    }
+
+    /// Answers a client's RequestProgress: every event up to the returned header revision has
+    /// been sent on this stream.
+    pub fn progress_all(&self, stream: u64) {
+        let inner = self.inner.lock();
+        let Some(s) = inner.streams.get(&stream) else {
+            return;
+        };
+        let rev = s
+            .ids
+            .values()
+            .filter_map(|h| inner.watchers.get(h))
+            .map(|w| {
+                if w.synced {
+                    inner.dispatched_rev
+                } else {
+                    w.next_rev - 1
+                }
+            })
+            .fold(inner.dispatched_rev, i64::min);
+        s.sink.control(WatchResponse {
+            header: header(rev),
+            watch_id: INVALID_WATCH_ID,
+            ..Default::default()
+        });
+    }
+
+    /// Called by the apply loop after revision `rev` is published. `events` are in revision
+    /// order; `None` means the batch was applied without building events (no watcher existed
+    /// when it started), so any synced watcher that could have wanted them must catch up.
+    pub(crate) fn dispatch(&self, rev: i64, events: Option<&[Event]>) {
+        let mut inner = self.inner.lock();
+        let prev = inner.dispatched_rev;
+        if rev <= prev {
+            return;
+        }
+        inner.dispatched_rev = rev;
+        let Some(events) = events else {
+            let synced: Vec<u64> = inner
+                .watchers
+                .iter()
+                .filter(|(_, w)| w.synced)
+                .map(|(h, _)| *h)
+                .collect();
+            for h in synced {
+                inner.desync(h, prev + 1);
+            }
+            if !inner.unsynced.is_empty() {
+                self.wake.notify_one();
+            }
+            return;
+        };
+        let mut per_watcher: HashMap<u64, Vec<Event>> = HashMap::new();
+        for ev in events {
+            let Some(kv) = &ev.kv else { continue };
+            let candidates = inner
+                .by_key
+                .get(&kv.key)
+                .into_iter()
+                .flatten()
+                .chain(inner.ranges.iter());
+            for h in candidates {
+                if let Some(w) = inner.watchers.get(h) {
+                    if w.wants(ev) {
+                        per_watcher.entry(*h).or_default().push(w.shape(ev));
+                    }
+                }
+            }
+        }
+        let mut full = Vec::new();
+        let mut closed = Vec::new();
+        for (h, evs) in per_watcher {
+            let Some(w) = inner.watchers.get(&h) else {
+                continue;
+            };
+            let Some(s) = inner.streams.get(&w.stream) else {
+                continue;
+            };
+            let msg = WatchResponse {
+                header: header(rev),
+                watch_id: w.watch_id,
+                events: evs,
+                ..Default::default()
+            };
+            match s.sink.events(msg) {
+                Delivery::Sent => {}
+                Delivery::Full => full.push(h),
+                Delivery::Closed => closed.push(h),
+            }
+        }
+        for h in full {
+            inner.desync(h, prev + 1);
+        }
+        for h in closed {
+            if inner.remove(h).is_some() {
+                self.watchers.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        if !inner.unsynced.is_empty() {
+            self.wake.notify_one();
+        }
+    }
+
+    /// One round of catch-up for unsynced watchers, reading history with `read`
+    /// (from, to inclusive) from the store. Waits up to `wait` when nobody is behind. Returns
+    /// false when some watcher is still behind (its stream was full, or a compaction raced the
+    /// read): the caller pauses briefly before the next round instead of spinning.
+    pub(crate) fn sync_round(
+        &self,
+        compact_rev: &dyn Fn() -> i64,
+        read: &dyn Fn(i64, i64) -> Option<History>,
+        wait: std::time::Duration,
+    ) -> bool {
+        // Pick the work under the lock.
+        let (from, to, compact) = {
+            let mut inner = self.inner.lock();
+            if inner.unsynced.is_empty() {
+                self.wake.wait_for(&mut inner, wait);
+                if inner.unsynced.is_empty() {
+                    return true;
+                }
+            }
+            let compact = compact_rev();
+            let to = inner.dispatched_rev;
+            // Watchers whose start was compacted away are canceled, as etcd does.
+            let lost: Vec<u64> = inner
+                .unsynced
+                .iter()
+                .filter(|h| inner.watchers.get(h).is_some_and(|w| w.next_rev < compact))
+                .copied()
+                .collect();
+            for h in lost {
+                if let Some(w) = inner.remove(h) {
+                    self.watchers.fetch_sub(1, Ordering::AcqRel);
+                    if let Some(s) = inner.streams.get(&w.stream) {
+                        s.sink.control(WatchResponse {
+                            header: header(to),
+                            watch_id: w.watch_id,
+                            compact_revision: compact,
+                            canceled: true,
+                            ..Default::default()
+                        });
+                    }
+                }
+            }
+            let from = inner
+                .unsynced
+                .iter()
+                .filter_map(|h| inner.watchers.get(h))
+                .map(|w| w.next_rev)
+                .min();
+            match from {
+                None => return true,
+                Some(from) => (from, to, compact),
+            }
+        };
+        // Read without the lock: the apply loop keeps going meanwhile.
+        let history = if from <= to {
+            match read(from, to) {
+                Some(h) => h,
+                None => return false,
+            }
+        } else {
+            History { events: Vec::new() }
+        };
+        if compact_rev() != compact {
+            // A compaction ran during the read: what we read may have holes. Try again.
+            return false;
+        }
+        let mut inner = self.inner.lock();
+        let handles: Vec<u64> = inner.unsynced.iter().copied().collect();
+        let mut all_caught_up = true;
+        for h in handles {
+            let Some(w) = inner.watchers.get(&h) else {
+                continue;
+            };
+            if w.next_rev > to + 1 {
+                // Future start revision: nothing to read yet.
+                if w.next_rev > inner.dispatched_rev {
+                    inner.unsynced.remove(&h);
+                    if let Some(w) = inner.watchers.get_mut(&h) {
+                        w.synced = true;
+                    }
+                    inner.index(h);
+                }
+                continue;
+            }
+            let Some(s) = inner.streams.get(&w.stream) else {
+                continue;
+            };
+            let mut next_rev = w.next_rev;
+            let mut delivered_all = true;
+            // Group by revision so one revision never spans two responses.
+            let mine: Vec<Event> = history
+                .events
+                .iter()
+                .filter(|e| w.wants(e))
+                .map(|e| w.shape(e))
+                .collect();
+            for chunk in chunk_by_revision(&mine, 1000) {
+                let last = chunk
+                    .last()
+                    .and_then(|e| e.kv.as_ref())
+                    .map(|kv| kv.mod_revision)
+                    .unwrap_or(to);
+                let msg = WatchResponse {
+                    header: header(to),
+                    watch_id: w.watch_id,
+                    events: chunk.to_vec(),
+                    ..Default::default()
+                };
+                match s.sink.events(msg) {
+                    Delivery::Sent => next_rev = last + 1,
+                    Delivery::Full | Delivery::Closed => {
+                        delivered_all = false;
+                        break;
+                    }
+                }
+            }
+            if delivered_all {
+                next_rev = to + 1;
+            }
+            let dispatched = inner.dispatched_rev;
+            if let Some(w) = inner.watchers.get_mut(&h) {
+                w.next_rev = next_rev;
+                if next_rev == dispatched + 1 {
+                    w.synced = true;
+                }
+            }
+            if next_rev == dispatched + 1 {
+                inner.unsynced.remove(&h);
+                inner.index(h);
+            } else if !delivered_all {
+                all_caught_up = false;
+            }
+        }
+        all_caught_up
+    }
+}
+
+/// Splits events into chunks of about `max` events, never splitting one revision.
+fn chunk_by_revision(events: &[Event], max: usize) -> Vec<&[Event]> {
+    let rev_of = |e: &Event| e.kv.as_ref().map(|kv| kv.mod_revision).unwrap_or_default();
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < events.len() {
+        let mut end = (start + max).min(events.len());
+        while end < events.len() && rev_of(&events[end]) == rev_of(&events[end - 1]) {
+            end += 1;
+        }
+        out.push(&events[start..end]);
+        start = end;
+    }
+    out
+}
