@@ -5,17 +5,26 @@
 //! A read is served from the local store, after a ReadIndex barrier unless it is serializable.
 
 pub mod apply;
+mod concurrency;
 pub mod errors;
+pub mod lease;
 mod services;
 pub mod validate;
+mod watch;
 
 use metastore_batch::{BatchConfig, BatchProposer};
 use metastore_engine::Engine;
 use metastore_mvcc::{ApplyResponse, MvccError, Store};
 use metastore_proto::etcdserverpb::ResponseHeader;
+use metastore_proto::internal::{command::Op, Command};
 use metastore_raft::RaftNode;
+use prost::Message;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+use std::time::Duration;
+use tonic::Status;
+
+pub use lease::LeaseConfig;
 
 pub use services::{routes, UNIMPLEMENTED_SERVICES};
 
@@ -59,6 +68,23 @@ pub struct ClusterInfo {
     pub members: Vec<MemberInfo>,
 }
 
+/// Service settings beyond etcd's request limits.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    pub lease: LeaseConfig,
+    /// Interval of watch progress notifications (etcd: 10 min).
+    pub watch_progress_interval: Duration,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            lease: LeaseConfig::default(),
+            watch_progress_interval: Duration::from_secs(600),
+        }
+    }
+}
+
 /// Everything the services share.
 pub struct EtcdServer<E: Engine> {
     pub store: Arc<Store<E>>,
@@ -66,6 +92,9 @@ pub struct EtcdServer<E: Engine> {
     pub proposer: BatchProposer<CommandResult>,
     pub limits: Limits,
     pub cluster: ClusterInfo,
+    pub lease_config: LeaseConfig,
+    pub watch_progress_interval: Duration,
+    lease_clock: lease::LeaseClock,
 }
 
 impl<E: Engine> EtcdServer<E> {
@@ -77,16 +106,36 @@ impl<E: Engine> EtcdServer<E> {
         batch: BatchConfig,
         limits: Limits,
         cluster: ClusterInfo,
+        services: ServiceConfig,
     ) -> Arc<Self> {
         let proposer = BatchProposer::start(batch, Arc::new(apply::RaftSink(raft.clone())));
         completer_slot.set(proposer.completer());
-        Arc::new(Self {
+        let server = Arc::new(Self {
             store,
             raft,
             proposer,
             limits,
             cluster,
-        })
+            lease_config: services.lease,
+            watch_progress_interval: services.watch_progress_interval,
+            lease_clock: lease::LeaseClock::default(),
+        });
+        lease::spawn_lease_clock(Arc::downgrade(&server));
+        server
+    }
+
+    /// Replicates one command and returns what the state machine answered.
+    pub async fn submit(&self, op: Op) -> Result<ApplyResponse, Status> {
+        let cmd = Command { op: Some(op) };
+        if cmd.encoded_len() > self.limits.max_request_bytes {
+            return Err(errors::request_too_large());
+        }
+        let result = self
+            .proposer
+            .submit(cmd)
+            .await
+            .map_err(errors::from_batch)?;
+        result.map_err(errors::from_mvcc)
     }
 
     pub fn header(&self, revision: i64) -> ResponseHeader {

@@ -16,21 +16,17 @@ use metastore_proto::etcdserverpb::{
     MoveLeaderResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, SnapshotRequest,
     SnapshotResponse, StatusRequest, StatusResponse, TxnRequest, TxnResponse,
 };
-use metastore_proto::internal::{command::Op, Command};
-use prost::Message;
+use metastore_proto::etcdserverpb::{lease_server::LeaseServer, watch_server::WatchServer};
+use metastore_proto::internal::command::Op;
+use metastore_proto::v3electionpb::election_server::ElectionServer;
+use metastore_proto::v3lockpb::lock_server::LockServer;
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 /// gRPC services not served yet: any call to them answers `Unimplemented` with a message that
 /// says so (the README lists them too).
-pub const UNIMPLEMENTED_SERVICES: &[&str] = &[
-    "etcdserverpb.Watch",
-    "etcdserverpb.Lease",
-    "etcdserverpb.Auth",
-    "v3electionpb.Election",
-    "v3lockpb.Lock",
-];
+pub const UNIMPLEMENTED_SERVICES: &[&str] = &["etcdserverpb.Auth"];
 
 /// gRPC allows this much above the request limit, as etcd does, so that an oversized request
 /// reaches our check and gets etcd's "request is too large" instead of a transport error.
@@ -39,7 +35,7 @@ const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 /// How long a linearizable read waits for its ReadIndex barrier.
 const READ_TIMEOUT: Duration = Duration::from_secs(7);
 
-struct Svc<E: Engine>(Arc<EtcdServer<E>>);
+pub(crate) struct Svc<E: Engine>(pub(crate) Arc<EtcdServer<E>>);
 
 impl<E: Engine> Clone for Svc<E> {
     fn clone(&self) -> Self {
@@ -61,7 +57,15 @@ pub fn routes<E: Engine>(server: Arc<EtcdServer<E>>) -> tonic::service::Routes {
             .max_decoding_message_size(limit)
             .max_encoding_message_size(usize::MAX),
     )
-    .add_service(ClusterServer::new(svc).max_decoding_message_size(limit))
+    .add_service(ClusterServer::new(svc.clone()).max_decoding_message_size(limit))
+    .add_service(
+        WatchServer::new(svc.clone())
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(usize::MAX),
+    )
+    .add_service(LeaseServer::new(svc.clone()).max_decoding_message_size(limit))
+    .add_service(ElectionServer::new(svc.clone()).max_decoding_message_size(limit))
+    .add_service(LockServer::new(svc).max_decoding_message_size(limit))
     .into_axum_router()
     .fallback(unimplemented_fallback);
     tonic::service::Routes::from(router)
@@ -84,20 +88,10 @@ async fn unimplemented_fallback(uri: http::Uri) -> axum::response::Response {
 
 impl<E: Engine> Svc<E> {
     async fn propose(&self, op: Op) -> Result<ApplyResponse, Status> {
-        let cmd = Command { op: Some(op) };
-        if cmd.encoded_len() > self.0.limits.max_request_bytes {
-            return Err(errors::request_too_large());
-        }
-        let result = self
-            .0
-            .proposer
-            .submit(cmd)
-            .await
-            .map_err(errors::from_batch)?;
-        result.map_err(errors::from_mvcc)
+        self.0.submit(op).await
     }
 
-    async fn read_barrier(&self, serializable: bool) -> Result<(), Status> {
+    pub(crate) async fn read_barrier(&self, serializable: bool) -> Result<(), Status> {
         if serializable {
             return Ok(());
         }
@@ -108,7 +102,7 @@ impl<E: Engine> Svc<E> {
     }
 }
 
-fn unexpected(what: &str) -> Status {
+pub(crate) fn unexpected(what: &str) -> Status {
     Status::internal(format!(
         "metastore: state machine answered a {what} request with another kind"
     ))

@@ -237,8 +237,10 @@ impl<E: Engine> Store<E> {
         self.hub.open_stream()
     }
 
-    pub fn watch(&self, stream: u64, spec: WatchSpec) {
-        self.hub.watch(stream, spec, self.compact_revision());
+    /// Creates a watcher on a stream; returns its id, or None if it was refused (the refusal
+    /// is sent on the stream).
+    pub fn watch(&self, stream: u64, spec: WatchSpec) -> Option<i64> {
+        self.hub.watch(stream, spec, self.compact_revision())
     }
 
     /// Starts the loop that brings unsynced watchers up to date from history. It ends when

@@ -289,12 +289,11 @@ impl WatchHub {
     }
 
     /// Creates a watcher; the "created" response (or a refusal) goes to the stream first.
-    pub fn watch(&self, stream: u64, spec: WatchSpec, compact_rev: i64) {
+    /// Returns the watch id, or None when the watcher was refused.
+    pub fn watch(&self, stream: u64, spec: WatchSpec, compact_rev: i64) -> Option<i64> {
         let mut inner = self.inner.lock();
         let rev = inner.dispatched_rev;
-        let Some(s) = inner.streams.get_mut(&stream) else {
-            return;
-        };
+        let s = inner.streams.get_mut(&stream)?;
         let refuse = |s: &Stream, reason: &str| {
             s.sink.control(WatchResponse {
                 header: header(rev),
@@ -307,16 +306,16 @@ impl WatchHub {
         };
         if spec.start_revision < 0 {
             refuse(s, ERR_COMPACTED);
-            return;
+            return None;
         }
         if matches!(KeyRange::new(&spec.key, &spec.range_end), KeyRange::Empty) {
             refuse(s, ERR_EMPTY_RANGE);
-            return;
+            return None;
         }
         let watch_id = if spec.watch_id != 0 {
             if s.ids.contains_key(&spec.watch_id) {
                 refuse(s, ERR_DUPLICATE_ID);
-                return;
+                return None;
             }
             spec.watch_id
         } else {
@@ -361,6 +360,7 @@ impl WatchHub {
         } else {
             inner.index(handle);
         }
+        Some(watch_id)
     }
 
     /// Cancels a watcher; answers with etcd's canceled response if it existed.

@@ -1,7 +1,7 @@
 //! Configuration: `configs/config.yaml`-style file, overridden by etcd-style flags.
 
 use clap::Parser;
-use metastore_api::Limits;
+use metastore_api::{LeaseConfig, Limits};
 use metastore_batch::BatchConfig;
 use metastore_raft::RaftConfig;
 use serde::{Deserialize, Serialize};
@@ -71,6 +71,9 @@ pub struct Config {
     pub log_level: String,
     #[serde(flatten)]
     pub limits: Limits,
+    /// Interval of watch progress notifications, ms (etcd: 10 min).
+    pub watch_progress_notify_interval_ms: u64,
+    pub lease: LeaseConfig,
     pub grpc: GrpcConfig,
     pub raft: RaftConfig,
     pub batch: BatchConfig,
@@ -90,6 +93,8 @@ impl Default for Config {
             storage: StorageKind::Memory,
             log_level: "info".into(),
             limits: Limits::default(),
+            watch_progress_notify_interval_ms: 600_000,
+            lease: LeaseConfig::default(),
             grpc: GrpcConfig::default(),
             raft: RaftConfig::default(),
             batch: BatchConfig::default(),
@@ -144,6 +149,12 @@ pub struct Flags {
     /// Log level (error, warn, info, debug, trace).
     #[arg(long)]
     pub log_level: Option<String>,
+    /// How often the leader checkpoints remaining lease TTLs through raft, ms.
+    #[arg(long)]
+    pub lease_checkpoint_interval_ms: Option<u64>,
+    /// Interval of watch progress notifications, ms.
+    #[arg(long)]
+    pub watch_progress_notify_interval_ms: Option<u64>,
 }
 
 impl Config {
@@ -176,6 +187,17 @@ impl Config {
         }
         if let Some(v) = flags.max_txn_ops {
             cfg.limits.max_txn_ops = v;
+        }
+        if let Some(v) = flags.lease_checkpoint_interval_ms {
+            cfg.lease.checkpoint_interval_ms = v;
+        }
+        if let Some(v) = flags.watch_progress_notify_interval_ms {
+            cfg.watch_progress_notify_interval_ms = v;
+        }
+        if cfg.lease.min_ttl == 0 {
+            // etcd: 1.5 election timeouts, rounded up to whole seconds.
+            let election_ms = cfg.raft.election_tick as u128 * cfg.raft.tick_interval.as_millis();
+            cfg.lease.min_ttl = (election_ms * 3 / 2).div_ceil(1000) as i64;
         }
         if cfg.data_dir.is_empty() {
             cfg.data_dir = format!("{}.etcd", cfg.name);
@@ -265,6 +287,7 @@ mod tests {
         );
         assert_eq!(cfg.limits.max_request_bytes, 1_572_864);
         assert_eq!(cfg.limits.max_txn_ops, 128);
+        assert_eq!(cfg.lease.min_ttl, 2, "etcd's default minimum lease TTL");
     }
 
     #[test]

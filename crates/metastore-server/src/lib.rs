@@ -5,7 +5,7 @@ pub mod config;
 
 use config::{Config, ConfigError, StorageKind};
 use metastore_api::apply::{ApplyDriver, CompleterSlot};
-use metastore_api::{ClusterInfo, EtcdServer, MemberInfo};
+use metastore_api::{ClusterInfo, EtcdServer, MemberInfo, ServiceConfig};
 use metastore_memory::MemoryEngine;
 use metastore_mvcc::Store;
 use metastore_raft::{NoPeers, RaftNode};
@@ -23,6 +23,8 @@ pub enum ServerError {
     Identity(PathBuf, String),
     #[error("state machine: {0}")]
     Store(#[from] metastore_mvcc::MvccError),
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
     #[error("raft: {0}")]
     Raft(#[from] metastore_raft::RaftError),
     #[error("serving {0}: {1}")]
@@ -119,6 +121,7 @@ pub fn start(cfg: Config) -> Result<Member, ServerError> {
 
     let engine = Arc::new(MemoryEngine::new());
     let store = Arc::new(Store::open(engine)?);
+    store.spawn_watch_sync().map_err(ServerError::Thread)?;
     let slot = CompleterSlot::default();
     let driver = ApplyDriver::new(store.clone(), slot.clone());
     let raft = RaftNode::start(
@@ -146,6 +149,12 @@ pub fn start(cfg: Config) -> Result<Member, ServerError> {
         cfg.batch.clone(),
         cfg.limits.clone(),
         cluster,
+        ServiceConfig {
+            lease: cfg.lease.clone(),
+            watch_progress_interval: Duration::from_millis(
+                cfg.watch_progress_notify_interval_ms.max(1),
+            ),
+        },
     );
     Ok(Member {
         server,
