@@ -585,6 +585,11 @@ impl WatchHub {
             let Some(w) = inner.watchers.get(&h) else {
                 continue;
             };
+            if w.next_rev < from {
+                // Created while we read, further back than what we read: next round.
+                all_caught_up = false;
+                continue;
+            }
             if w.next_rev > to + 1 {
                 // Future start revision: nothing to read yet.
                 if w.next_rev > inner.dispatched_rev {
@@ -663,4 +668,93 @@ fn chunk_by_revision(events: &[Event], max: usize) -> Vec<&[Event]> {
         start = end;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metastore_proto::mvccpb::KeyValue;
+
+    fn put_event(key: &str, rev: i64) -> Event {
+        Event {
+            r#type: EventType::Put as i32,
+            kv: Some(KeyValue {
+                key: key.as_bytes().to_vec().into(),
+                mod_revision: rev,
+                create_revision: rev,
+                version: 1,
+                ..Default::default()
+            }),
+            prev_kv: None,
+        }
+    }
+
+    fn spec(key: &str, start: i64) -> WatchSpec {
+        WatchSpec {
+            key: key.as_bytes().to_vec().into(),
+            start_revision: start,
+            ..Default::default()
+        }
+    }
+
+    fn revisions(rx: &mut StreamReceiver) -> Vec<i64> {
+        let mut out = Vec::new();
+        while let Ok(msg) = rx.rx.try_recv() {
+            out.extend(
+                msg.events
+                    .iter()
+                    .filter_map(|e| e.kv.as_ref())
+                    .map(|kv| kv.mod_revision),
+            );
+        }
+        out
+    }
+
+    /// A watcher created while a catch-up round reads history, starting further back than that
+    /// read, must not be handed the partial history (it would silently skip revisions).
+    #[test]
+    fn watcher_created_during_a_catch_up_read_waits_for_the_next_round() {
+        let history: Vec<Event> = (2..=9).map(|r| put_event("k", r)).collect();
+        let hub = WatchHub::new(9);
+        let (stream, mut rx) = hub.open_stream();
+        hub.watch(stream, spec("k", 6), -1);
+        let late = std::cell::Cell::new(false);
+        let read = |from: i64, to: i64| {
+            if !late.replace(true) {
+                // A second watcher arrives, from revision 3, while history [6, 9] is read.
+                hub.watch(stream, spec("k", 3), -1);
+            }
+            Some(History {
+                events: history
+                    .iter()
+                    .filter(|e| {
+                        e.kv.as_ref()
+                            .is_some_and(|kv| (from..=to).contains(&kv.mod_revision))
+                    })
+                    .cloned()
+                    .collect(),
+            })
+        };
+        let caught_up = hub.sync_round(&|| -1, &read, std::time::Duration::ZERO);
+        assert!(!caught_up, "the late watcher is still behind");
+        assert!(hub.sync_round(&|| -1, &read, std::time::Duration::ZERO));
+        // First watcher: 6..=9; second: 3..=9 — all of it, from the second round.
+        let mut got = revisions(&mut rx);
+        got.sort_unstable();
+        assert_eq!(got, vec![3, 4, 5, 6, 6, 7, 7, 8, 8, 9, 9]);
+    }
+
+    #[test]
+    fn a_full_stream_drops_its_watcher_to_catch_up_instead_of_blocking() {
+        let hub = WatchHub::new(1);
+        let (stream, mut rx) = hub.open_stream();
+        hub.watch(stream, spec("k", 0), -1);
+        for rev in 2..(2 + STREAM_EVENT_LIMIT as i64 + 10) {
+            hub.dispatch(rev, Some(&[put_event("k", rev)]));
+        }
+        // The stream holds its limit; the rest waits in the store's history, not in memory.
+        let delivered = revisions(&mut rx);
+        assert_eq!(delivered.len(), STREAM_EVENT_LIMIT);
+        assert_eq!(hub.inner.lock().unsynced.len(), 1);
+    }
 }

@@ -1,0 +1,306 @@
+//! Writes, compactions and watchers created at random past revisions, interleaved; every
+//! watcher must see exactly the history from its start revision (in order, once each), or a
+//! prefix of it followed by a compaction cancel when a compaction overtook it — as etcd.
+//!
+//! Streams are not read until the end, so they overflow and most watchers go through the
+//! catch-up path (history re-read from the store) rather than live delivery.
+
+use metastore_memory::MemoryEngine;
+use metastore_mvcc::{Store, StreamReceiver, WatchSpec};
+use metastore_proto::etcdserverpb::{
+    request_op, CompactionRequest, DeleteRangeRequest, PutRequest, RequestOp, TxnRequest,
+    WatchResponse,
+};
+use metastore_proto::internal::{command::Op, Command};
+use metastore_proto::mvccpb::event::EventType;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone, Debug, PartialEq)]
+struct Ev {
+    rev: i64,
+    key: Vec<u8>,
+    put: bool,
+    value: Vec<u8>,
+}
+
+const KEYS: &[&str] = &["a", "ab", "b", "ba", "c", "d", "e", "f"];
+
+fn put(key: &str, value: &str) -> RequestOp {
+    RequestOp {
+        request: Some(request_op::Request::RequestPut(PutRequest {
+            key: key.as_bytes().to_vec().into(),
+            value: value.as_bytes().to_vec().into(),
+            ..Default::default()
+        })),
+    }
+}
+
+struct Watch {
+    stream: usize,
+    id: i64,
+    spec: WatchSpec,
+    start: i64,
+    compacted_at_creation: bool,
+}
+
+fn in_range(spec: &WatchSpec, key: &[u8]) -> bool {
+    if spec.range_end.is_empty() {
+        key == &spec.key[..]
+    } else if &spec.range_end[..] == [0] {
+        key >= &spec.key[..]
+    } else {
+        key >= &spec.key[..] && key < &spec.range_end[..]
+    }
+}
+
+async fn drain(rx: &mut StreamReceiver, until_quiet: Duration) -> Vec<WatchResponse> {
+    let mut out = Vec::new();
+    while let Ok(Some(msg)) = tokio::time::timeout(until_quiet, rx.recv()).await {
+        out.push(msg);
+    }
+    out
+}
+
+async fn run(seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let store = Arc::new(Store::open(Arc::new(MemoryEngine::new())).expect("open"));
+    store.spawn_watch_sync().expect("sync thread");
+    let mut streams: Vec<(u64, StreamReceiver)> =
+        (0..2).map(|_| store.open_watch_stream()).collect();
+    let mut watches: Vec<Watch> = Vec::new();
+    let mut history: Vec<Ev> = Vec::new();
+    let mut live: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    let mut index = 0u64;
+    let mut apply = |store: &Store<MemoryEngine>, op: Op| {
+        index += 1;
+        store
+            .apply(index, &[Command { op: Some(op) }])
+            .expect("apply")
+            .expect("fresh index")
+            .remove(0)
+    };
+
+    for step in 0..400 {
+        let rev = store.current_revision();
+        match rng.random_range(0..100) {
+            0..=44 => {
+                let key = KEYS[rng.random_range(0..KEYS.len())];
+                let value = format!("v{step}");
+                apply(
+                    &store,
+                    Op::Put(
+                        put(key, &value)
+                            .request
+                            .map(|r| match r {
+                                request_op::Request::RequestPut(p) => p,
+                                _ => unreachable!(),
+                            })
+                            .expect("put"),
+                    ),
+                )
+                .expect("put ok");
+                history.push(Ev {
+                    rev: rev + 1,
+                    key: key.into(),
+                    put: true,
+                    value: value.clone().into(),
+                });
+                live.insert(key.into(), value.into());
+            }
+            45..=59 => {
+                let key = KEYS[rng.random_range(0..KEYS.len())];
+                apply(
+                    &store,
+                    Op::DeleteRange(DeleteRangeRequest {
+                        key: key.as_bytes().to_vec().into(),
+                        ..Default::default()
+                    }),
+                )
+                .expect("delete ok");
+                if live.remove(key.as_bytes()).is_some() {
+                    history.push(Ev {
+                        rev: rev + 1,
+                        key: key.into(),
+                        put: false,
+                        value: vec![],
+                    });
+                }
+            }
+            60..=69 => {
+                // One revision, several keys (sub revisions in key order given).
+                let mut keys: Vec<&str> = KEYS
+                    .iter()
+                    .copied()
+                    .filter(|_| rng.random_bool(0.3))
+                    .collect();
+                keys.dedup();
+                if keys.is_empty() {
+                    continue;
+                }
+                let value = format!("t{step}");
+                apply(
+                    &store,
+                    Op::Txn(TxnRequest {
+                        compare: vec![],
+                        success: keys.iter().map(|k| put(k, &value)).collect(),
+                        failure: vec![],
+                    }),
+                )
+                .expect("txn ok");
+                for k in keys {
+                    history.push(Ev {
+                        rev: rev + 1,
+                        key: k.into(),
+                        put: true,
+                        value: value.clone().into(),
+                    });
+                    live.insert(k.into(), value.clone().into());
+                }
+            }
+            70..=74 if rev > 2 => {
+                let at = rng.random_range(store.compact_revision().max(1) + 1..=rev);
+                let _ = apply(
+                    &store,
+                    Op::Compaction(CompactionRequest {
+                        revision: at,
+                        physical: true,
+                    }),
+                );
+            }
+            _ => {
+                let (key, range_end) = match rng.random_range(0..3) {
+                    0 => (
+                        KEYS[rng.random_range(0..KEYS.len())].to_string(),
+                        String::new(),
+                    ),
+                    1 => ("a".to_string(), "b".to_string()),
+                    _ => ("\0".to_string(), "\0".to_string()),
+                };
+                let compact = store.compact_revision();
+                let start = match rng.random_range(0..4) {
+                    0 => 0,
+                    1 => rev + rng.random_range(1..3),
+                    _ => rng.random_range(1..=rev.max(1)),
+                };
+                let spec = WatchSpec {
+                    key: key.into_bytes().into(),
+                    range_end: range_end.into_bytes().into(),
+                    start_revision: start,
+                    ..Default::default()
+                };
+                let s = rng.random_range(0..streams.len());
+                let id = store
+                    .watch(streams[s].0, spec.clone())
+                    .expect("watch created");
+                let effective = if start == 0 { rev + 1 } else { start };
+                watches.push(Watch {
+                    stream: s,
+                    id,
+                    spec,
+                    start: effective,
+                    compacted_at_creation: effective < compact,
+                });
+            }
+        }
+    }
+
+    // Read everything now; the catch-up loop delivers as room frees up.
+    let mut received: Vec<Vec<WatchResponse>> = Vec::new();
+    for (_, rx) in &mut streams {
+        received.push(drain(rx, Duration::from_millis(300)).await);
+    }
+    let current = store.current_revision();
+    assert!(!watches.is_empty());
+    let mut caught_up = 0;
+    for w in &watches {
+        let msgs: Vec<&WatchResponse> = received[w.stream]
+            .iter()
+            .filter(|m| m.watch_id == w.id)
+            .collect();
+        assert!(
+            msgs.first().is_some_and(|m| m.created),
+            "seed {seed}: watcher {} has no created response first",
+            w.id
+        );
+        let got: Vec<Ev> = msgs
+            .iter()
+            .flat_map(|m| m.events.iter())
+            .map(|e| {
+                let kv = e.kv.clone().expect("kv");
+                Ev {
+                    rev: kv.mod_revision,
+                    key: kv.key.to_vec(),
+                    put: e.r#type == EventType::Put as i32,
+                    value: kv.value.to_vec(),
+                }
+            })
+            .collect();
+        let want: Vec<Ev> = history
+            .iter()
+            .filter(|e| e.rev >= w.start && in_range(&w.spec, &e.key))
+            .cloned()
+            .collect();
+        let canceled = msgs.iter().find(|m| m.canceled);
+        match canceled {
+            Some(c) => {
+                assert!(
+                    c.compact_revision > 0,
+                    "seed {seed}: only compaction cancels here"
+                );
+                assert!(
+                    w.start < c.compact_revision,
+                    "seed {seed}: canceled although it started at {} >= {}",
+                    w.start,
+                    c.compact_revision
+                );
+                assert_eq!(
+                    &got[..],
+                    &want[..got.len()],
+                    "seed {seed}: watcher {} saw something other than a prefix",
+                    w.id
+                );
+                assert!(
+                    msgs.last().is_some_and(|m| m.canceled),
+                    "seed {seed}: events after cancel"
+                );
+            }
+            None => {
+                assert!(!w.compacted_at_creation, "seed {seed}: watcher {} started below the compact revision but was not canceled", w.id);
+                assert_eq!(
+                    got, want,
+                    "seed {seed}: watcher {} (start {}, current {current})",
+                    w.id, w.start
+                );
+                caught_up += 1;
+            }
+        }
+        // Events of one revision never span two responses.
+        let mut seen_revs = std::collections::HashSet::new();
+        for m in &msgs {
+            let revs: std::collections::BTreeSet<i64> = m
+                .events
+                .iter()
+                .filter_map(|e| e.kv.as_ref())
+                .map(|kv| kv.mod_revision)
+                .collect();
+            for r in revs {
+                assert!(
+                    seen_revs.insert(r),
+                    "seed {seed}: revision {r} split across responses"
+                );
+            }
+        }
+    }
+    assert!(caught_up > 0, "seed {seed}: no watcher completed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_see_exactly_the_history_from_their_start() {
+    for seed in 0..6 {
+        run(seed).await;
+    }
+}
