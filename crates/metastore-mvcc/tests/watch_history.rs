@@ -50,7 +50,7 @@ struct Watch {
 fn in_range(spec: &WatchSpec, key: &[u8]) -> bool {
     if spec.range_end.is_empty() {
         key == &spec.key[..]
-    } else if &spec.range_end[..] == [0] {
+    } else if spec.range_end[..] == [0] {
         key >= &spec.key[..]
     } else {
         key >= &spec.key[..] && key < &spec.range_end[..]
