@@ -7,4 +7,6 @@ bash scripts/setup.sh
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast
 target_dir="${CARGO_TARGET_DIR:-target}"
-METASTORE_BIN="$target_dir/debug/metastore" bash tests/e2e/etcdctl.sh
+for script in tests/e2e/*.sh; do
+  METASTORE_BIN="$target_dir/debug/metastore" bash "$script"
+done
