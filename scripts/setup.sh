@@ -3,8 +3,11 @@
 # - protoc: the etcd-client test dependency generates its code with it (our own crates use a
 #   vendored protoc and need nothing).
 # - etcdctl (Debian package etcd-client): the end-to-end script drives the server with it.
+# - clang and libclang: rust-rocksdb generates its RocksDB bindings with bindgen.
 set -euo pipefail
 need=()
+command -v clang >/dev/null 2>&1 || need+=(clang)
+dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 if [ ${#need[@]} -gt 0 ]; then

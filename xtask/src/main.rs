@@ -3,6 +3,8 @@
 //! - `loadgen put`: drives a running server (or etcd) with concurrent puts through the
 //!   `etcd-client` crate and reports throughput and latency percentiles.
 
+mod bench;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use etcd_client::Client;
@@ -23,6 +25,11 @@ enum Task {
     Loadgen {
         #[command(subcommand)]
         workload: Workload,
+    },
+    /// Benchmarks: in-process layers and whole-server measurements.
+    Bench {
+        #[command(subcommand)]
+        bench: bench::Bench,
     },
 }
 
@@ -97,6 +104,7 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     match cli.task {
+        Task::Bench { bench } => bench::run(bench, &rt),
         Task::Loadgen { workload } => match workload {
             Workload::Put(args) => rt.block_on(put(args)),
             Workload::WatchLatency(args) => rt.block_on(watch_latency(args)),
@@ -137,7 +145,11 @@ async fn watch_latency(args: WatchArgs) -> Result<()> {
     for s in 0..args.streams {
         let mut client = connect(&args.endpoints).await?;
         let first = s * per_stream;
-        let last = if s + 1 == args.streams { args.watchers } else { first + per_stream };
+        let last = if s + 1 == args.streams {
+            args.watchers
+        } else {
+            first + per_stream
+        };
         let mut stream = client.watch(key(first), None).await?;
         for i in first + 1..last {
             stream.watch(key(i), None).await?;
@@ -163,7 +175,11 @@ async fn watch_latency(args: WatchArgs) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
     while created.load(Ordering::Relaxed) < args.watchers as u64 {
         if Instant::now() > deadline {
-            bail!("only {} of {} watchers created", created.load(Ordering::Relaxed), args.watchers);
+            bail!(
+                "only {} of {} watchers created",
+                created.load(Ordering::Relaxed),
+                args.watchers
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -191,7 +207,12 @@ async fn watch_latency(args: WatchArgs) -> Result<()> {
         r.abort();
     }
     lat.sort_unstable();
-    let (p50, p90, p99, max) = (pct_ms(&lat, 0.5), pct_ms(&lat, 0.9), pct_ms(&lat, 0.99), pct_ms(&lat, 1.0));
+    let (p50, p90, p99, max) = (
+        pct_ms(&lat, 0.5),
+        pct_ms(&lat, 0.9),
+        pct_ms(&lat, 0.99),
+        pct_ms(&lat, 1.0),
+    );
     if args.json {
         println!(
             "{{\"workload\":\"watch-latency\",\"watchers\":{},\"streams\":{},\"setup_s\":{:.2},\"events\":{},\"missing\":{},\"p50_ms\":{p50:.3},\"p90_ms\":{p90:.3},\"p99_ms\":{p99:.3},\"max_ms\":{max:.3}}}",
@@ -249,7 +270,14 @@ async fn lease_expiry(args: LeaseArgs) -> Result<()> {
         if last_check.elapsed() >= Duration::from_millis(100) {
             last_check = Instant::now();
             let left = client
-                .get("le/", Some(etcd_client::GetOptions::new().with_prefix().with_count_only()))
+                .get(
+                    "le/",
+                    Some(
+                        etcd_client::GetOptions::new()
+                            .with_prefix()
+                            .with_count_only(),
+                    ),
+                )
                 .await?
                 .count();
             if left == 0 {
@@ -260,7 +288,10 @@ async fn lease_expiry(args: LeaseArgs) -> Result<()> {
     }
     lat.sort_unstable();
     let Some(gone) = gone_after else {
-        bail!("lease keys still present {:?} after the grants", until - granted);
+        bail!(
+            "lease keys still present {:?} after the grants",
+            until - granted
+        );
     };
     let (p50, p99, max) = (pct_ms(&lat, 0.5), pct_ms(&lat, 0.99), pct_ms(&lat, 1.0));
     if args.json {

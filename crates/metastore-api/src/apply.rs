@@ -9,6 +9,7 @@ use metastore_codec::decode_batch;
 use metastore_engine::Engine;
 use metastore_mvcc::Store;
 use metastore_raft::{CommittedEntry, RaftNode, StateMachine};
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 /// The completer arrives after the raft node starts (the proposer needs the node); entries
@@ -22,14 +23,81 @@ impl CompleterSlot {
     }
 }
 
+/// How the state machine makes its state durable on its own, so the WAL below can go.
+#[derive(Clone, Debug)]
+pub enum Durability {
+    /// A memory engine: write a snapshot file every `every` applied entries, keep `retention`.
+    Snapshots {
+        dir: PathBuf,
+        every: u64,
+        retention: usize,
+    },
+    /// A persistent engine: flush it every `every` applied entries.
+    Flush { every: u64 },
+}
+
 pub struct ApplyDriver<E: Engine> {
     store: Arc<Store<E>>,
     completer: CompleterSlot,
+    durability: Durability,
+    durable: u64,
 }
 
 impl<E: Engine> ApplyDriver<E> {
-    pub fn new(store: Arc<Store<E>>, completer: CompleterSlot) -> Self {
-        Self { store, completer }
+    /// `durable` is the index already held durably at start (the loaded snapshot, or what the
+    /// persistent engine recovered).
+    pub fn new(
+        store: Arc<Store<E>>,
+        completer: CompleterSlot,
+        durability: Durability,
+        durable: u64,
+    ) -> Self {
+        Self {
+            store,
+            completer,
+            durability,
+            durable,
+        }
+    }
+
+    fn maybe_persist(&mut self) {
+        let applied = self.store.applied_index();
+        let every = match &self.durability {
+            Durability::Snapshots { every, .. } | Durability::Flush { every } => (*every).max(1),
+        };
+        if applied < self.durable + every {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let result = match &self.durability {
+            Durability::Snapshots { dir, retention, .. } => {
+                // The apply loop is the only writer, so the engine does not change meanwhile.
+                metastore_mvcc::snapshot::write_snapshot(
+                    self.store.engine().as_ref(),
+                    dir,
+                    applied,
+                    1,
+                    *retention,
+                )
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+            }
+            Durability::Flush { .. } => self.store.engine().persist().map_err(|e| e.to_string()),
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(
+                    index = applied,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "state machine persisted"
+                );
+                self.durable = applied;
+            }
+            // Nothing is lost: the WAL keeps everything until a later attempt succeeds.
+            Err(e) => {
+                tracing::warn!(index = applied, error = %e, "cannot persist the state machine")
+            }
+        }
     }
 }
 
@@ -54,7 +122,12 @@ impl<E: Engine> StateMachine for ApplyDriver<E> {
                 completer.complete(batch.id, results);
             }
         }
+        self.maybe_persist();
         Ok(())
+    }
+
+    fn durable_index(&self) -> u64 {
+        self.durable
     }
 
     fn applied_index(&self) -> u64 {

@@ -263,6 +263,7 @@ impl<E: Engine> EtcdServer<E> {
         lease: i64,
         value: Bytes,
         election: bool,
+        guard: &mut CleanupOnDrop<E>,
     ) -> Result<(ResponseHeader, Bytes, i64), Status> {
         let mut prefix = name.to_vec();
         prefix.push(b'/');
@@ -290,6 +291,8 @@ impl<E: Engine> EtcdServer<E> {
             },
         };
         let resp = self.txn(txn).await?;
+        // From here the waiter key is ours: if the client goes away, it goes too.
+        guard.key = Some(key.clone());
         let mut my_rev = resp.header.as_ref().map(|h| h.revision).unwrap_or_default();
         if !resp.succeeded {
             let existing = range_response(&resp, 0)
@@ -313,8 +316,12 @@ impl<E: Engine> EtcdServer<E> {
         }
         let waited = self.wait_deletes(&prefix, my_rev - 1).await;
         if let Err(e) = waited {
-            // Leave no waiter behind (etcd: Unlock / Resign on error).
-            let _ = self.delete_key(key.clone()).await;
+            if !election {
+                // etcd's Mutex.Lock unlocks on a failed wait; Campaign resigns only when the
+                // client gives up (the guard's job).
+                let _ = self.delete_key(key.clone()).await;
+            }
+            guard.key = None;
             return Err(e);
         }
         // The lease may have expired while we waited.
@@ -384,11 +391,11 @@ impl<E: Engine> Lock for Svc<E> {
             .map_err(as_client_error)?;
         let mut guard = CleanupOnDrop {
             server: self.0.clone(),
-            key: Some(waiter_key(&req.name, lease)),
+            key: None,
         };
         let (header, key, _) = self
             .0
-            .acquire(&req.name, lease, Bytes::new(), false)
+            .acquire(&req.name, lease, Bytes::new(), false, &mut guard)
             .await
             .map_err(as_client_error)?;
         guard.key = None;
@@ -427,11 +434,11 @@ impl<E: Engine> Election for Svc<E> {
             .map_err(as_client_error)?;
         let mut guard = CleanupOnDrop {
             server: self.0.clone(),
-            key: Some(waiter_key(&req.name, lease)),
+            key: None,
         };
         let (header, key, rev) = self
             .0
-            .acquire(&req.name, lease, req.value, true)
+            .acquire(&req.name, lease, req.value, true, &mut guard)
             .await
             .map_err(as_client_error)?;
         guard.key = None;

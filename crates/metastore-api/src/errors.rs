@@ -45,6 +45,9 @@ pub fn lease_exists() -> Status {
 pub fn lease_ttl_too_large() -> Status {
     Status::out_of_range("etcdserver: too large lease TTL")
 }
+pub fn no_space() -> Status {
+    Status::resource_exhausted("etcdserver: mvcc: database space exceeded")
+}
 pub fn no_leader() -> Status {
     Status::unavailable("etcdserver: no leader")
 }
@@ -62,6 +65,7 @@ pub fn from_mvcc(e: MvccError) -> Status {
         MvccError::LeaseNotFound => lease_not_found(),
         MvccError::KeyNotFound => key_not_found(),
         MvccError::LeaseExists => lease_exists(),
+        MvccError::NoSpace => no_space(),
         MvccError::Engine(_) | MvccError::Corrupt(..) => {
             Status::internal(format!("etcdserver: {e}"))
         }

@@ -59,6 +59,8 @@ struct Clock {
     term: u64,
     deadlines: HashMap<i64, Instant>,
     revoking: HashSet<i64>,
+    /// Checkpoints computed from the current deadlines are being replicated.
+    checkpointing: bool,
 }
 
 /// The leader's deadlines.
@@ -96,8 +98,19 @@ impl LeaseClock {
 }
 
 /// Runs the leader's lease clock until the server is dropped.
-pub fn spawn_lease_clock<E: Engine>(server: Weak<EtcdServer<E>>) {
+pub fn spawn_lease_clock<E: Engine>(server: Weak<EtcdServer<E>>, election_timeout: Duration) {
     tokio::spawn(async move {
+        // Deadlines come from the replicated lease state, which is only current once the log
+        // present at start has been re-applied: a lease renewed just before a crash must not be
+        // timed from an older checkpoint.
+        let raft = match server.upgrade() {
+            Some(s) => s.raft.clone(),
+            None => return,
+        };
+        if raft.wait_replayed().await.is_err() {
+            return;
+        }
+        drop(raft);
         let mut ticker = tokio::time::interval(TICK);
         let mut next_checkpoint = Instant::now();
         loop {
@@ -108,20 +121,26 @@ pub fn spawn_lease_clock<E: Engine>(server: Weak<EtcdServer<E>>) {
             let status = server.raft.status();
             let leases = server.store.leases();
             let now = Instant::now();
+            let interval = Duration::from_millis(server.lease_config.checkpoint_interval_ms);
             let (expired, checkpoints) = {
                 let mut c = server.lease_clock.inner.lock();
                 if !status.is_leader {
                     *c = Clock::default();
                     continue;
                 }
-                if c.term != status.term {
-                    // New leadership (or a restart): every deadline restarts from the last
-                    // checkpointed remaining TTL, never from scratch nor earlier than that.
+                // As etcd's Promote: a new leader (or a restarted one) resumes every lease from
+                // its last checkpointed remaining TTL plus one election timeout, so that clients
+                // get the time to find it before anything expires.
+                let extend = if c.term != status.term {
                     *c = Clock {
                         term: status.term,
                         ..Default::default()
                     };
-                }
+                    next_checkpoint = now + interval;
+                    election_timeout
+                } else {
+                    Duration::ZERO
+                };
                 let live: HashSet<i64> = leases.iter().map(|l| l.id).collect();
                 c.deadlines.retain(|id, _| live.contains(id));
                 c.revoking.retain(|id| live.contains(id));
@@ -131,7 +150,7 @@ pub fn spawn_lease_clock<E: Engine>(server: Weak<EtcdServer<E>>) {
                     } else {
                         l.ttl
                     };
-                    c.deadlines.entry(l.id).or_insert(now + secs(left));
+                    c.deadlines.entry(l.id).or_insert(now + secs(left) + extend);
                 }
                 let budget = (server.lease_config.revoke_rate as u128 * TICK.as_millis() / 1000)
                     .max(1) as usize;
@@ -144,24 +163,30 @@ pub fn spawn_lease_clock<E: Engine>(server: Weak<EtcdServer<E>>) {
                 expired.sort_unstable();
                 expired.truncate(budget);
                 c.revoking.extend(expired.iter().copied());
-                let checkpoints = if now >= next_checkpoint {
-                    next_checkpoint =
-                        now + Duration::from_millis(server.lease_config.checkpoint_interval_ms);
-                    c.deadlines
+                let mut checkpoints = Vec::new();
+                if now >= next_checkpoint {
+                    next_checkpoint = now + interval;
+                    // etcd's rules: only leases longer than the interval, and only when some of
+                    // the TTL is used up. Rounded up: a checkpoint never shortens a lease.
+                    let ttl_of: HashMap<i64, i64> = leases.iter().map(|l| (l.id, l.ttl)).collect();
+                    checkpoints = c
+                        .deadlines
                         .iter()
-                        .map(|(id, d)| LeaseCheckpoint {
-                            id: *id,
-                            // Rounded up: a checkpoint must never shorten a lease.
-                            remaining_ttl: d
-                                .saturating_duration_since(now)
-                                .as_millis()
-                                .div_ceil(1000) as i64,
+                        .filter_map(|(id, d)| {
+                            let ttl = *ttl_of.get(id)?;
+                            let remaining =
+                                d.saturating_duration_since(now).as_millis().div_ceil(1000) as i64;
+                            (secs(ttl) > interval && remaining > 0 && remaining < ttl).then_some(
+                                LeaseCheckpoint {
+                                    id: *id,
+                                    remaining_ttl: remaining,
+                                },
+                            )
                         })
-                        .filter(|cp| cp.remaining_ttl > 0)
-                        .collect()
-                } else {
-                    Vec::new()
-                };
+                        .collect();
+                    // A renewal from now on waits for these checkpoints, then clears them.
+                    c.checkpointing = !checkpoints.is_empty();
+                }
                 (expired, checkpoints)
             };
             for id in expired {
@@ -179,16 +204,14 @@ pub fn spawn_lease_clock<E: Engine>(server: Weak<EtcdServer<E>>) {
                 });
             }
             for chunk in checkpoints.chunks(1000) {
-                let server = server.clone();
                 let cp = LeaseCheckpointRequest {
                     checkpoints: chunk.to_vec(),
                 };
-                tokio::spawn(async move {
-                    if let Err(e) = server.submit(Op::LeaseCheckpoint(cp)).await {
-                        tracing::warn!(error = %e, "lease checkpoint failed");
-                    }
-                });
+                if let Err(e) = server.submit(Op::LeaseCheckpoint(cp)).await {
+                    tracing::warn!(error = %e, "lease checkpoint failed");
+                }
             }
+            server.lease_clock.inner.lock().checkpointing = false;
         }
     });
 }
@@ -222,8 +245,32 @@ impl<E: Engine> EtcdServer<E> {
             // etcd answers a keep-alive for an unknown lease with TTL 0.
             return Ok(0);
         };
-        self.lease_clock.set(id, lease.ttl);
-        if lease.remaining_ttl > 0 {
+        let now = Instant::now();
+        let checkpointing = {
+            let mut c = self.lease_clock.inner.lock();
+            let expired =
+                c.revoking.contains(&id) || c.deadlines.get(&id).is_some_and(|d| *d <= now);
+            if expired {
+                // Its revoke is decided: renewing now would tell the client a lie (etcd
+                // answers an expired lease as not found, TTL 0).
+                return Ok(0);
+            }
+            c.deadlines.insert(id, now + secs(lease.ttl));
+            c.checkpointing
+        };
+        if checkpointing {
+            // A checkpoint computed before this renewal may still land after it: wait for it,
+            // then clear it below.
+            while self.lease_clock.inner.lock().checkpointing {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        let remaining = self
+            .store
+            .lease(id, false)
+            .map(|l| l.remaining_ttl)
+            .unwrap_or(0);
+        if remaining > 0 {
             // The last checkpoint is shorter than the renewed lease: clear it before saying
             // "renewed", or a restart now would expire the lease early (etcd does the same).
             self.submit(Op::LeaseCheckpoint(LeaseCheckpointRequest {

@@ -41,13 +41,20 @@ pub struct Limits {
     pub max_request_bytes: usize,
     /// Most operations in one txn branch (etcd's `--max-txn-ops`).
     pub max_txn_ops: usize,
+    /// Storage size above which writes that add data are refused and the NOSPACE alarm is
+    /// raised (etcd's `--quota-backend-bytes`); 0 = the default.
+    pub quota_backend_bytes: u64,
 }
+
+/// etcd's default backend quota.
+pub const DEFAULT_QUOTA_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_request_bytes: 1536 * 1024,
             max_txn_ops: 128,
+            quota_backend_bytes: DEFAULT_QUOTA_BYTES,
         }
     }
 }
@@ -74,6 +81,8 @@ pub struct ServiceConfig {
     pub lease: LeaseConfig,
     /// Interval of watch progress notifications (etcd: 10 min).
     pub watch_progress_interval: Duration,
+    /// Raft election timeout: a new leader extends every lease by it, as etcd does.
+    pub election_timeout: Duration,
 }
 
 impl Default for ServiceConfig {
@@ -81,6 +90,7 @@ impl Default for ServiceConfig {
         Self {
             lease: LeaseConfig::default(),
             watch_progress_interval: Duration::from_secs(600),
+            election_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -116,11 +126,11 @@ impl<E: Engine> EtcdServer<E> {
             proposer,
             limits,
             cluster,
-            lease_config: services.lease,
+            lease_config: services.lease.clone(),
             watch_progress_interval: services.watch_progress_interval,
             lease_clock: lease::LeaseClock::default(),
         });
-        lease::spawn_lease_clock(Arc::downgrade(&server));
+        lease::spawn_lease_clock(Arc::downgrade(&server), services.election_timeout);
         server
     }
 
@@ -129,6 +139,37 @@ impl<E: Engine> EtcdServer<E> {
         let cmd = Command { op: Some(op) };
         if cmd.encoded_len() > self.limits.max_request_bytes {
             return Err(errors::request_too_large());
+        }
+        if metastore_mvcc::adds_data(&cmd) {
+            let quota = match self.limits.quota_backend_bytes {
+                0 => DEFAULT_QUOTA_BYTES,
+                q => q,
+            };
+            let size = self.store.engine().size_bytes() + cmd.encoded_len() as u64;
+            // etcd: available while size + cost < quota.
+            if size >= quota {
+                if !self.store.is_space_capped() {
+                    // As etcd: raise NOSPACE through raft, so every member refuses writes.
+                    let alarm = metastore_proto::etcdserverpb::AlarmRequest {
+                        action: metastore_proto::etcdserverpb::alarm_request::AlarmAction::Activate
+                            as i32,
+                        member_id: self.cluster.member_id,
+                        alarm: metastore_proto::etcdserverpb::AlarmType::Nospace as i32,
+                    };
+                    tracing::warn!(
+                        size,
+                        quota,
+                        "storage quota exceeded; raising the NOSPACE alarm"
+                    );
+                    let _ = self
+                        .proposer
+                        .submit(Command {
+                            op: Some(Op::Alarm(alarm)),
+                        })
+                        .await;
+                }
+                return Err(errors::no_space());
+            }
         }
         let result = self
             .proposer

@@ -7,14 +7,14 @@ use metastore_mvcc::{ApplyResponse, Store};
 use metastore_proto::etcdserverpb::{
     alarm_request::AlarmAction, cluster_server::Cluster, cluster_server::ClusterServer,
     kv_server::Kv, kv_server::KvServer, maintenance_server::Maintenance,
-    maintenance_server::MaintenanceServer, AlarmRequest, AlarmResponse, CompactionRequest,
-    CompactionResponse, DefragmentRequest, DefragmentResponse, DeleteRangeRequest,
-    DeleteRangeResponse, DowngradeRequest, DowngradeResponse, HashKvRequest, HashKvResponse,
-    HashRequest, HashResponse, Member, MemberAddRequest, MemberAddResponse, MemberListRequest,
-    MemberListResponse, MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest,
-    MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse, MoveLeaderRequest,
-    MoveLeaderResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, SnapshotRequest,
-    SnapshotResponse, StatusRequest, StatusResponse, TxnRequest, TxnResponse,
+    maintenance_server::MaintenanceServer, AlarmRequest, AlarmResponse, AlarmType,
+    CompactionRequest, CompactionResponse, DefragmentRequest, DefragmentResponse,
+    DeleteRangeRequest, DeleteRangeResponse, DowngradeRequest, DowngradeResponse, HashKvRequest,
+    HashKvResponse, HashRequest, HashResponse, Member, MemberAddRequest, MemberAddResponse,
+    MemberListRequest, MemberListResponse, MemberPromoteRequest, MemberPromoteResponse,
+    MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse,
+    MoveLeaderRequest, MoveLeaderResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
+    SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse, TxnRequest, TxnResponse,
 };
 use metastore_proto::etcdserverpb::{lease_server::LeaseServer, watch_server::WatchServer};
 use metastore_proto::internal::command::Op;
@@ -190,16 +190,25 @@ impl<E: Engine> Maintenance for Svc<E> {
         request: Request<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
         let req = request.into_inner();
-        match AlarmAction::try_from(req.action) {
-            // No alarm can be raised yet (quotas come with the storage work), so the list is
-            // truly empty.
-            Ok(AlarmAction::Get) => Ok(Response::new(AlarmResponse {
+        if AlarmAction::try_from(req.action) == Ok(AlarmAction::Get) {
+            let alarms = self
+                .0
+                .store
+                .alarms()
+                .into_iter()
+                .filter(|a| req.alarm == AlarmType::None as i32 || a.alarm == req.alarm)
+                .collect();
+            return Ok(Response::new(AlarmResponse {
                 header: Some(self.0.header(self.0.store.current_revision())),
-                alarms: vec![],
-            })),
-            _ => Err(Status::unimplemented(
-                "metastore: activating or deactivating alarms is not implemented yet",
-            )),
+                alarms,
+            }));
+        }
+        match self.propose(Op::Alarm(req)).await? {
+            ApplyResponse::Alarm(mut resp) => {
+                self.0.fill_header(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected("alarm")),
         }
     }
 
@@ -217,7 +226,18 @@ impl<E: Engine> Maintenance for Svc<E> {
             raft_index: raft.commit_index,
             raft_term: raft.term,
             raft_applied_index: raft.applied_index,
-            errors: vec![],
+            errors: self
+                .0
+                .store
+                .alarms()
+                .iter()
+                .map(|a| {
+                    let name = AlarmType::try_from(a.alarm)
+                        .map(|t| t.as_str_name().to_string())
+                        .unwrap_or_else(|_| a.alarm.to_string());
+                    format!("memberID:{} alarm:{name} ", a.member_id)
+                })
+                .collect(),
             db_size_in_use: db_size,
             is_learner: false,
         }))
@@ -227,9 +247,26 @@ impl<E: Engine> Maintenance for Svc<E> {
         &self,
         _request: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
-        Err(Status::unimplemented(
-            "metastore: Maintenance.Defragment is not implemented yet",
-        ))
+        let engine = self.0.store.engine().clone();
+        let started = std::time::Instant::now();
+        let did = tokio::task::spawn_blocking(move || engine.defragment())
+            .await
+            .map_err(|e| Status::internal(format!("etcdserver: defragment: {e}")))?
+            .map_err(|e| Status::internal(format!("etcdserver: defragment: {e}")))?;
+        if did {
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "defragmented the storage engine"
+            );
+        } else {
+            tracing::info!(
+                "defragment: the {} engine keeps no free pages, nothing to do",
+                self.0.store.engine().name()
+            );
+        }
+        Ok(Response::new(DefragmentResponse {
+            header: Some(self.0.header(self.0.store.current_revision())),
+        }))
     }
 
     async fn hash(&self, _request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {

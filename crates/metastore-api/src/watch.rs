@@ -65,8 +65,11 @@ impl<E: Engine> Watch for Svc<E> {
                                 filter_put: c.filters.contains(&(FilterType::Noput as i32)),
                                 filter_delete: c.filters.contains(&(FilterType::Nodelete as i32)),
                             };
+                            // Holding the options lock while the hub creates the watcher: the
+                            // send loop cannot see its first message before its options.
+                            let mut opts = opts.lock();
                             if let Some(id) = server.store.watch(stream_id, spec) {
-                                opts.lock().insert(
+                                opts.insert(
                                     id,
                                     WatcherOpts {
                                         fragment: c.fragment,
@@ -127,7 +130,9 @@ async fn send_loop<E: Engine>(
                         None => false,
                     }
                 };
-                if msg.canceled {
+                if msg.canceled && msg.compact_revision != 0 {
+                    // Canceled by the server (compaction). A client's own cancel already
+                    // removed the options, which may belong to a new watcher of that id by now.
                     opts.lock().remove(&msg.watch_id);
                 }
                 let parts = if fragment {
@@ -158,8 +163,12 @@ async fn send_loop<E: Engine>(
                     server.store.watch_hub().progress(stream_id, &due);
                 }
             }
-            _ = &mut recv => {
-                // The client closed its side: etcd ends the stream then.
+            _ = &mut recv, if !recv.is_finished() => {
+                // The client closed its sending side; as etcd, keep sending until it goes away.
+            }
+            _ = out.closed() => {
+                // The client went away (tonic dropped the response stream).
+                recv.abort();
                 return;
             }
         }

@@ -116,4 +116,16 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Whether data written survives a process restart without replaying the raft log.
     fn is_persistent(&self) -> bool;
+
+    /// Makes everything written so far durable (a persistent engine flushes; the memory engine
+    /// has nothing to do). The raft WAL below the applied index of the flushed state may then be
+    /// purged.
+    fn persist(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Reclaims space (etcd's Defragment). Returns false when the engine has nothing to do.
+    fn defragment(&self) -> Result<bool> {
+        Ok(false)
+    }
 }

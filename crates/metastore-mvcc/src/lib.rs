@@ -11,12 +11,13 @@
 
 pub mod keyindex;
 pub mod lease;
+pub mod snapshot;
 mod store;
 pub mod watch;
 
 pub use keyindex::{IndexRev, Revision};
 pub use lease::{LeaseInfo, MAX_LEASE_TTL};
-pub use store::{ApplyResponse, Store};
+pub use store::{adds_data, ApplyResponse, Store};
 pub use watch::{StreamReceiver, WatchHub, WatchSpec, INVALID_WATCH_ID};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,6 +30,8 @@ pub enum MvccError {
     LeaseNotFound,
     #[error("lease already exists")]
     LeaseExists,
+    #[error("mvcc: database space exceeded")]
+    NoSpace,
     #[error("key not found")]
     KeyNotFound,
     #[error("storage engine failed: {0}")]

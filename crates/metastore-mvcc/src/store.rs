@@ -5,6 +5,9 @@ use crate::MvccError;
 use bytes::Bytes;
 use metastore_engine::{Engine, Space, WriteBatch};
 use metastore_proto::etcdserverpb::{
+    alarm_request::AlarmAction, AlarmMember, AlarmRequest, AlarmResponse, AlarmType,
+};
+use metastore_proto::etcdserverpb::{
     compare, range_request, request_op, response_op, CompactionRequest, CompactionResponse,
     Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
     RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
@@ -18,6 +21,7 @@ use metastore_proto::mvccpb::{event::EventType, Event, KeyValue};
 use parking_lot::Mutex;
 use prost::Message;
 use std::cmp::Ordering as CmpOrdering;
+use std::collections::BTreeSet;
 use std::collections::HashMap;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -40,6 +44,16 @@ pub enum ApplyResponse {
     LeaseGrant(LeaseGrantResponse),
     LeaseRevoke(LeaseRevokeResponse),
     LeaseCheckpoint(LeaseCheckpointResponse),
+    Alarm(AlarmResponse),
+}
+
+const ALARM_META_PREFIX: &[u8] = b"alarm/";
+
+fn alarm_meta_key(member: u64, alarm: i32) -> Vec<u8> {
+    let mut k = ALARM_META_PREFIX.to_vec();
+    k.extend_from_slice(&member.to_be_bytes());
+    k.extend_from_slice(&alarm.to_be_bytes());
+    k
 }
 
 pub struct Store<E: Engine> {
@@ -54,6 +68,8 @@ pub struct Store<E: Engine> {
     writer: Mutex<()>,
     hub: WatchHub,
     leases: Lessor,
+    /// Raised alarms (member, alarm type), replicated like etcd's.
+    alarms: parking_lot::RwLock<BTreeSet<(u64, i32)>>,
 }
 
 fn rev_key(rev: Revision, tombstone: bool) -> Bytes {
@@ -138,7 +154,9 @@ impl<E: Engine> Store<E> {
             writer: Mutex::new(()),
             hub: WatchHub::new(revision),
             leases: Lessor::default(),
+            alarms: parking_lot::RwLock::new(BTreeSet::new()),
         };
+        store.load_alarms()?;
         if compact >= 0 {
             // A crash between a compaction's logical and physical halves leaves superseded
             // records behind: finish the job.
@@ -146,6 +164,50 @@ impl<E: Engine> Store<E> {
         }
         store.load_leases()?;
         Ok(store)
+    }
+
+    fn load_alarms(&self) -> Result<()> {
+        let mut end = ALARM_META_PREFIX.to_vec();
+        end.push(0xff);
+        let mut alarms = self.alarms.write();
+        self.engine.scan(
+            Space::Meta,
+            (
+                Bound::Included(ALARM_META_PREFIX),
+                Bound::Excluded(&end[..]),
+            ),
+            &mut |k, _| {
+                let rest = &k[ALARM_META_PREFIX.len()..];
+                if rest.len() == 12 {
+                    let member = u64::from_be_bytes(rest[..8].try_into().unwrap_or_default());
+                    let alarm = i32::from_be_bytes(rest[8..].try_into().unwrap_or_default());
+                    alarms.insert((member, alarm));
+                }
+                true
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Raised alarms, as `Maintenance.Alarm(GET)` lists them.
+    pub fn alarms(&self) -> Vec<AlarmMember> {
+        self.alarms
+            .read()
+            .iter()
+            .map(|(member_id, alarm)| AlarmMember {
+                member_id: *member_id,
+                alarm: *alarm,
+            })
+            .collect()
+    }
+
+    /// Whether the NOSPACE alarm is raised: writes that add data are refused until it is
+    /// disarmed, as etcd's capped applier does.
+    pub fn is_space_capped(&self) -> bool {
+        self.alarms
+            .read()
+            .iter()
+            .any(|(_, a)| *a == AlarmType::Nospace as i32)
     }
 
     fn load_leases(&self) -> Result<()> {
@@ -332,6 +394,9 @@ impl<E: Engine> Store<E> {
         for cmd in commands {
             ctx.begin();
             let result = match &cmd.op {
+                Some(Op::Put(_)) | Some(Op::Txn(_)) if self.is_space_capped() && adds_data(cmd) => {
+                    Err(MvccError::NoSpace)
+                }
                 Some(Op::Put(p)) => self.check_put(p, ctx.rev, false).and_then(|()| {
                     self.put(p, &mut ctx).map(|prev_kv| {
                         ApplyResponse::Put(PutResponse {
@@ -360,6 +425,7 @@ impl<E: Engine> Store<E> {
                 Some(Op::LeaseCheckpoint(c)) => self
                     .lease_checkpoint(c, &mut ctx)
                     .map(ApplyResponse::LeaseCheckpoint),
+                Some(Op::Alarm(a)) => Ok(ApplyResponse::Alarm(self.alarm(a, &mut ctx))),
                 None => Err(MvccError::Corrupt(
                     ctx.rev,
                     "command without operation".into(),
@@ -876,7 +942,46 @@ impl<E: Engine> Store<E> {
             .put(Space::Meta, lease_meta_key(id), rec.encode_to_vec());
     }
 
+    fn alarm(&self, a: &AlarmRequest, ctx: &mut WriteCtx) -> AlarmResponse {
+        let mut alarms = self.alarms.write();
+        let affected = match AlarmAction::try_from(a.action) {
+            Ok(AlarmAction::Activate) if a.alarm != AlarmType::None as i32 => {
+                alarms.insert((a.member_id, a.alarm));
+                ctx.batch.put(
+                    Space::Meta,
+                    alarm_meta_key(a.member_id, a.alarm),
+                    Vec::new(),
+                );
+                vec![(a.member_id, a.alarm)]
+            }
+            Ok(AlarmAction::Deactivate) => {
+                // etcd deactivates exactly the named alarm; NONE names none.
+                let gone: Vec<(u64, i32)> = alarms
+                    .iter()
+                    .filter(|(m, t)| *m == a.member_id && *t == a.alarm)
+                    .copied()
+                    .collect();
+                for g in &gone {
+                    alarms.remove(g);
+                    ctx.batch.delete(Space::Meta, alarm_meta_key(g.0, g.1));
+                }
+                gone
+            }
+            _ => alarms.iter().copied().collect(),
+        };
+        AlarmResponse {
+            header: header(ctx.read_rev()),
+            alarms: affected
+                .into_iter()
+                .map(|(member_id, alarm)| AlarmMember { member_id, alarm })
+                .collect(),
+        }
+    }
+
     fn lease_grant(&self, g: &LeaseGrantRequest, ctx: &mut WriteCtx) -> Result<LeaseGrantResponse> {
+        if self.is_space_capped() {
+            return Err(MvccError::NoSpace);
+        }
         if self.leases.exists(g.id) {
             return Err(MvccError::LeaseExists);
         }
@@ -938,6 +1043,20 @@ fn at_current<T>(current: bool, mut read: impl FnMut() -> Result<T>) -> Result<T
             Err(MvccError::Compacted) if current && attempt < ATTEMPTS => attempt += 1,
             other => return other,
         }
+    }
+}
+
+/// etcd's quota cost test: a put, a lease grant, or a txn with a put among its top-level ops
+/// (etcd's `costTxn` does not look into nested txns).
+pub fn adds_data(cmd: &Command) -> bool {
+    match &cmd.op {
+        Some(Op::Put(_)) | Some(Op::LeaseGrant(_)) => true,
+        Some(Op::Txn(t)) => t
+            .success
+            .iter()
+            .chain(t.failure.iter())
+            .any(|op| matches!(op.request, Some(request_op::Request::RequestPut(_)))),
+        _ => false,
     }
 }
 

@@ -144,7 +144,27 @@ struct Stream {
     sink: StreamSink,
     next_auto_id: i64,
     ids: HashMap<i64, u64>,
+    /// A RequestProgress waits until every watcher of the stream is caught up, so that it never
+    /// reports a revision older than events already sent (etcd 3.5.8+ defers it the same way).
+    progress_pending: bool,
 }
+
+impl Stream {
+    fn all_synced(&self, watchers: &HashMap<u64, Watcher>) -> bool {
+        self.ids
+            .values()
+            .all(|h| watchers.get(h).is_none_or(|w| w.synced))
+    }
+}
+
+impl StreamSink {
+    fn is_full(&self) -> bool {
+        self.queued.load(Ordering::Acquire) >= self.limit
+    }
+}
+
+/// Most revisions one catch-up round reads, as etcd syncs unsynced watchers in bounded steps.
+const MAX_REVISIONS_PER_ROUND: i64 = 1000;
 
 #[derive(Default)]
 struct Inner {
@@ -220,6 +240,14 @@ pub struct WatchHub {
     watchers: AtomicUsize,
 }
 
+fn progress_response(revision: i64) -> WatchResponse {
+    WatchResponse {
+        header: header(revision),
+        watch_id: INVALID_WATCH_ID,
+        ..Default::default()
+    }
+}
+
 fn header(revision: i64) -> Option<ResponseHeader> {
     Some(ResponseHeader {
         revision,
@@ -270,6 +298,7 @@ impl WatchHub {
                 },
                 next_auto_id: 0,
                 ids: HashMap::new(),
+                progress_pending: false,
             },
         );
         (id, StreamReceiver { rx, queued })
@@ -413,27 +442,19 @@ impl WatchHub {
     /// Answers a client's RequestProgress: every event up to the returned header revision has
     /// been sent on this stream.
     pub fn progress_all(&self, stream: u64) {
-        let inner = self.inner.lock();
-        let Some(s) = inner.streams.get(&stream) else {
+        let mut inner = self.inner.lock();
+        let rev = inner.dispatched_rev;
+        let Inner {
+            streams, watchers, ..
+        } = &mut *inner;
+        let Some(s) = streams.get_mut(&stream) else {
             return;
         };
-        let rev = s
-            .ids
-            .values()
-            .filter_map(|h| inner.watchers.get(h))
-            .map(|w| {
-                if w.synced {
-                    inner.dispatched_rev
-                } else {
-                    w.next_rev - 1
-                }
-            })
-            .fold(inner.dispatched_rev, i64::min);
-        s.sink.control(WatchResponse {
-            header: header(rev),
-            watch_id: INVALID_WATCH_ID,
-            ..Default::default()
-        });
+        if s.all_synced(watchers) {
+            s.sink.control(progress_response(rev));
+        } else {
+            s.progress_pending = true;
+        }
     }
 
     /// Called by the apply loop after revision `rev` is published. `events` are in revision
@@ -554,15 +575,27 @@ impl WatchHub {
                     }
                 }
             }
+            // Watchers whose stream is full cannot take anything now: they do not hold the
+            // read window back.
             let from = inner
                 .unsynced
                 .iter()
                 .filter_map(|h| inner.watchers.get(h))
+                .filter(|w| {
+                    inner
+                        .streams
+                        .get(&w.stream)
+                        .is_some_and(|s| !s.sink.is_full())
+                })
                 .map(|w| w.next_rev)
                 .min();
             match from {
-                None => return true,
-                Some(from) => (from, to, compact),
+                None => return inner.unsynced.is_empty(),
+                Some(from) => (
+                    from,
+                    to.min(from.saturating_add(MAX_REVISIONS_PER_ROUND - 1)),
+                    compact,
+                ),
             }
         };
         // Read without the lock: the apply loop keeps going meanwhile.
@@ -646,8 +679,18 @@ impl WatchHub {
             if next_rev == dispatched + 1 {
                 inner.unsynced.remove(&h);
                 inner.index(h);
-            } else if !delivered_all {
+            } else {
                 all_caught_up = false;
+            }
+        }
+        let rev = inner.dispatched_rev;
+        let Inner {
+            streams, watchers, ..
+        } = &mut *inner;
+        for s in streams.values_mut() {
+            if s.progress_pending && s.all_synced(watchers) {
+                s.progress_pending = false;
+                s.sink.control(progress_response(rev));
             }
         }
         all_caught_up

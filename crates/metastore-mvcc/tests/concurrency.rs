@@ -5,7 +5,7 @@
 //! with `mod_revision == r` and `version == r - 1`. Any torn read shows as unequal values.
 
 use bytes::Bytes;
-use metastore_memory::MemoryEngine;
+mod support;
 use metastore_mvcc::{ApplyResponse, MvccError, Store};
 use metastore_proto::etcdserverpb::{
     compare, request_op, response_op, CompactionRequest, Compare, PutRequest, RangeRequest,
@@ -16,10 +16,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
+use support::TestEngine;
 
 const KEYS: usize = 10;
 
-type S = Store<MemoryEngine>;
+type S = Store<TestEngine>;
 
 fn key(i: usize) -> Bytes {
     Bytes::from(format!("k/{i}"))
@@ -248,7 +249,7 @@ const COMPACT_LAG: i64 = 100;
 
 #[test]
 fn readers_see_whole_txns_while_the_writer_applies() {
-    let store = Arc::new(Store::open(Arc::new(MemoryEngine::new())).expect("open"));
+    let store = Arc::new(Store::open(Arc::new(TestEngine::from_env())).expect("open"));
     let outcome = run(
         store.clone(),
         |s| {
@@ -275,7 +276,7 @@ fn readers_see_whole_txns_while_the_writer_applies() {
 
 #[test]
 fn reads_during_compactions_are_whole_or_compacted() {
-    let store = Arc::new(Store::open(Arc::new(MemoryEngine::new())).expect("open"));
+    let store = Arc::new(Store::open(Arc::new(TestEngine::from_env())).expect("open"));
     let outcome = run(
         store.clone(),
         |s| {
@@ -320,7 +321,7 @@ fn reads_during_compactions_are_whole_or_compacted() {
 /// it, kvstore.go compactMainRev <= currentRev).
 #[test]
 fn current_revision_reads_never_fail_while_an_entry_compacts_its_own_revision() {
-    let store = Arc::new(Store::open(Arc::new(MemoryEngine::new())).expect("open"));
+    let store = Arc::new(Store::open(Arc::new(TestEngine::from_env())).expect("open"));
     // Many unrelated keys make the compaction's index walk (the window) longer.
     let filler: Vec<Command> = (0..20_000)
         .map(|i| Command {

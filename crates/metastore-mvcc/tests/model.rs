@@ -20,7 +20,7 @@
 //!   combine a lease with the ignore flags inside txns.
 
 use bytes::Bytes;
-use metastore_memory::MemoryEngine;
+mod support;
 use metastore_mvcc::{ApplyResponse, MvccError, Store};
 use metastore_proto::etcdserverpb::{
     compare, range_request, request_op, response_op, CompactionRequest, CompactionResponse,
@@ -33,6 +33,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use support::TestEngine;
 
 // ---------------------------------------------------------------------------------------------
 // The reference model
@@ -422,8 +423,8 @@ impl Model {
                         }))
                     }
                 }
-                Op::LeaseGrant(_) | Op::LeaseRevoke(_) | Op::LeaseCheckpoint(_) => {
-                    unreachable!("the model generates no lease commands")
+                Op::LeaseGrant(_) | Op::LeaseRevoke(_) | Op::LeaseCheckpoint(_) | Op::Alarm(_) => {
+                    unreachable!("the model generates no lease or alarm commands")
                 }
             },
         )
@@ -901,8 +902,8 @@ fn normalise(r: &mut Res<ApplyResponse>) {
 }
 
 struct Harness {
-    engine: Arc<MemoryEngine>,
-    store: Store<MemoryEngine>,
+    engine: Arc<TestEngine>,
+    store: Store<TestEngine>,
     model: Model,
     raft_index: u64,
     strict_headers: bool,
@@ -919,7 +920,7 @@ fn all_keys(revision: i64) -> RangeRequest {
 
 impl Harness {
     fn new(strict_headers: bool) -> Self {
-        let engine = Arc::new(MemoryEngine::new());
+        let engine = Arc::new(TestEngine::from_env());
         let store = Store::open(engine.clone()).expect("open");
         Harness {
             engine,
@@ -1028,7 +1029,7 @@ impl Harness {
                     // etcd's notion of read-only is narrower (a nested txn counts as a write,
                     // see semantics.rs), but it must never call a txn with writes read-only.
                     prop_assert!(
-                        !Store::<MemoryEngine>::txn_is_read_only(&req) || !txn_has_writes(&req)
+                        !Store::<TestEngine>::txn_is_read_only(&req) || !txn_has_writes(&req)
                     );
                     let got = self.store.read_txn(&req);
                     let before = self.model.current;

@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 use metastore_engine::{Engine, Space};
-use metastore_memory::MemoryEngine;
+mod support;
 use metastore_mvcc::{ApplyResponse, MvccError, Store};
 use metastore_proto::etcdserverpb::{
     compare, range_request, request_op, response_op, CompactionRequest, CompactionResponse,
@@ -17,10 +17,11 @@ use metastore_proto::internal::{command::Op, Command};
 use metastore_proto::mvccpb::KeyValue;
 use std::ops::Bound;
 use std::sync::Arc;
+use support::TestEngine;
 
 // ---- helpers --------------------------------------------------------------------------------
 
-type S = Store<MemoryEngine>;
+type S = Store<TestEngine>;
 
 fn b(s: &str) -> Bytes {
     Bytes::copy_from_slice(s.as_bytes())
@@ -44,8 +45,8 @@ fn kv(key: &str, value: &str, create: i64, modr: i64, version: i64) -> KeyValue 
     }
 }
 
-fn open() -> (Arc<MemoryEngine>, S) {
-    let engine = Arc::new(MemoryEngine::new());
+fn open() -> (Arc<TestEngine>, S) {
+    let engine = Arc::new(TestEngine::from_env());
     let store = Store::open(engine.clone()).expect("open");
     (engine, store)
 }
@@ -233,7 +234,7 @@ fn keys(kvs: &[KeyValue]) -> Vec<&str> {
 }
 
 /// Every record in the engine's KV space as (main, sub, tombstone, key, value).
-fn records(engine: &MemoryEngine) -> Vec<(i64, i64, bool, String, String)> {
+fn records(engine: &TestEngine) -> Vec<(i64, i64, bool, String, String)> {
     use prost::Message;
     let mut out = Vec::new();
     engine

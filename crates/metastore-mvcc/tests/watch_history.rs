@@ -5,7 +5,7 @@
 //! Streams are not read until the end, so they overflow and most watchers go through the
 //! catch-up path (history re-read from the store) rather than live delivery.
 
-use metastore_memory::MemoryEngine;
+mod support;
 use metastore_mvcc::{Store, StreamReceiver, WatchSpec};
 use metastore_proto::etcdserverpb::{
     request_op, CompactionRequest, DeleteRangeRequest, PutRequest, RequestOp, TxnRequest,
@@ -18,6 +18,7 @@ use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
+use support::TestEngine;
 
 #[derive(Clone, Debug, PartialEq)]
 struct Ev {
@@ -67,7 +68,7 @@ async fn drain(rx: &mut StreamReceiver, until_quiet: Duration) -> Vec<WatchRespo
 
 async fn run(seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let store = Arc::new(Store::open(Arc::new(MemoryEngine::new())).expect("open"));
+    let store = Arc::new(Store::open(Arc::new(TestEngine::from_env())).expect("open"));
     store.spawn_watch_sync().expect("sync thread");
     let mut streams: Vec<(u64, StreamReceiver)> =
         (0..2).map(|_| store.open_watch_stream()).collect();
@@ -75,7 +76,7 @@ async fn run(seed: u64) {
     let mut history: Vec<Ev> = Vec::new();
     let mut live: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     let mut index = 0u64;
-    let mut apply = |store: &Store<MemoryEngine>, op: Op| {
+    let mut apply = |store: &Store<TestEngine>, op: Op| {
         index += 1;
         store
             .apply(index, &[Command { op: Some(op) }])

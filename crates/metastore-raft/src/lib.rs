@@ -128,6 +128,12 @@ pub trait StateMachine: Send + 'static {
     fn apply(&mut self, entries: Vec<CommittedEntry>) -> Result<(), String>;
     /// The last raft index reflected in the state machine (what survives a restart).
     fn applied_index(&self) -> u64;
+
+    /// The last index the state machine holds durably on its own (a snapshot file, a flushed
+    /// engine): the WAL at or below it is no longer needed and is purged.
+    fn durable_index(&self) -> u64 {
+        0
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -145,6 +151,8 @@ enum Input {
     Propose(Vec<u8>, oneshot::Sender<Result<(), RaftError>>),
     ReadIndex(oneshot::Sender<Result<u64, RaftError>>),
     Step(Box<Message>),
+    /// The state machine holds everything up to this index durably.
+    Compact(u64),
     Shutdown,
 }
 
@@ -181,6 +189,14 @@ impl RaftNode {
         state_machine: Box<dyn StateMachine>,
     ) -> Result<RaftNode, RaftError> {
         let storage = WalStorage::open(wal_dir.into(), &config, &voters)?;
+        if state_machine.applied_index() < storage.snapshot_index() {
+            // The WAL below that point is gone: starting would silently skip those entries.
+            return Err(RaftError::Wal(format!(
+                "the state machine holds index {} but the WAL was compacted up to {}: its snapshot or engine data is missing",
+                state_machine.applied_index(),
+                storage.snapshot_index()
+            )));
+        }
         let applied = state_machine
             .applied_index()
             .max(storage.snapshot_index())
@@ -228,9 +244,10 @@ impl RaftNode {
         let (apply_tx, apply_rx) = crossbeam_channel::unbounded();
         let apply_thread = {
             let shared = shared.clone();
+            let raft_tx = tx.clone();
             std::thread::Builder::new()
                 .name("raft-apply".into())
-                .spawn(move || apply_loop(shared, state_machine, apply_rx))
+                .spawn(move || apply_loop(shared, state_machine, apply_rx, raft_tx))
                 .map_err(|e| RaftError::Raft(e.to_string()))?
         };
         let raft_thread = {
@@ -466,6 +483,12 @@ impl Driver {
                     tracing::debug!(error = %e, "raft step rejected a message");
                 }
             }
+            Input::Compact(index) => match self.raw.store().compact_log(index) {
+                Ok(removed) => {
+                    tracing::debug!(index, removed, "raft log compacted");
+                }
+                Err(e) => tracing::warn!(index, error = %e, "cannot compact the raft log"),
+            },
             Input::Shutdown => return false,
         }
         true
@@ -607,7 +630,13 @@ impl Driver {
     }
 }
 
-fn apply_loop(shared: Arc<Shared>, mut sm: Box<dyn StateMachine>, rx: Receiver<Vec<Entry>>) {
+fn apply_loop(
+    shared: Arc<Shared>,
+    mut sm: Box<dyn StateMachine>,
+    rx: Receiver<Vec<Entry>>,
+    raft_tx: Sender<Input>,
+) {
+    let mut durable = sm.durable_index();
     while let Ok(mut entries) = rx.recv() {
         // Coalesce what is queued into one call: fewer engine batches under load.
         while let Ok(more) = rx.try_recv() {
@@ -635,5 +664,10 @@ fn apply_loop(shared: Arc<Shared>, mut sm: Box<dyn StateMachine>, rx: Receiver<V
             }
         }
         shared.applied.send_replace(last);
+        let now_durable = sm.durable_index();
+        if now_durable > durable {
+            durable = now_durable;
+            let _ = raft_tx.send(Input::Compact(durable));
+        }
     }
 }

@@ -5,7 +5,7 @@
 use crate::{RaftConfig, RaftError};
 use metastore_wal::{Wal, WalOptions};
 use protobuf::Message as _;
-use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::storage::MemStorage;
 use raft::{GetEntriesContext, RaftState, Storage};
 use std::path::PathBuf;
@@ -14,6 +14,9 @@ use std::sync::Arc;
 const REC_ENTRY: u8 = 1;
 const REC_HARD_STATE: u8 = 2;
 const REC_CONF_STATE: u8 = 3;
+/// The log was compacted up to this index (the state machine holds it durably): replay starts
+/// after it. Carries the term of that index and the membership then.
+const REC_SNAPSHOT: u8 = 4;
 
 /// Raft storage whose appends are made durable in a group-commit WAL.
 #[derive(Clone)]
@@ -48,50 +51,86 @@ impl WalStorage {
             storage.set_conf_state(cs)?;
             return Ok(storage);
         }
-        let mut hard_state = None;
+        let mut hard_state: Option<HardState> = None;
+        let mut snapshot: Option<SnapshotMetadata> = None;
+        let mut conf_state: Option<ConfState> = None;
         let mut pending: Vec<Entry> = Vec::new();
-        {
-            let mut core = storage.mem.wl();
-            for rec in records {
-                match rec.kind {
-                    REC_ENTRY => {
-                        let mut e = Entry::default();
-                        e.merge_from_bytes(&rec.payload)
-                            .map_err(|err| corrupt(&dir, "entry", err))?;
-                        // A later append at an index already seen replaces the tail from there
-                        // (a follower's log was overwritten by a new leader).
-                        if let Some(first) = pending.first().map(|f| f.index) {
-                            if e.index < first + pending.len() as u64 {
-                                pending.truncate(e.index.saturating_sub(first) as usize);
-                            }
+        for rec in records {
+            match rec.kind {
+                REC_ENTRY => {
+                    let mut e = Entry::default();
+                    e.merge_from_bytes(&rec.payload)
+                        .map_err(|err| corrupt(&dir, "entry", err))?;
+                    // A later append at an index already seen replaces the tail from there
+                    // (a follower's log was overwritten by a new leader).
+                    if let Some(first) = pending.first().map(|f| f.index) {
+                        if e.index < first + pending.len() as u64 {
+                            pending.truncate(e.index.saturating_sub(first) as usize);
                         }
-                        pending.push(e);
                     }
-                    REC_HARD_STATE => {
-                        let mut hs = HardState::default();
-                        hs.merge_from_bytes(&rec.payload)
-                            .map_err(|err| corrupt(&dir, "hard state", err))?;
-                        hard_state = Some(hs);
-                    }
-                    REC_CONF_STATE => {
-                        let mut cs = ConfState::default();
-                        cs.merge_from_bytes(&rec.payload)
-                            .map_err(|err| corrupt(&dir, "conf state", err))?;
-                        core.set_conf_state(cs);
-                    }
-                    other => {
-                        return Err(RaftError::Wal(format!(
-                            "unknown record kind {other} in WAL {}",
-                            dir.display()
-                        )))
+                    pending.push(e);
+                }
+                REC_HARD_STATE => {
+                    let mut hs = HardState::default();
+                    hs.merge_from_bytes(&rec.payload)
+                        .map_err(|err| corrupt(&dir, "hard state", err))?;
+                    hard_state = Some(hs);
+                }
+                REC_CONF_STATE => {
+                    let mut cs = ConfState::default();
+                    cs.merge_from_bytes(&rec.payload)
+                        .map_err(|err| corrupt(&dir, "conf state", err))?;
+                    conf_state = Some(cs);
+                }
+                REC_SNAPSHOT => {
+                    let mut meta = SnapshotMetadata::default();
+                    meta.merge_from_bytes(&rec.payload)
+                        .map_err(|err| corrupt(&dir, "snapshot metadata", err))?;
+                    conf_state = Some(meta.get_conf_state().clone());
+                    if snapshot.as_ref().is_none_or(|s| s.index <= meta.index) {
+                        snapshot = Some(meta);
                     }
                 }
+                other => {
+                    return Err(RaftError::Wal(format!(
+                        "unknown record kind {other} in WAL {}",
+                        dir.display()
+                    )))
+                }
+            }
+        }
+        {
+            let mut core = storage.mem.wl();
+            if let Some(meta) = &snapshot {
+                // Everything up to the snapshot lives in the state machine; the log resumes
+                // right after it.
+                let mut snap = Snapshot::default();
+                snap.set_metadata(meta.clone());
+                core.apply_snapshot(snap)
+                    .map_err(|e| RaftError::Raft(e.to_string()))?;
+                pending.retain(|e| e.index > meta.index);
+                if let Some(first) = pending.first() {
+                    if first.index != meta.index + 1 {
+                        return Err(RaftError::Wal(format!(
+                            "WAL {} resumes at index {} after a snapshot at {}: entries are missing",
+                            dir.display(),
+                            first.index,
+                            meta.index
+                        )));
+                    }
+                }
+            }
+            if let Some(cs) = conf_state {
+                core.set_conf_state(cs);
             }
             if !pending.is_empty() {
                 core.append(&pending)
                     .map_err(|e| RaftError::Raft(e.to_string()))?;
             }
-            if let Some(hs) = hard_state {
+            if let Some(mut hs) = hard_state {
+                if let Some(meta) = &snapshot {
+                    hs.commit = hs.commit.max(meta.index);
+                }
                 core.set_hardstate(hs);
             }
         }
@@ -144,6 +183,39 @@ impl WalStorage {
             .wl()
             .compact(index)
             .map_err(|e| RaftError::Raft(e.to_string()))
+    }
+
+    /// Compacts the log below `index`, which the state machine now holds durably: records the
+    /// snapshot point (term and membership) and the hard state in the WAL, then deletes the WAL
+    /// segments entirely at or below it.
+    pub fn compact_log(&self, index: u64) -> Result<usize, RaftError> {
+        let term = self
+            .mem
+            .term(index)
+            .map_err(|e| RaftError::Raft(e.to_string()))?;
+        let state = self
+            .mem
+            .initial_state()
+            .map_err(|e| RaftError::Raft(e.to_string()))?;
+        let mut meta = SnapshotMetadata {
+            index,
+            term,
+            ..Default::default()
+        };
+        meta.set_conf_state(state.conf_state);
+        let meta_bytes = meta.write_to_bytes().map_err(wal_err)?;
+        let hs_bytes = state.hard_state.write_to_bytes().map_err(wal_err)?;
+        // Written at the compaction index so that they outlive every segment purged now,
+        // whichever old segment held the previous hard state and membership.
+        let lsn = self
+            .wal
+            .append(&[
+                (REC_SNAPSHOT, index, &meta_bytes[..]),
+                (REC_HARD_STATE, index, &hs_bytes[..]),
+            ])
+            .map_err(wal_err)?;
+        self.wal.sync_to(lsn).map_err(wal_err)?;
+        self.wal.purge_below(index + 1).map_err(wal_err)
     }
 
     pub fn set_commit(&self, commit: u64) {

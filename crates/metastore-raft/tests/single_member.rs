@@ -117,3 +117,90 @@ async fn proposals_apply_in_order_and_survive_restart() {
     assert!(node.status().term >= 2, "a restart starts a new term");
     node.shutdown();
 }
+
+/// Reports everything applied as durable, like a state machine that snapshots each time.
+#[derive(Clone, Default)]
+struct DurableRecorder {
+    entries: Recorder,
+    durable: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl StateMachine for DurableRecorder {
+    fn apply(&mut self, entries: Vec<CommittedEntry>) -> Result<(), String> {
+        if let Some(last) = entries.last() {
+            self.durable
+                .store(last.index, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.entries.apply(entries)
+    }
+    fn applied_index(&self) -> u64 {
+        self.durable.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn durable_index(&self) -> u64 {
+        self.durable.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_state_lets_the_wal_be_purged_and_restart_resumes_after_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = RaftConfig {
+        wal_segment_size: 4096,
+        ..Default::default()
+    };
+    let segments = |dir: &std::path::Path| std::fs::read_dir(dir).expect("dir").count();
+    let sm = DurableRecorder::default();
+    let node = RaftNode::start(
+        1,
+        vec![1],
+        dir.path(),
+        config.clone(),
+        Arc::new(NoPeers),
+        Box::new(sm.clone()),
+    )
+    .expect("start");
+    for i in 0u32..400 {
+        node.propose(vec![7; 100].into_iter().chain(i.to_be_bytes()).collect())
+            .await
+            .expect("propose");
+    }
+    wait_for_entries(&sm.entries, 400).await;
+    // Compaction runs on the raft thread after the apply loop reports durability.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while segments(dir.path()) > 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "WAL never purged: {} segments",
+            segments(dir.path())
+        );
+        node.propose(vec![1]).await.expect("propose");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let durable = sm.durable.load(std::sync::atomic::Ordering::SeqCst);
+    node.shutdown();
+
+    // A state machine that already holds everything up to `durable` gets only what follows.
+    let restarted = DurableRecorder::default();
+    restarted
+        .durable
+        .store(durable, std::sync::atomic::Ordering::SeqCst);
+    let node = RaftNode::start(
+        1,
+        vec![1],
+        dir.path(),
+        config,
+        Arc::new(NoPeers),
+        Box::new(restarted.clone()),
+    )
+    .expect("restart after purge");
+    node.propose(b"after".to_vec()).await.expect("propose");
+    wait_for_entries(&restarted.entries, 1).await;
+    let got = restarted.entries.0.lock().expect("lock").clone();
+    assert!(
+        got.iter().all(|e| e.index > durable),
+        "entries at or below the durable index were replayed"
+    );
+    assert_eq!(got.last().map(|e| e.data.clone()), Some(b"after".to_vec()));
+    assert!(node.status().is_leader);
+    node.shutdown();
+}

@@ -4,6 +4,7 @@ use clap::Parser;
 use metastore_api::{LeaseConfig, Limits};
 use metastore_batch::BatchConfig;
 use metastore_raft::RaftConfig;
+use metastore_rocksdb::RocksDbConfig;
 use serde::{Deserialize, Serialize};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -71,8 +72,14 @@ pub struct Config {
     pub log_level: String,
     #[serde(flatten)]
     pub limits: Limits,
+    /// Applied entries between two state-machine snapshots (memory engine) or flushes
+    /// (RocksDB); the WAL below is then purged.
+    pub snapshot_count: u64,
+    /// Snapshot files kept (memory engine).
+    pub snapshot_retention: usize,
     /// Interval of watch progress notifications, ms (etcd: 10 min).
     pub watch_progress_notify_interval_ms: u64,
+    pub rocksdb: RocksDbConfig,
     pub lease: LeaseConfig,
     pub grpc: GrpcConfig,
     pub raft: RaftConfig,
@@ -93,7 +100,10 @@ impl Default for Config {
             storage: StorageKind::Memory,
             log_level: "info".into(),
             limits: Limits::default(),
+            snapshot_count: 10_000,
+            snapshot_retention: 3,
             watch_progress_notify_interval_ms: 600_000,
+            rocksdb: RocksDbConfig::default(),
             lease: LeaseConfig::default(),
             grpc: GrpcConfig::default(),
             raft: RaftConfig::default(),
@@ -146,6 +156,9 @@ pub struct Flags {
     /// Maximum number of operations permitted in a transaction.
     #[arg(long)]
     pub max_txn_ops: Option<usize>,
+    /// Storage size that raises the NOSPACE alarm (0 = default 2 GiB).
+    #[arg(long)]
+    pub quota_backend_bytes: Option<u64>,
     /// Log level (error, warn, info, debug, trace).
     #[arg(long)]
     pub log_level: Option<String>,
@@ -155,6 +168,9 @@ pub struct Flags {
     /// Interval of watch progress notifications, ms.
     #[arg(long)]
     pub watch_progress_notify_interval_ms: Option<u64>,
+    /// Applied entries between state-machine snapshots / engine flushes.
+    #[arg(long)]
+    pub snapshot_count: Option<u64>,
 }
 
 impl Config {
@@ -188,11 +204,17 @@ impl Config {
         if let Some(v) = flags.max_txn_ops {
             cfg.limits.max_txn_ops = v;
         }
+        if let Some(v) = flags.quota_backend_bytes {
+            cfg.limits.quota_backend_bytes = v;
+        }
         if let Some(v) = flags.lease_checkpoint_interval_ms {
             cfg.lease.checkpoint_interval_ms = v;
         }
         if let Some(v) = flags.watch_progress_notify_interval_ms {
             cfg.watch_progress_notify_interval_ms = v;
+        }
+        if let Some(v) = flags.snapshot_count {
+            cfg.snapshot_count = v;
         }
         if cfg.lease.min_ttl == 0 {
             // etcd: 1.5 election timeouts, rounded up to whole seconds.

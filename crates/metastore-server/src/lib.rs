@@ -4,11 +4,13 @@
 pub mod config;
 
 use config::{Config, ConfigError, StorageKind};
-use metastore_api::apply::{ApplyDriver, CompleterSlot};
+use metastore_api::apply::{ApplyDriver, CompleterSlot, Durability};
 use metastore_api::{ClusterInfo, EtcdServer, MemberInfo, ServiceConfig};
+use metastore_engine::Engine;
 use metastore_memory::MemoryEngine;
 use metastore_mvcc::Store;
 use metastore_raft::{NoPeers, RaftNode};
+use metastore_rocksdb::RocksDbEngine;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +27,8 @@ pub enum ServerError {
     Store(#[from] metastore_mvcc::MvccError),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    #[error("storage engine: {0}")]
+    Engine(#[from] metastore_engine::EngineError),
     #[error("raft: {0}")]
     Raft(#[from] metastore_raft::RaftError),
     #[error("serving {0}: {1}")]
@@ -93,19 +97,72 @@ fn identity(
 }
 
 /// A started member: the shared server state and its client listeners' addresses.
-pub struct Member {
-    pub server: Arc<EtcdServer<MemoryEngine>>,
+pub struct Member<E: Engine> {
+    pub server: Arc<EtcdServer<E>>,
     pub config: Config,
 }
 
-/// Opens the data dir, restores state, starts raft and the API; does not listen yet.
-pub fn start(cfg: Config) -> Result<Member, ServerError> {
-    if cfg.storage != StorageKind::Memory {
-        return Err(ConfigError::Unsupported(
-            "--storage rocksdb is not available yet: only the memory engine is built".into(),
-        )
-        .into());
+/// Starts a member on the configured engine and serves clients until `shutdown` resolves.
+pub async fn run(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    match cfg.storage {
+        StorageKind::Memory => serve(start_memory(cfg)?, shutdown).await,
+        StorageKind::Rocksdb => serve(start_rocksdb(cfg)?, shutdown).await,
     }
+}
+
+/// The memory engine, rebuilt from the newest snapshot; the WAL replays what follows it.
+pub fn start_memory(cfg: Config) -> Result<Member<MemoryEngine>, ServerError> {
+    let member_dir = member_dir(&cfg)?;
+    let engine = Arc::new(MemoryEngine::new());
+    let snap_dir = member_dir.join("snap");
+    let mut durable = 0;
+    if let Some((index, path)) = metastore_mvcc::snapshot::list_snapshots(&snap_dir)
+        .into_iter()
+        .next()
+    {
+        let started = std::time::Instant::now();
+        metastore_mvcc::snapshot::load_snapshot(engine.as_ref(), &path)?;
+        tracing::info!(index, file = %path.display(), elapsed_ms = started.elapsed().as_millis() as u64, "snapshot loaded");
+        durable = index;
+    }
+    let durability = Durability::Snapshots {
+        dir: snap_dir,
+        every: cfg.snapshot_count,
+        retention: cfg.snapshot_retention,
+    };
+    start(cfg, engine, durability, Some(durable))
+}
+
+/// The RocksDB engine: it holds its last flushed state; the WAL replays what follows it.
+pub fn start_rocksdb(cfg: Config) -> Result<Member<RocksDbEngine>, ServerError> {
+    let member_dir = member_dir(&cfg)?;
+    let engine = Arc::new(RocksDbEngine::open(
+        member_dir.join("rocksdb"),
+        &cfg.rocksdb,
+    )?);
+    let durability = Durability::Flush {
+        every: cfg.snapshot_count,
+    };
+    start(cfg, engine, durability, None)
+}
+
+fn member_dir(cfg: &Config) -> Result<PathBuf, ServerError> {
+    let dir = PathBuf::from(&cfg.data_dir).join("member");
+    std::fs::create_dir_all(&dir).map_err(|e| ServerError::DataDir(dir.clone(), e))?;
+    Ok(dir)
+}
+
+/// Opens the state machine over `engine`, starts raft and the API; does not listen yet.
+/// `durable` is the index the engine already holds durably (None: what it recovered).
+pub fn start<E: Engine>(
+    cfg: Config,
+    engine: Arc<E>,
+    durability: Durability,
+    durable: Option<u64>,
+) -> Result<Member<E>, ServerError> {
     let members = cfg.initial_members()?;
     if members.len() != 1 {
         return Err(ConfigError::Unsupported(format!(
@@ -114,16 +171,14 @@ pub fn start(cfg: Config) -> Result<Member, ServerError> {
         ))
         .into());
     }
-    let member_dir = PathBuf::from(&cfg.data_dir).join("member");
-    std::fs::create_dir_all(&member_dir)
-        .map_err(|e| ServerError::DataDir(member_dir.clone(), e))?;
+    let member_dir = member_dir(&cfg)?;
     let (member_id, cluster_id) = identity(&member_dir, &cfg, &members)?;
 
-    let engine = Arc::new(MemoryEngine::new());
     let store = Arc::new(Store::open(engine)?);
     store.spawn_watch_sync().map_err(ServerError::Thread)?;
     let slot = CompleterSlot::default();
-    let driver = ApplyDriver::new(store.clone(), slot.clone());
+    let durable = durable.unwrap_or_else(|| store.applied_index());
+    let driver = ApplyDriver::new(store.clone(), slot.clone(), durability, durable);
     let raft = RaftNode::start(
         member_id,
         vec![member_id],
@@ -154,6 +209,7 @@ pub fn start(cfg: Config) -> Result<Member, ServerError> {
             watch_progress_interval: Duration::from_millis(
                 cfg.watch_progress_notify_interval_ms.max(1),
             ),
+            election_timeout: cfg.raft.tick_interval * cfg.raft.election_tick as u32,
         },
     );
     Ok(Member {
@@ -163,8 +219,8 @@ pub fn start(cfg: Config) -> Result<Member, ServerError> {
 }
 
 /// Serves clients until `shutdown` resolves, then stops raft cleanly.
-pub async fn serve(
-    member: Member,
+pub async fn serve<E: Engine>(
+    member: Member<E>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let addrs = member.config.client_addrs()?;

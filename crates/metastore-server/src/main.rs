@@ -19,14 +19,7 @@ async fn main() -> ExitCode {
         .with_target(false)
         .init();
     tracing::info!(name = %config.name, data_dir = %config.data_dir, storage = ?config.storage, "starting metastore");
-    let member = match metastore_server::start(config) {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start");
-            return ExitCode::FAILURE;
-        }
-    };
-    match metastore_server::serve(member, shutdown_signal()).await {
+    match metastore_server::run(config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "server failed");

@@ -7,6 +7,7 @@
 //! the server to etcd's wire behaviour rather than to its internals.
 //!
 //! Environment knobs:
+//! * `METASTORE_TEST_STORAGE=rocksdb` - start the server with `--storage rocksdb`
 //! * `METASTORE_TEST_BIN` - run this binary instead of the one cargo built
 //!   (handy to check the suite itself against a real `etcd`).
 //! * `METASTORE_TEST_INHERIT_LOGS=1` - let the server write to the test's
@@ -161,6 +162,13 @@ impl TestServer {
             "--initial-cluster".to_string(),
             format!("{}={}", self.name, peer_url),
         ];
+        // The same suites run on either engine: METASTORE_TEST_STORAGE=rocksdb.
+        if let Ok(storage) = std::env::var("METASTORE_TEST_STORAGE") {
+            if !self.extra_args.iter().any(|a| a == "--storage") {
+                args.push("--storage".to_string());
+                args.push(storage);
+            }
+        }
         args.extend(self.extra_args.iter().cloned());
         args
     }

@@ -1,0 +1,290 @@
+//! `cargo xtask bench …`: in-process layer benchmarks and whole-server measurements.
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use metastore_engine::Engine;
+use metastore_memory::MemoryEngine;
+use metastore_mvcc::Store;
+use metastore_proto::etcdserverpb::{PutRequest, RangeRequest};
+use metastore_proto::internal::{command::Op, Command};
+use metastore_rocksdb::{RocksDbConfig, RocksDbEngine};
+use std::path::PathBuf;
+use std::process::{Child, Command as Process, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Subcommand)]
+pub enum Bench {
+    /// Storage engines under the MVCC store, in process: put, get, range of 100.
+    Engine(EngineArgs),
+    /// Loads keys into the real server, kills it with SIGKILL and times the restart.
+    Restart(RestartArgs),
+}
+
+#[derive(Parser)]
+pub struct EngineArgs {
+    /// Keys loaded before reads are measured.
+    #[arg(long, default_value_t = 1_000_000)]
+    keys: u64,
+    #[arg(long, default_value_t = 256)]
+    val_size: usize,
+    /// Reads measured per workload.
+    #[arg(long, default_value_t = 200_000)]
+    reads: u64,
+    /// Puts per applied batch (one raft entry in the server).
+    #[arg(long, default_value_t = 100)]
+    batch: u64,
+}
+
+#[derive(Parser)]
+pub struct RestartArgs {
+    #[arg(long, default_value_t = 1_000_000)]
+    keys: u64,
+    #[arg(long, default_value = "memory")]
+    storage: String,
+    #[arg(long, default_value_t = 256)]
+    val_size: usize,
+    /// The server binary (built with `cargo build --release -p metastore-server`).
+    #[arg(long, default_value = "target/release/metastore")]
+    bin: PathBuf,
+}
+
+pub fn run(bench: Bench, rt: &tokio::runtime::Runtime) -> Result<()> {
+    match bench {
+        Bench::Engine(args) => engine(args),
+        Bench::Restart(args) => rt.block_on(restart(args)),
+    }
+}
+
+fn key(i: u64) -> Bytes {
+    Bytes::from(format!("key/{i:012}"))
+}
+
+struct Rates {
+    put: f64,
+    get: f64,
+    range100: f64,
+}
+
+fn measure<E: Engine>(engine: Arc<E>, args: &EngineArgs) -> Result<Rates> {
+    let store = Store::open(engine).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let value = Bytes::from(vec![b'v'; args.val_size]);
+    let started = Instant::now();
+    let mut index = 0;
+    let mut i = 0;
+    while i < args.keys {
+        let end = (i + args.batch).min(args.keys);
+        let cmds: Vec<Command> = (i..end)
+            .map(|k| Command {
+                op: Some(Op::Put(PutRequest {
+                    key: key(k),
+                    value: value.clone(),
+                    ..Default::default()
+                })),
+            })
+            .collect();
+        index += 1;
+        store
+            .apply(index, &cmds)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        i = end;
+    }
+    let put = args.keys as f64 / started.elapsed().as_secs_f64();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let started = Instant::now();
+    for _ in 0..args.reads {
+        let r = store
+            .range(&RangeRequest {
+                key: key(next() % args.keys),
+                ..Default::default()
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if r.kvs.len() != 1 {
+            bail!("a loaded key is missing");
+        }
+    }
+    let get = args.reads as f64 / started.elapsed().as_secs_f64();
+    let ranges = (args.reads / 20).max(1);
+    let started = Instant::now();
+    for _ in 0..ranges {
+        let r = store
+            .range(&RangeRequest {
+                key: key(next() % args.keys.saturating_sub(100).max(1)),
+                range_end: Bytes::from_static(b"key0"),
+                limit: 100,
+                ..Default::default()
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if r.kvs.len() != 100.min(args.keys as usize) {
+            bail!("a range of 100 returned {}", r.kvs.len());
+        }
+    }
+    let range100 = ranges as f64 / started.elapsed().as_secs_f64();
+    Ok(Rates { put, get, range100 })
+}
+
+fn engine(args: EngineArgs) -> Result<()> {
+    let memory = measure(Arc::new(MemoryEngine::new()), &args)?;
+    let dir = tempfile::tempdir()?;
+    let rocks = measure(
+        Arc::new(
+            RocksDbEngine::open(dir.path(), &RocksDbConfig::default())
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        ),
+        &args,
+    )?;
+    println!(
+        "engine bench: {} keys of {} B, puts applied {} per batch, {} gets, {} ranges of 100",
+        args.keys,
+        args.val_size,
+        args.batch,
+        args.reads,
+        (args.reads / 20).max(1)
+    );
+    println!("| engine | put ops/s | get ops/s | range-100 ops/s |");
+    println!("|---|---|---|---|");
+    for (name, r) in [("memory", &memory), ("rocksdb", &rocks)] {
+        println!(
+            "| {name} | {:.0} | {:.0} | {:.0} |",
+            r.put, r.get, r.range100
+        );
+    }
+    println!(
+        "{{\"bench\":\"engine\",\"keys\":{},\"memory\":{{\"put\":{:.0},\"get\":{:.0},\"range100\":{:.0}}},\"rocksdb\":{{\"put\":{:.0},\"get\":{:.0},\"range100\":{:.0}}}}}",
+        args.keys, memory.put, memory.get, memory.range100, rocks.put, rocks.get, rocks.range100
+    );
+    Ok(())
+}
+
+struct Server {
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(bin: &PathBuf, dir: &std::path::Path, storage: &str, port: u16) -> Result<Server> {
+    let child = Process::new(bin)
+        .args(["--data-dir", dir.to_str().context("utf8 path")?])
+        .args(["--listen-client-urls", &format!("http://127.0.0.1:{port}")])
+        .args([
+            "--advertise-client-urls",
+            &format!("http://127.0.0.1:{port}"),
+        ])
+        .args(["--storage", storage, "--log-level", "warn"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    Ok(Server { child })
+}
+
+async fn wait_ready(port: u16) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        if let Ok(mut c) = etcd_client::Client::connect([format!("127.0.0.1:{port}")], None).await {
+            if c.status().await.is_ok() {
+                return Ok(started.elapsed());
+            }
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("server not ready after 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+async fn restart(args: RestartArgs) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut server = spawn(&args.bin, dir.path(), &args.storage, port)?;
+    wait_ready(port).await?;
+    let client = etcd_client::Client::connect([format!("127.0.0.1:{port}")], None).await?;
+    let value = vec![b'v'; args.val_size];
+    let load = Instant::now();
+    let mut tasks = Vec::new();
+    let workers = 64u64;
+    for w in 0..workers {
+        let mut kv = client.kv_client();
+        let value = value.clone();
+        let keys = args.keys;
+        tasks.push(tokio::spawn(async move {
+            let mut i = w;
+            while i < keys {
+                kv.put(key(i).to_vec(), value.clone(), None).await?;
+                i += workers;
+            }
+            Ok::<_, etcd_client::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let load = load.elapsed();
+    let rss_loaded = rss_kb(server.child.id());
+    server.child.kill()?;
+    server.child.wait()?;
+    drop(server);
+    let server = spawn(&args.bin, dir.path(), &args.storage, port)?;
+    let ready = wait_ready(port).await?;
+    let mut c = etcd_client::Client::connect([format!("127.0.0.1:{port}")], None).await?;
+    let count = c
+        .get(
+            "key/",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
+        )
+        .await?
+        .count();
+    if count != args.keys as i64 {
+        bail!("{count} of {} keys after the restart", args.keys);
+    }
+    let rss_restarted = rss_kb(server.child.id());
+    println!(
+        "restart bench ({}): {} keys of {} B loaded in {:.1}s; after kill -9 ready again in {:.2}s with all keys; RSS {} MB loaded, {} MB after restart",
+        args.storage,
+        args.keys,
+        args.val_size,
+        load.as_secs_f64(),
+        ready.as_secs_f64(),
+        rss_loaded / 1024,
+        rss_restarted / 1024
+    );
+    println!(
+        "{{\"bench\":\"restart\",\"storage\":\"{}\",\"keys\":{},\"load_s\":{:.2},\"restart_ready_s\":{:.3},\"rss_loaded_mb\":{},\"rss_restarted_mb\":{}}}",
+        args.storage,
+        args.keys,
+        load.as_secs_f64(),
+        ready.as_secs_f64(),
+        rss_loaded / 1024,
+        rss_restarted / 1024
+    );
+    Ok(())
+}
