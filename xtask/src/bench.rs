@@ -114,11 +114,11 @@ fn measure<E: Engine>(engine: Arc<E>, args: &EngineArgs) -> Result<Rates> {
     let ranges = (args.reads / 20).max(1);
     let started = Instant::now();
     for _ in 0..ranges {
+        let start = next() % args.keys.saturating_sub(100).max(1);
         let r = store
             .range(&RangeRequest {
-                key: key(next() % args.keys.saturating_sub(100).max(1)),
-                range_end: Bytes::from_static(b"key0"),
-                limit: 100,
+                key: key(start),
+                range_end: key(start + 100),
                 ..Default::default()
             })
             .map_err(|e| anyhow::anyhow!("{e}"))?;
