@@ -1,5 +1,7 @@
 //! `cargo xtask bench …`: in-process layer benchmarks and whole-server measurements.
 
+use crate::results::{self, Recorder};
+use crate::{e2e, layers};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
@@ -9,17 +11,74 @@ use metastore_mvcc::Store;
 use metastore_proto::etcdserverpb::{PutRequest, RangeRequest};
 use metastore_proto::internal::{command::Op, Command};
 use metastore_rocksdb::{RocksDbConfig, RocksDbEngine};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// `cargo xtask bench [--out DIR] [--no-save] <bench>`.
+#[derive(Parser)]
+pub struct BenchCmd {
+    /// Where result files go (`<date>-<commit>.json` and `.md`).
+    #[arg(long, global = true, default_value = "bench-results")]
+    out: PathBuf,
+    /// Print only; write no result file.
+    #[arg(long, global = true)]
+    no_save: bool,
+    #[command(subcommand)]
+    bench: Bench,
+}
+
 #[derive(Subcommand)]
 pub enum Bench {
+    /// Codec: our protobuf frames vs serde_json of the same operation, encode + decode.
+    Codec(Quick),
+    /// Batch proposer alone (batches complete at once): throughput and added latency at
+    /// 1 / 16 / 256 producers.
+    Batch(Quick),
+    /// WAL: appends/s and fsyncs/s, group commit vs one fsync per append, 1 / 16 / 256 writers
+    /// of 300-byte records.
+    Wal(Quick),
+    /// Raft, one member: proposer → raft log (fsynced WAL) → apply, no engine.
+    Raft(Quick),
     /// Storage engines under the MVCC store, in process: put, get, range of 100.
     Engine(EngineArgs),
     /// Loads keys into the real server, kills it with SIGKILL and times the restart.
     Restart(RestartArgs),
+    /// Whole servers over gRPC: the load matrix against MetaStore (both engines), the no-op
+    /// ceiling and, with `--vs-etcd`, etcd.
+    E2e(crate::e2e::E2eArgs),
+    /// Every layer bench, then the e2e matrix, in a cut-down form that takes seconds (what CI
+    /// runs so the harness cannot rot).
+    Smoke(SmokeArgs),
+    /// Compares the latest run with `bench-results/baseline.json`; exits 1 on regressions.
+    Compare(CompareArgs),
+}
+
+#[derive(Parser)]
+pub struct Quick {
+    /// A few hundred milliseconds instead of seconds.
+    #[arg(long)]
+    smoke: bool,
+}
+
+#[derive(Parser)]
+pub struct SmokeArgs {
+    /// Directory with the `metastore` and `metastore-bench` binaries (default: build them).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+#[derive(Parser)]
+pub struct CompareArgs {
+    #[arg(long, default_value = "bench-results/baseline.json")]
+    baseline: PathBuf,
+    /// The run to check (default: the newest run file beside the baseline).
+    #[arg(long)]
+    run: Option<PathBuf>,
+    /// Percent a metric may get worse before it counts as a regression.
+    #[arg(long, default_value_t = 10.0)]
+    threshold: f64,
 }
 
 #[derive(Parser)]
@@ -50,11 +109,58 @@ pub struct RestartArgs {
     bin: PathBuf,
 }
 
-pub fn run(bench: Bench, rt: &tokio::runtime::Runtime) -> Result<()> {
-    match bench {
-        Bench::Engine(args) => engine(args),
-        Bench::Restart(args) => rt.block_on(restart(args)),
+pub fn run(cmd: BenchCmd, rt: &tokio::runtime::Runtime) -> Result<()> {
+    let mut rec = Recorder::new(cmd.out.clone());
+    match cmd.bench {
+        Bench::Codec(q) => layers::codec(&mut rec, q.smoke)?,
+        Bench::Batch(q) => rt.block_on(layers::batch(&mut rec, q.smoke))?,
+        Bench::Wal(q) => layers::wal(&mut rec, q.smoke)?,
+        Bench::Raft(q) => rt.block_on(layers::raft(&mut rec, q.smoke))?,
+        Bench::Engine(args) => engine(args, &mut rec)?,
+        Bench::Restart(args) => rt.block_on(restart(args, &mut rec))?,
+        Bench::E2e(args) => rt.block_on(e2e::run(args, &mut rec))?,
+        Bench::Smoke(args) => {
+            layers::codec(&mut rec, true)?;
+            rt.block_on(layers::batch(&mut rec, true))?;
+            layers::wal(&mut rec, true)?;
+            rt.block_on(layers::raft(&mut rec, true))?;
+            engine(
+                EngineArgs {
+                    keys: 2_000,
+                    val_size: 256,
+                    reads: 2_000,
+                    batch: 100,
+                },
+                &mut rec,
+            )?;
+            let e2e_args = e2e::E2eArgs::smoke(args.bin_dir);
+            rt.block_on(e2e::run(e2e_args, &mut rec))?;
+        }
+        Bench::Compare(args) => {
+            let baseline = results::load(&args.baseline)?;
+            let run_path = match args.run {
+                Some(p) => p,
+                None => results::latest(args.baseline.parent().unwrap_or(Path::new(".")))?,
+            };
+            let run = results::load(&run_path)?;
+            let regressions = results::compare(&baseline, &run, args.threshold);
+            if regressions > 0 {
+                bail!(
+                    "{regressions} metric(s) of {} regressed more than {}% against {}",
+                    run_path.display(),
+                    args.threshold,
+                    args.baseline.display()
+                );
+            }
+            println!("no regressions over {}%", args.threshold);
+            return Ok(());
+        }
     }
+    if cmd.no_save {
+        return Ok(());
+    }
+    rec.save()?;
+    Ok(())
 }
 
 fn key(i: u64) -> Bytes {
@@ -130,9 +236,9 @@ fn measure<E: Engine>(engine: Arc<E>, args: &EngineArgs) -> Result<Rates> {
     Ok(Rates { put, get, range100 })
 }
 
-fn engine(args: EngineArgs) -> Result<()> {
+fn engine(args: EngineArgs, rec: &mut Recorder) -> Result<()> {
     let memory = measure(Arc::new(MemoryEngine::new()), &args)?;
-    let dir = tempfile::tempdir()?;
+    let dir = layers::scratch_dir()?;
     let rocks = measure(
         Arc::new(
             RocksDbEngine::open(dir.path(), &RocksDbConfig::default())
@@ -156,10 +262,18 @@ fn engine(args: EngineArgs) -> Result<()> {
             r.put, r.get, r.range100
         );
     }
-    println!(
-        "{{\"bench\":\"engine\",\"keys\":{},\"memory\":{{\"put\":{:.0},\"get\":{:.0},\"range100\":{:.0}}},\"rocksdb\":{{\"put\":{:.0},\"get\":{:.0},\"range100\":{:.0}}}}}",
-        args.keys, memory.put, memory.get, memory.range100, rocks.put, rocks.get, rocks.range100
-    );
+    for (name, r) in [("memory", &memory), ("rocksdb", &rocks)] {
+        rec.add(
+            "engine",
+            name,
+            &[
+                ("put_ops_per_sec", r.put),
+                ("get_ops_per_sec", r.get),
+                ("range100_ops_per_sec", r.range100),
+                ("n_keys", args.keys as f64),
+            ],
+        );
+    }
     Ok(())
 }
 
@@ -216,8 +330,8 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-async fn restart(args: RestartArgs) -> Result<()> {
-    let dir = tempfile::tempdir()?;
+async fn restart(args: RestartArgs, rec: &mut Recorder) -> Result<()> {
+    let dir = layers::scratch_dir()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -277,14 +391,16 @@ async fn restart(args: RestartArgs) -> Result<()> {
         rss_loaded / 1024,
         rss_restarted / 1024
     );
-    println!(
-        "{{\"bench\":\"restart\",\"storage\":\"{}\",\"keys\":{},\"load_s\":{:.2},\"restart_ready_s\":{:.3},\"rss_loaded_mb\":{},\"rss_restarted_mb\":{}}}",
-        args.storage,
-        args.keys,
-        load.as_secs_f64(),
-        ready.as_secs_f64(),
-        rss_loaded / 1024,
-        rss_restarted / 1024
+    rec.add(
+        "restart",
+        &args.storage,
+        &[
+            ("load_s", load.as_secs_f64()),
+            ("restart_ready_s", ready.as_secs_f64()),
+            ("rss_loaded_mb", (rss_loaded / 1024) as f64),
+            ("rss_restarted_mb", (rss_restarted / 1024) as f64),
+            ("n_keys", args.keys as f64),
+        ],
     );
     Ok(())
 }

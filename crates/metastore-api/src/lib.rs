@@ -5,6 +5,7 @@
 //! A read is served from the local store, after a ReadIndex barrier unless it is serializable.
 
 pub mod apply;
+mod batch;
 mod concurrency;
 pub mod errors;
 pub mod lease;
@@ -24,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tonic::Status;
 
+pub use batch::MAX_BATCH_OPS;
 pub use lease::LeaseConfig;
 
 pub use services::{routes, UNIMPLEMENTED_SERVICES};

@@ -18,6 +18,7 @@ use metastore_proto::etcdserverpb::{
 };
 use metastore_proto::etcdserverpb::{lease_server::LeaseServer, watch_server::WatchServer};
 use metastore_proto::internal::command::Op;
+use metastore_proto::metastore::v1::batch_server::BatchServer;
 use metastore_proto::v3electionpb::election_server::ElectionServer;
 use metastore_proto::v3lockpb::lock_server::LockServer;
 use std::sync::Arc;
@@ -65,7 +66,12 @@ pub fn routes<E: Engine>(server: Arc<EtcdServer<E>>) -> tonic::service::Routes {
     )
     .add_service(LeaseServer::new(svc.clone()).max_decoding_message_size(limit))
     .add_service(ElectionServer::new(svc.clone()).max_decoding_message_size(limit))
-    .add_service(LockServer::new(svc).max_decoding_message_size(limit))
+    .add_service(LockServer::new(svc.clone()).max_decoding_message_size(limit))
+    .add_service(
+        BatchServer::new(svc)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(usize::MAX),
+    )
     .into_axum_router()
     .fallback(unimplemented_fallback);
     tonic::service::Routes::from(router)

@@ -25,5 +25,9 @@ pub mod metastore {
     pub mod internal {
         tonic::include_proto!("metastore.internal");
     }
+    /// The batch API (`metastore.v1.Batch`), served beside etcd's services.
+    pub mod v1 {
+        tonic::include_proto!("metastore.v1");
+    }
 }
 pub use metastore::internal;

@@ -1,0 +1,512 @@
+//! `cargo xtask bench e2e`: starts real servers one at a time (MetaStore on each engine, the
+//! no-op gRPC ceiling, and etcd with `--vs-etcd`) and runs the load matrix against each
+//! through `metastore-bench`.
+
+use crate::results::Recorder;
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use metastore_bench::report::Report;
+use metastore_bench::{
+    BatchArgs, Common, Consistency, RangeArgs, TxnMixedArgs, TxnPutArgs, WatchLatencyArgs, Workload,
+};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Clone)]
+pub struct E2eArgs {
+    /// Also run the matrix against a real etcd (Debian's `etcd-server` is installed if no
+    /// `etcd` is on PATH) and print the ratios.
+    #[arg(long)]
+    vs_etcd: bool,
+    /// The etcd binary.
+    #[arg(long, default_value = "etcd")]
+    etcd_bin: String,
+    /// Seconds each workload runs.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds, clients and keys cut down so the whole matrix takes seconds (CI).
+    #[arg(long)]
+    smoke: bool,
+    /// Directory holding the `metastore` and `metastore-bench` binaries; by default they are
+    /// built with `cargo build --release` first.
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Skip the RocksDB-engine runs.
+    #[arg(long)]
+    memory_only: bool,
+}
+
+impl E2eArgs {
+    /// The cut-down matrix CI runs.
+    pub fn smoke(bin_dir: Option<PathBuf>) -> Self {
+        Self {
+            vs_etcd: false,
+            etcd_bin: "etcd".into(),
+            duration: 0.3,
+            smoke: true,
+            bin_dir,
+            memory_only: false,
+        }
+    }
+}
+
+/// One server under test; killed on drop.
+struct Server {
+    child: Child,
+    port: u16,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn spawn_metastore(bin_dir: &Path, storage: &str) -> Result<Server> {
+    let dir = crate::layers::scratch_dir()?;
+    let port = free_port()?;
+    let peer = free_port()?;
+    let bin = bin_dir.join("metastore");
+    let child = Command::new(&bin)
+        .args(["--data-dir", &dir.path().join("data").to_string_lossy()])
+        .args(["--listen-client-urls", &format!("http://127.0.0.1:{port}")])
+        .args([
+            "--advertise-client-urls",
+            &format!("http://127.0.0.1:{port}"),
+        ])
+        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+        .args(["--storage", storage, "--log-level", "warn"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    Ok(Server {
+        child,
+        port,
+        _dir: Some(dir),
+    })
+}
+
+fn spawn_noop(bin_dir: &Path) -> Result<Server> {
+    let port = free_port()?;
+    let bin = bin_dir.join("metastore-bench");
+    let child = Command::new(&bin)
+        .args(["noop-server", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    Ok(Server {
+        child,
+        port,
+        _dir: None,
+    })
+}
+
+fn ensure_etcd(bin: &str) -> Result<String> {
+    let found = |b: &str| {
+        Command::new(b)
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    if found(bin) {
+        return Ok(bin.to_string());
+    }
+    eprintln!("no {bin} found: installing Debian's etcd-server");
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let apt = |args: &[&str]| -> Result<()> {
+        let mut cmd = if root {
+            Command::new("apt-get")
+        } else {
+            let mut c = Command::new("sudo");
+            c.arg("apt-get");
+            c
+        };
+        let status = cmd
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("running apt-get")?;
+        if !status.success() {
+            bail!("apt-get {} failed", args.join(" "));
+        }
+        Ok(())
+    };
+    apt(&["update", "-q"])?;
+    apt(&["install", "-y", "-q", "etcd-server"])?;
+    for candidate in ["etcd", "/usr/bin/etcd"] {
+        if found(candidate) {
+            return Ok(candidate.to_string());
+        }
+    }
+    bail!("etcd-server installed but no etcd binary found")
+}
+
+fn spawn_etcd(bin: &str) -> Result<Server> {
+    let dir = crate::layers::scratch_dir()?;
+    let port = free_port()?;
+    let peer = free_port()?;
+    let child = Command::new(bin)
+        .args(["--name", "bench"])
+        .args(["--data-dir", &dir.path().join("etcd").to_string_lossy()])
+        .args(["--listen-client-urls", &format!("http://127.0.0.1:{port}")])
+        .args([
+            "--advertise-client-urls",
+            &format!("http://127.0.0.1:{port}"),
+        ])
+        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+        .args([
+            "--initial-advertise-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+        ])
+        .args([
+            "--initial-cluster",
+            &format!("bench=http://127.0.0.1:{peer}"),
+        ])
+        .args(["--logger", "zap", "--log-level", "error"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {bin}"))?;
+    Ok(Server {
+        child,
+        port,
+        _dir: Some(dir),
+    })
+}
+
+async fn wait_ready(port: u16, noop: bool) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        if let Ok(mut c) = etcd_client::Client::connect([format!("127.0.0.1:{port}")], None).await {
+            let ok = if noop {
+                c.put("ready", "x", None).await.is_ok()
+            } else {
+                c.status().await.is_ok() && c.put("ready", "x", None).await.is_ok()
+            };
+            if ok {
+                return Ok(());
+            }
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("server on port {port} not ready after 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One row of the matrix.
+struct Case {
+    name: &'static str,
+    workload: Workload,
+    clients: usize,
+    conns: usize,
+    rate: f64,
+    /// Needs the key space loaded first.
+    reads: bool,
+}
+
+fn matrix(smoke: bool) -> Vec<Case> {
+    let c = |name, workload, clients, conns| Case {
+        name,
+        workload,
+        clients,
+        conns,
+        rate: 0.0,
+        reads: false,
+    };
+    let range = |consistency| {
+        Workload::Range(RangeArgs {
+            consistency,
+            limit: 0,
+            prefix: None,
+        })
+    };
+    let watchers = if smoke { 10 } else { 1000 };
+    vec![
+        c("put-c1", Workload::Put, 1, 1),
+        c("put-c16", Workload::Put, 16, 16),
+        c("put-c256", Workload::Put, 256, 100),
+        c("put-c1000", Workload::Put, 1000, 100),
+        Case {
+            reads: true,
+            ..c("range-l-c256", range(Consistency::L), 256, 100)
+        },
+        Case {
+            reads: true,
+            ..c("range-s-c256", range(Consistency::S), 256, 100)
+        },
+        c(
+            "txn-put-c256",
+            Workload::TxnPut(TxnPutArgs { txn_ops: 1 }),
+            256,
+            100,
+        ),
+        Case {
+            reads: true,
+            ..c(
+                "txn-mixed-90r-c256",
+                Workload::TxnMixed(TxnMixedArgs {
+                    rw_ratio: 9.0,
+                    consistency: Consistency::L,
+                }),
+                256,
+                100,
+            )
+        },
+        Case {
+            rate: if smoke { 500.0 } else { 5000.0 },
+            ..c("put-rate5000", Workload::Put, 64, 16)
+        },
+        c(
+            "watch-latency",
+            Workload::WatchLatency(WatchLatencyArgs {
+                streams: 10,
+                watchers_per_stream: watchers,
+                put_total: if smoke { 20 } else { 2000 },
+            }),
+            1,
+            1,
+        ),
+        c(
+            "batch-put",
+            Workload::BatchPut(BatchArgs { batch_size: 1000 }),
+            4,
+            4,
+        ),
+    ]
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    MetaStore,
+    MetaStoreRocksDb,
+    Noop,
+    Etcd,
+}
+
+impl Target {
+    fn label(self) -> &'static str {
+        match self {
+            Target::MetaStore => "metastore",
+            Target::MetaStoreRocksDb => "metastore-rocksdb",
+            Target::Noop => "noop",
+            Target::Etcd => "etcd",
+        }
+    }
+
+    fn runs(self, case: &str) -> bool {
+        match self {
+            Target::MetaStore => true,
+            Target::MetaStoreRocksDb => matches!(case, "put-c1" | "put-c256" | "range-s-c256"),
+            Target::Noop => matches!(case, "put-c1" | "put-c256" | "range-s-c256"),
+            Target::Etcd => case != "batch-put",
+        }
+    }
+}
+
+fn build_binaries() -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("building the release binaries (metastore, metastore-bench)");
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "metastore-server",
+            "-p",
+            "metastore-bench",
+        ])
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build failed");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target"));
+    Ok(target.join("release"))
+}
+
+fn metrics_of(report: &Report) -> Vec<(&'static str, f64)> {
+    let l = &report.latency_ms;
+    let mut m = vec![
+        ("ops_per_sec", report.ops_per_sec),
+        ("p50_ms", l.p50),
+        ("p90_ms", l.p90),
+        ("p99_ms", l.p99),
+        ("p999_ms", l.p999),
+        ("max_ms", l.max),
+        ("errors", report.error_count() as f64),
+        ("check_failures", report.checks.failed as f64),
+    ];
+    if (report.items_per_sec - report.ops_per_sec).abs() > 0.5 {
+        m.push(("keys_per_sec", report.items_per_sec));
+    }
+    if let Some(c) = report.server_cpu_us_per_op {
+        m.push(("server_cpu_us", c));
+    }
+    if let Some(c) = report.client_cpu_us_per_op {
+        m.push(("client_cpu_us", c));
+    }
+    m
+}
+
+pub async fn run(args: E2eArgs, rec: &mut Recorder) -> Result<()> {
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => build_binaries()?,
+    };
+    let etcd = if args.vs_etcd {
+        Some(ensure_etcd(&args.etcd_bin)?)
+    } else {
+        None
+    };
+    let duration = Duration::from_secs_f64(if args.smoke {
+        args.duration.min(0.3)
+    } else {
+        args.duration
+    });
+    let key_space: u64 = if args.smoke { 1_000 } else { 100_000 };
+    let mut targets = vec![Target::MetaStore];
+    if !args.memory_only {
+        targets.push(Target::MetaStoreRocksDb);
+    }
+    targets.push(Target::Noop);
+    if etcd.is_some() {
+        targets.push(Target::Etcd);
+    }
+    let mut results: Vec<(Target, &'static str, Report)> = Vec::new();
+    let mut failures = Vec::new();
+    for target in targets {
+        let server = match target {
+            Target::MetaStore => spawn_metastore(&bin_dir, "memory")?,
+            Target::MetaStoreRocksDb => spawn_metastore(&bin_dir, "rocksdb")?,
+            Target::Noop => spawn_noop(&bin_dir)?,
+            Target::Etcd => spawn_etcd(etcd.as_deref().unwrap_or("etcd"))?,
+        };
+        wait_ready(server.port, target == Target::Noop).await?;
+        let base = Common {
+            endpoints: format!("127.0.0.1:{}", server.port),
+            key_space_size: key_space,
+            server_pid: Some(server.child.id()),
+            no_progress: true,
+            ..Common::default()
+        };
+        let mut loaded = false;
+        for case in matrix(args.smoke) {
+            if !target.runs(case.name) {
+                continue;
+            }
+            if case.reads && !loaded && target != Target::Noop {
+                // Every key of the key space, once, so reads find (and check) values.
+                let load = Common {
+                    clients: 64,
+                    conns: 16,
+                    total: key_space,
+                    sequential_keys: true,
+                    check_every: 0,
+                    server_pid: None,
+                    ..base.clone()
+                };
+                let r = metastore_bench::run(&Workload::Put, &load).await?;
+                if r.error_count() > 0 {
+                    bail!(
+                        "loading the key space into {} failed: {:?}",
+                        target.label(),
+                        r.errors
+                    );
+                }
+                loaded = true;
+            }
+            let scale = |n: usize| if args.smoke { n.min(8) } else { n };
+            let common = Common {
+                // The no-op server stores nothing, so there is nothing to read back.
+                check_every: if target == Target::Noop {
+                    0
+                } else {
+                    base.check_every
+                },
+                clients: scale(case.clients),
+                conns: scale(case.conns),
+                duration: Some(duration),
+                rate: case.rate,
+                ..base.clone()
+            };
+            let report = metastore_bench::run(&case.workload, &common)
+                .await
+                .with_context(|| format!("{} against {}", case.name, target.label()))?;
+            println!(
+                "{:<18} {:<20} {:>9.0} ops/s  p50 {:>7.3} ms  p99 {:>7.3} ms  p99.9 {:>7.3} ms  server CPU {:>6} µs/op  errors {}  check failures {}",
+                target.label(),
+                case.name,
+                report.ops_per_sec,
+                report.latency_ms.p50,
+                report.latency_ms.p99,
+                report.latency_ms.p999,
+                report
+                    .server_cpu_us_per_op
+                    .map(|c| format!("{c:.1}"))
+                    .unwrap_or_else(|| "-".into()),
+                report.error_count(),
+                report.checks.failed
+            );
+            if target != Target::Etcd && (report.error_count() > 0 || report.checks.failed > 0) {
+                failures.push(format!(
+                    "{} {}: errors {:?}, checks {:?}",
+                    target.label(),
+                    case.name,
+                    report.errors,
+                    report.checks
+                ));
+            }
+            rec.add(
+                "e2e",
+                &format!("{}/{}", target.label(), case.name),
+                &metrics_of(&report),
+            );
+            results.push((target, case.name, report));
+        }
+        drop(server);
+    }
+    // Ratios of MetaStore to etcd and to the ceiling, case by case.
+    for (t, name, ours) in results.iter().filter(|(t, ..)| *t == Target::MetaStore) {
+        let _ = t;
+        for other in [Target::Etcd, Target::Noop] {
+            let Some((_, _, theirs)) = results.iter().find(|(ot, n, _)| *ot == other && n == name)
+            else {
+                continue;
+            };
+            let throughput = ours.ops_per_sec / theirs.ops_per_sec.max(1e-9);
+            let p99 = ours.latency_ms.p99 / theirs.latency_ms.p99.max(1e-9);
+            println!(
+                "metastore vs {:<6} {name:<20} throughput ×{throughput:.2}  p99 ×{p99:.2}",
+                other.label()
+            );
+            rec.add(
+                "e2e",
+                &format!("metastore-vs-{}/{name}", other.label()),
+                &[("throughput_ratio", throughput), ("n_p99_ratio", p99)],
+            );
+        }
+    }
+    if !failures.is_empty() {
+        bail!("MetaStore runs had errors:\n{}", failures.join("\n"));
+    }
+    Ok(())
+}

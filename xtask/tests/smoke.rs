@@ -1,0 +1,135 @@
+//! CI's smoke run of `cargo xtask bench`: every layer bench and the e2e matrix against the
+//! real binaries, cut down to seconds, so the harness cannot rot. It checks the result files
+//! and the regression check, never how fast anything was.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// `target/<profile>`, where cargo put the `metastore` and `metastore-bench` binaries.
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>")
+        .to_path_buf()
+}
+
+fn xtask(args: &[&str], scratch: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(args)
+        .env("METASTORE_BENCH_DIR", scratch)
+        .output()
+        .expect("run xtask")
+}
+
+#[test]
+fn smoke_bench_writes_results_and_compare_flags_regressions() {
+    let bins = bin_dir();
+    for bin in ["metastore", "metastore-bench"] {
+        assert!(
+            bins.join(bin).exists(),
+            "{} missing: build the workspace first",
+            bins.join(bin).display()
+        );
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("results");
+    let scratch = tmp.path().join("scratch");
+    let run = xtask(
+        &[
+            "bench",
+            "--out",
+            out.to_str().expect("utf8"),
+            "smoke",
+            "--bin-dir",
+            bins.to_str().expect("utf8"),
+        ],
+        &scratch,
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "smoke bench failed\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    let json: Vec<PathBuf> = std::fs::read_dir(&out)
+        .expect("results dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    assert_eq!(json.len(), 1, "one run file: {json:?}");
+    let text = std::fs::read_to_string(&json[0]).expect("read run file");
+    let file: serde_json::Value = serde_json::from_str(&text).expect("run file is JSON");
+    let entries = file["entries"].as_array().expect("entries");
+    for layer in ["codec", "batch", "wal", "raft", "engine", "e2e"] {
+        assert!(
+            entries.iter().any(|e| e["layer"] == layer),
+            "no {layer} entry in {text}"
+        );
+    }
+    for name in [
+        "metastore/put-c256",
+        "metastore/range-l-c256",
+        "metastore/batch-put",
+        "metastore/watch-latency",
+        "metastore-rocksdb/put-c256",
+        "noop/put-c256",
+    ] {
+        let entry = entries
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} entry in {text}"));
+        assert!(entry["metrics"]["ops_per_sec"].as_f64().unwrap_or(0.0) > 0.0);
+        assert_eq!(entry["metrics"]["errors"].as_f64(), Some(0.0), "{name}");
+        assert_eq!(
+            entry["metrics"]["check_failures"].as_f64(),
+            Some(0.0),
+            "{name}"
+        );
+    }
+    let md = std::fs::read_to_string(json[0].with_extension("md")).expect("markdown beside");
+    assert!(md.contains("## Targets") && md.contains("## e2e"), "{md}");
+
+    // A run compared with itself has no regressions …
+    let run_path = json[0].to_str().expect("utf8");
+    let same = xtask(
+        &[
+            "bench",
+            "compare",
+            "--baseline",
+            run_path,
+            "--run",
+            run_path,
+        ],
+        &scratch,
+    );
+    assert!(
+        same.status.success(),
+        "{}",
+        String::from_utf8_lossy(&same.stdout)
+    );
+
+    // … and against a baseline twice as fast, every throughput regresses.
+    let mut faster = file.clone();
+    for e in faster["entries"].as_array_mut().expect("entries") {
+        if let Some(ops) = e["metrics"]["ops_per_sec"].as_f64() {
+            e["metrics"]["ops_per_sec"] = serde_json::json!(ops * 2.0);
+        }
+    }
+    let baseline = tmp.path().join("baseline.json");
+    std::fs::write(&baseline, serde_json::to_string(&faster).expect("json")).expect("write");
+    let worse = xtask(
+        &[
+            "bench",
+            "compare",
+            "--baseline",
+            baseline.to_str().expect("utf8"),
+            "--run",
+            run_path,
+        ],
+        &scratch,
+    );
+    assert!(!worse.status.success(), "regressions must fail the check");
+    assert!(String::from_utf8_lossy(&worse.stdout).contains("REGRESSION"));
+}
