@@ -112,7 +112,7 @@ pub fn table(file: &RunFile) -> String {
             unit: "",
         },
         Row {
-            measure: "in process: codec encode+decode, times faster than serde_json",
+            measure: "in process: codec encode+decode, times faster than serde_json (byte fields, as etcd's keys and values are)",
             etcd: None,
             goal: Goal::AtLeast(5.0),
             ours: metric(file, "codec", "put-command", "speedup"),

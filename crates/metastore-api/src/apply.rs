@@ -10,6 +10,7 @@ use metastore_engine::Engine;
 use metastore_mvcc::Store;
 use metastore_raft::{CommittedEntry, RaftNode, StateMachine};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// The completer arrives after the raft node starts (the proposer needs the node); entries
@@ -40,7 +41,20 @@ pub struct ApplyDriver<E: Engine> {
     store: Arc<Store<E>>,
     completer: CompleterSlot,
     durability: Durability,
-    durable: u64,
+    /// Highest index held durably by the state machine (raised by the persist thread).
+    durable: Arc<AtomicU64>,
+    /// A snapshot or flush is running on the persist thread.
+    persisting: Arc<AtomicBool>,
+}
+
+/// What the persist thread does.
+enum PersistJob {
+    Snapshot {
+        capture: metastore_mvcc::snapshot::SnapshotCapture,
+        dir: PathBuf,
+        retention: usize,
+    },
+    Flush,
 }
 
 impl<E: Engine> ApplyDriver<E> {
@@ -56,47 +70,81 @@ impl<E: Engine> ApplyDriver<E> {
             store,
             completer,
             durability,
-            durable,
+            durable: Arc::new(AtomicU64::new(durable)),
+            persisting: Arc::default(),
         }
     }
 
+    /// Every `every` applied entries, makes the state machine durable on a separate thread,
+    /// so applying (and every write waiting on it) never stops for a snapshot file or a
+    /// RocksDB flush. Only the snapshot's capture (the small meta space) runs here, between
+    /// entries.
     fn maybe_persist(&mut self) {
         let applied = self.store.applied_index();
         let every = match &self.durability {
             Durability::Snapshots { every, .. } | Durability::Flush { every } => (*every).max(1),
         };
-        if applied < self.durable + every {
+        if applied < self.durable.load(Ordering::Acquire) + every
+            || self.persisting.load(Ordering::Acquire)
+        {
             return;
         }
-        let started = std::time::Instant::now();
-        let result = match &self.durability {
-            Durability::Snapshots { dir, retention, .. } => {
-                // The apply loop is the only writer, so the engine does not change meanwhile.
-                metastore_mvcc::snapshot::write_snapshot(
-                    self.store.engine().as_ref(),
-                    dir,
-                    applied,
-                    1,
-                    *retention,
-                )
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-            }
-            Durability::Flush { .. } => self.store.engine().persist().map_err(|e| e.to_string()),
+        let job = match &self.durability {
+            Durability::Snapshots { dir, retention, .. } => match self.store.capture_snapshot() {
+                Ok(capture) => PersistJob::Snapshot {
+                    capture,
+                    dir: dir.clone(),
+                    retention: *retention,
+                },
+                Err(e) => {
+                    tracing::warn!(index = applied, error = %e, "cannot capture a snapshot");
+                    return;
+                }
+            },
+            Durability::Flush { .. } => PersistJob::Flush,
         };
-        match result {
-            Ok(()) => {
-                tracing::info!(
-                    index = applied,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "state machine persisted"
-                );
-                self.durable = applied;
-            }
-            // Nothing is lost: the WAL keeps everything until a later attempt succeeds.
-            Err(e) => {
-                tracing::warn!(index = applied, error = %e, "cannot persist the state machine")
-            }
+        self.persisting.store(true, Ordering::Release);
+        let (store, durable, persisting) = (
+            self.store.clone(),
+            self.durable.clone(),
+            self.persisting.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("persist".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                let result = match job {
+                    PersistJob::Snapshot {
+                        capture,
+                        dir,
+                        retention,
+                    } => capture
+                        .write(store.engine().as_ref(), &dir, applied, 1, retention)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    // Everything applied up to `applied` was written before this flush
+                    // starts, so the flush makes at least that much durable.
+                    PersistJob::Flush => store.engine().persist().map_err(|e| e.to_string()),
+                };
+                match result {
+                    Ok(()) => {
+                        tracing::info!(
+                            index = applied,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "state machine persisted"
+                        );
+                        durable.fetch_max(applied, Ordering::AcqRel);
+                    }
+                    // Nothing is lost: the WAL keeps everything until a later attempt succeeds.
+                    Err(e) => {
+                        tracing::warn!(index = applied, error = %e, "cannot persist the state machine")
+                    }
+                }
+                persisting.store(false, Ordering::Release);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the persist thread");
+            self.persisting.store(false, Ordering::Release);
         }
     }
 }
@@ -127,7 +175,7 @@ impl<E: Engine> StateMachine for ApplyDriver<E> {
     }
 
     fn durable_index(&self) -> u64 {
-        self.durable
+        self.durable.load(Ordering::Acquire)
     }
 
     fn applied_index(&self) -> u64 {

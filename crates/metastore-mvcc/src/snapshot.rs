@@ -8,6 +8,7 @@
 //! the old set of snapshots or the new one, never a torn file under the final name.
 
 use crate::MvccError;
+use bytes::Bytes;
 use metastore_engine::{Engine, Space, WriteBatch};
 use std::io::{Read, Write};
 use std::ops::Bound;
@@ -55,7 +56,8 @@ pub fn list_snapshots(dir: &Path) -> Vec<(u64, PathBuf)> {
 }
 
 /// Writes everything the engine holds as a snapshot taken at `index`; keeps the newest
-/// `retention` snapshots and deletes older ones. The caller must keep writers out meanwhile.
+/// `retention` snapshots and deletes older ones. The caller must keep writers out meanwhile
+/// (the server uses [`SnapshotCapture`] instead, which lets writers go on).
 pub fn write_snapshot(
     engine: &dyn Engine,
     dir: &Path,
@@ -63,17 +65,79 @@ pub fn write_snapshot(
     level: i32,
     retention: usize,
 ) -> Result<PathBuf, MvccError> {
-    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-    let path = snapshot_path(dir, index);
-    let tmp = path.with_extension("tmp");
-    let file = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
-    let mut out = std::io::BufWriter::new(file);
-    out.write_all(MAGIC).map_err(|e| io_err(&tmp, e))?;
-    let mut crc = crc32fast::Hasher::new();
-    let mut enc = zstd::Encoder::new(out, level).map_err(|e| io_err(&tmp, e))?;
-    let mut failure = None;
-    for space in Space::ALL {
-        engine.scan(space, (Bound::Unbounded, Bound::Unbounded), &mut |k, v| {
+    capture(engine, None, None)?.write(engine, dir, index, level, retention)
+}
+
+/// Clears the store's "snapshot scan running" flag when the capture is done with the engine.
+pub(crate) struct ScanHold(pub(crate) std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for ScanHold {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// The state machine at one applied index, taken so that the file can be written while
+/// writers go on. Taken between two applied entries: the small meta space (applied index,
+/// revision, leases, alarms) is copied at once; MVCC records are immutable and keyed by
+/// revision, so the records of the captured state are exactly those up to its revision, and
+/// records of later entries sort after that bound and are skipped. The only thing that
+/// removes records, physical compaction, waits while the capture is held (see
+/// `Store::capture_snapshot`).
+pub struct SnapshotCapture {
+    meta: Vec<(Bytes, Bytes)>,
+    /// Exclusive upper bound of the MVCC keys that belong to the capture (None: all).
+    kv_end: Option<Vec<u8>>,
+    _hold: Option<ScanHold>,
+}
+
+/// Captures the engine's state as of now. `revision` bounds the MVCC records taken (None =
+/// every record, for a quiesced engine).
+pub(crate) fn capture(
+    engine: &dyn Engine,
+    revision: Option<i64>,
+    hold: Option<ScanHold>,
+) -> Result<SnapshotCapture, MvccError> {
+    let mut meta = Vec::new();
+    engine.scan(
+        Space::Meta,
+        (Bound::Unbounded, Bound::Unbounded),
+        &mut |k, v| {
+            meta.push((Bytes::copy_from_slice(k), v.clone()));
+            true
+        },
+    )?;
+    // MVCC keys start with the big-endian main revision: every key of a revision above
+    // `revision` is at or after the 8 bytes of `revision + 1`.
+    let kv_end = revision.map(|r| r.saturating_add(1).to_be_bytes().to_vec());
+    Ok(SnapshotCapture {
+        meta,
+        kv_end,
+        _hold: hold,
+    })
+}
+
+impl SnapshotCapture {
+    /// Writes the captured state as the snapshot of `index` (temp file, fsync, rename, dir
+    /// fsync) and keeps the newest `retention` snapshots.
+    pub fn write(
+        self,
+        engine: &dyn Engine,
+        dir: &Path,
+        index: u64,
+        level: i32,
+        retention: usize,
+    ) -> Result<PathBuf, MvccError> {
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let path = snapshot_path(dir, index);
+        let tmp = path.with_extension("tmp");
+        let file = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+        let mut out = std::io::BufWriter::new(file);
+        out.write_all(MAGIC).map_err(|e| io_err(&tmp, e))?;
+        let mut crc = crc32fast::Hasher::new();
+        let mut enc = zstd::Encoder::new(out, level).map_err(|e| io_err(&tmp, e))?;
+        let mut failure = None;
+        let mut put = |space: Space, k: &[u8], v: &[u8]| {
             let mut rec = Vec::with_capacity(9 + k.len() + v.len());
             rec.push(space_code(space));
             rec.extend_from_slice(&(k.len() as u32).to_le_bytes());
@@ -88,26 +152,40 @@ pub fn write_snapshot(
                     false
                 }
             }
+        };
+        let end = match &self.kv_end {
+            Some(e) => Bound::Excluded(e.as_slice()),
+            None => Bound::Unbounded,
+        };
+        engine.scan(Space::Kv, (Bound::Unbounded, end), &mut |k, v| {
+            put(Space::Kv, k, v)
         })?;
-    }
-    if let Some(e) = failure {
-        return Err(io_err(&tmp, e));
-    }
-    let mut out = enc.finish().map_err(|e| io_err(&tmp, e))?;
-    out.write_all(&crc.finalize().to_le_bytes())
-        .map_err(|e| io_err(&tmp, e))?;
-    let file = out.into_inner().map_err(|e| io_err(&tmp, e.error()))?;
-    file.sync_all().map_err(|e| io_err(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_err(dir, e))?;
-    for (_, old) in list_snapshots(dir).into_iter().skip(retention.max(1)) {
-        if let Err(e) = std::fs::remove_file(&old) {
-            tracing::warn!(file = %old.display(), error = %e, "cannot remove an old snapshot");
+        for (k, v) in &self.meta {
+            if !put(Space::Meta, k, v) {
+                break;
+            }
         }
+        if let Some(e) = failure {
+            return Err(io_err(&tmp, e));
+        }
+        // The engine is no longer read: compaction may go on while the file is finished.
+        drop(self);
+        let mut out = enc.finish().map_err(|e| io_err(&tmp, e))?;
+        out.write_all(&crc.finalize().to_le_bytes())
+            .map_err(|e| io_err(&tmp, e))?;
+        let file = out.into_inner().map_err(|e| io_err(&tmp, e.error()))?;
+        file.sync_all().map_err(|e| io_err(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err(dir, e))?;
+        for (_, old) in list_snapshots(dir).into_iter().skip(retention.max(1)) {
+            if let Err(e) = std::fs::remove_file(&old) {
+                tracing::warn!(file = %old.display(), error = %e, "cannot remove an old snapshot");
+            }
+        }
+        Ok(path)
     }
-    Ok(path)
 }
 
 /// Loads a snapshot into an empty engine. A damaged file is an error naming it: a snapshot is

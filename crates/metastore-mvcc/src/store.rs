@@ -70,6 +70,8 @@ pub struct Store<E: Engine> {
     leases: Lessor,
     /// Raised alarms (member, alarm type), replicated like etcd's.
     alarms: parking_lot::RwLock<BTreeSet<(u64, i32)>>,
+    /// A snapshot capture is reading MVCC records: physical compaction waits for it.
+    snapshot_scan: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn rev_key(rev: Revision, tombstone: bool) -> Bytes {
@@ -155,6 +157,7 @@ impl<E: Engine> Store<E> {
             hub: WatchHub::new(revision),
             leases: Lessor::default(),
             alarms: parking_lot::RwLock::new(BTreeSet::new()),
+            snapshot_scan: Arc::default(),
         };
         store.load_alarms()?;
         if compact >= 0 {
@@ -462,8 +465,26 @@ impl<E: Engine> Store<E> {
         Ok(Some(results))
     }
 
+    /// Captures the state machine as of now for a snapshot file written by another thread
+    /// while applying goes on. Call it from the writer (the apply loop) between entries.
+    /// Physical compaction waits until the capture has finished reading the engine.
+    pub fn capture_snapshot(&self) -> Result<crate::snapshot::SnapshotCapture> {
+        let _writer = self.writer.lock();
+        self.snapshot_scan.store(true, Ordering::Release);
+        let hold = crate::snapshot::ScanHold(self.snapshot_scan.clone());
+        crate::snapshot::capture(
+            self.engine.as_ref(),
+            Some(self.current_rev.load(Ordering::Acquire)),
+            Some(hold),
+        )
+    }
+
     /// Publishes `rev` as the compact revision, then drops superseded records at or below it.
     fn physical_compaction(&self, rev: i64) -> Result<()> {
+        // A snapshot being written must still find every record of its captured state.
+        while self.snapshot_scan.load(Ordering::Acquire) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         // Publish first: a reader that then sees a trimmed index also sees the new compact
         // revision when it re-checks, and reports Compacted instead of a partial answer.
         self.compact_rev.store(rev, Ordering::SeqCst);
