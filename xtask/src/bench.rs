@@ -53,6 +53,16 @@ pub enum Bench {
     Smoke(SmokeArgs),
     /// Compares the latest run with `bench-results/baseline.json`; exits 1 on regressions.
     Compare(CompareArgs),
+    /// Regenerates the README's performance tables from a run file (default: the latest).
+    Readme(ReadmeArgs),
+}
+
+#[derive(Parser)]
+pub struct ReadmeArgs {
+    #[arg(long)]
+    run: Option<PathBuf>,
+    #[arg(long, default_value = "README.md")]
+    readme: PathBuf,
 }
 
 #[derive(Parser)]
@@ -135,6 +145,13 @@ pub fn run(cmd: BenchCmd, rt: &tokio::runtime::Runtime) -> Result<()> {
             )?;
             let e2e_args = e2e::E2eArgs::smoke(args.bin_dir);
             rt.block_on(e2e::run(e2e_args, &mut rec))?;
+        }
+        Bench::Readme(args) => {
+            let run = match args.run {
+                Some(p) => p,
+                None => results::latest(&cmd.out)?,
+            };
+            return results::update_readme(&args.readme, &run);
         }
         Bench::Compare(args) => {
             let baseline = results::load(&args.baseline)?;

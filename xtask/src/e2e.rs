@@ -35,6 +35,9 @@ pub struct E2eArgs {
     /// Skip the RocksDB-engine runs.
     #[arg(long)]
     memory_only: bool,
+    /// Run only these cases (comma-separated names, e.g. `put-c256,put-rate5000`).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 impl E2eArgs {
@@ -47,6 +50,7 @@ impl E2eArgs {
             smoke: true,
             bin_dir,
             memory_only: false,
+            only: Vec::new(),
         }
     }
 }
@@ -410,7 +414,9 @@ pub async fn run(args: E2eArgs, rec: &mut Recorder) -> Result<()> {
         };
         let mut loaded = false;
         for case in matrix(args.smoke) {
-            if !target.runs(case.name) {
+            if !target.runs(case.name)
+                || (!args.only.is_empty() && !args.only.iter().any(|o| o == case.name))
+            {
                 continue;
             }
             if case.reads && !loaded && target != Target::Noop {

@@ -12,6 +12,7 @@ use metastore_raft::{CommittedEntry, RaftNode, StateMachine};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 /// The completer arrives after the raft node starts (the proposer needs the node); entries
 /// replayed before that have nobody waiting for them.
@@ -45,7 +46,18 @@ pub struct ApplyDriver<E: Engine> {
     durable: Arc<AtomicU64>,
     /// A snapshot or flush is running on the persist thread.
     persisting: Arc<AtomicBool>,
+    /// No new snapshot or flush starts before this (see `PERSIST_DUTY_CYCLE`).
+    next_persist_at: Arc<parking_lot::Mutex<Instant>>,
 }
+
+/// Most of the time the persist thread may be busy. A snapshot's cost grows with the whole
+/// state (history included) while `snapshot-count` counts entries, so on a big store back-to-back
+/// snapshots would take a core away from serving; after a persist that took `t`, the next one
+/// waits `t * (1 / PERSIST_DUTY_CYCLE - 1)`. The WAL keeps everything meanwhile.
+const PERSIST_DUTY_CYCLE: f64 = 0.25;
+
+/// Share of one core a snapshot write may use while it runs (it sleeps in between).
+const SNAPSHOT_CPU_SHARE: f64 = 0.25;
 
 /// What the persist thread does.
 enum PersistJob {
@@ -72,6 +84,7 @@ impl<E: Engine> ApplyDriver<E> {
             durability,
             durable: Arc::new(AtomicU64::new(durable)),
             persisting: Arc::default(),
+            next_persist_at: Arc::new(parking_lot::Mutex::new(Instant::now())),
         }
     }
 
@@ -86,13 +99,14 @@ impl<E: Engine> ApplyDriver<E> {
         };
         if applied < self.durable.load(Ordering::Acquire) + every
             || self.persisting.load(Ordering::Acquire)
+            || Instant::now() < *self.next_persist_at.lock()
         {
             return;
         }
         let job = match &self.durability {
             Durability::Snapshots { dir, retention, .. } => match self.store.capture_snapshot() {
                 Ok(capture) => PersistJob::Snapshot {
-                    capture,
+                    capture: capture.with_pace(SNAPSHOT_CPU_SHARE),
                     dir: dir.clone(),
                     retention: *retention,
                 },
@@ -104,15 +118,16 @@ impl<E: Engine> ApplyDriver<E> {
             Durability::Flush { .. } => PersistJob::Flush,
         };
         self.persisting.store(true, Ordering::Release);
-        let (store, durable, persisting) = (
+        let (store, durable, persisting, next_persist_at) = (
             self.store.clone(),
             self.durable.clone(),
             self.persisting.clone(),
+            self.next_persist_at.clone(),
         );
         let spawned = std::thread::Builder::new()
             .name("persist".into())
             .spawn(move || {
-                let started = std::time::Instant::now();
+                let started = Instant::now();
                 let result = match job {
                     PersistJob::Snapshot {
                         capture,
@@ -140,6 +155,9 @@ impl<E: Engine> ApplyDriver<E> {
                         tracing::warn!(index = applied, error = %e, "cannot persist the state machine")
                     }
                 }
+                let took = started.elapsed();
+                *next_persist_at.lock() =
+                    Instant::now() + took.mul_f64(1.0 / PERSIST_DUTY_CYCLE - 1.0);
                 persisting.store(false, Ordering::Release);
             });
         if let Err(e) = spawned {

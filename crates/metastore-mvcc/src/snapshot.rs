@@ -88,6 +88,8 @@ pub struct SnapshotCapture {
     meta: Vec<(Bytes, Bytes)>,
     /// Exclusive upper bound of the MVCC keys that belong to the capture (None: all).
     kv_end: Option<Vec<u8>>,
+    /// Share of one core the write may use (1.0 = as fast as it goes).
+    pace: f64,
     _hold: Option<ScanHold>,
 }
 
@@ -113,11 +115,25 @@ pub(crate) fn capture(
     Ok(SnapshotCapture {
         meta,
         kv_end,
+        pace: 1.0,
         _hold: hold,
     })
 }
 
+/// Records written between two pacing pauses.
+const PACE_CHUNK: usize = 2048;
+
 impl SnapshotCapture {
+    /// Lets the write use about `share` of one core (0 < share ≤ 1): it sleeps between
+    /// chunks of records in proportion to the time it worked, so a snapshot of a large state
+    /// never takes a whole core away from serving requests for its whole length.
+    pub fn with_pace(mut self, share: f64) -> Self {
+        if share.is_finite() && share > 0.0 {
+            self.pace = share.min(1.0);
+        }
+        self
+    }
+
     /// Writes the captured state as the snapshot of `index` (temp file, fsync, rename, dir
     /// fsync) and keeps the newest `retention` snapshots.
     pub fn write(
@@ -157,7 +173,18 @@ impl SnapshotCapture {
             Some(e) => Bound::Excluded(e.as_slice()),
             None => Bound::Unbounded,
         };
+        let pause_per_busy = 1.0 / self.pace - 1.0;
+        let mut in_chunk = 0usize;
+        let mut chunk_started = std::time::Instant::now();
         engine.scan(Space::Kv, (Bound::Unbounded, end), &mut |k, v| {
+            if pause_per_busy > 0.0 {
+                in_chunk += 1;
+                if in_chunk == PACE_CHUNK {
+                    std::thread::sleep(chunk_started.elapsed().mul_f64(pause_per_busy));
+                    in_chunk = 0;
+                    chunk_started = std::time::Instant::now();
+                }
+            }
             put(Space::Kv, k, v)
         })?;
         for (k, v) in &self.meta {

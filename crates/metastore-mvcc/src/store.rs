@@ -70,8 +70,11 @@ pub struct Store<E: Engine> {
     leases: Lessor,
     /// Raised alarms (member, alarm type), replicated like etcd's.
     alarms: parking_lot::RwLock<BTreeSet<(u64, i32)>>,
-    /// A snapshot capture is reading MVCC records: physical compaction waits for it.
+    /// A snapshot capture is reading MVCC records: physical compaction defers its deletes.
     snapshot_scan: Arc<std::sync::atomic::AtomicBool>,
+    /// MVCC records compaction dropped from the index while a capture was reading the engine;
+    /// deleted by the next write once the capture is done.
+    deferred_deletes: Mutex<Vec<Bytes>>,
 }
 
 fn rev_key(rev: Revision, tombstone: bool) -> Bytes {
@@ -158,6 +161,7 @@ impl<E: Engine> Store<E> {
             leases: Lessor::default(),
             alarms: parking_lot::RwLock::new(BTreeSet::new()),
             snapshot_scan: Arc::default(),
+            deferred_deletes: Mutex::new(Vec::new()),
         };
         store.load_alarms()?;
         if compact >= 0 {
@@ -384,6 +388,7 @@ impl<E: Engine> Store<E> {
         if raft_index != 0 && raft_index <= self.applied_index() {
             return Ok(None);
         }
+        self.flush_deferred_deletes()?;
         let mut ctx = WriteCtx {
             rev: self.current_revision(),
             main: 0,
@@ -466,10 +471,14 @@ impl<E: Engine> Store<E> {
     }
 
     /// Captures the state machine as of now for a snapshot file written by another thread
-    /// while applying goes on. Call it from the writer (the apply loop) between entries.
-    /// Physical compaction waits until the capture has finished reading the engine.
+    /// while applying goes on. Call it from the writer (the apply loop) between entries, one
+    /// capture at a time. Until the capture has read the engine, physical compaction leaves
+    /// records in place (the index forgets them at once; the engine deletes follow later).
     pub fn capture_snapshot(&self) -> Result<crate::snapshot::SnapshotCapture> {
         let _writer = self.writer.lock();
+        // Deletes deferred during the previous capture go first: the new capture must hold
+        // exactly the applied state.
+        self.flush_deferred_deletes()?;
         self.snapshot_scan.store(true, Ordering::Release);
         let hold = crate::snapshot::ScanHold(self.snapshot_scan.clone());
         crate::snapshot::capture(
@@ -479,18 +488,45 @@ impl<E: Engine> Store<E> {
         )
     }
 
+    /// Deletes the records compaction deferred, unless a capture is still reading them.
+    /// Callers hold the writer lock.
+    fn flush_deferred_deletes(&self) -> Result<()> {
+        if self.snapshot_scan.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let keys = std::mem::take(&mut *self.deferred_deletes.lock());
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::new();
+        for k in keys {
+            batch.delete(Space::Kv, k);
+        }
+        self.engine.write(batch)?;
+        Ok(())
+    }
+
     /// Publishes `rev` as the compact revision, then drops superseded records at or below it.
     fn physical_compaction(&self, rev: i64) -> Result<()> {
-        // A snapshot being written must still find every record of its captured state.
-        while self.snapshot_scan.load(Ordering::Acquire) {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
         // Publish first: a reader that then sees a trimmed index also sees the new compact
         // revision when it re-checks, and reports Compacted instead of a partial answer.
         self.compact_rev.store(rev, Ordering::SeqCst);
+        let dropped: Vec<Bytes> = self
+            .index
+            .compact(rev)
+            .into_iter()
+            .map(|d| rev_key(d.rev, d.tombstone))
+            .collect();
+        if self.snapshot_scan.load(Ordering::Acquire) {
+            // A snapshot capture is still reading the records of its state: leave them until
+            // it is done (readers never reach them: the index no longer points to them).
+            self.deferred_deletes.lock().extend(dropped);
+            return Ok(());
+        }
+        self.flush_deferred_deletes()?;
         let mut batch = WriteBatch::new();
-        for dropped in self.index.compact(rev) {
-            batch.delete(Space::Kv, rev_key(dropped.rev, dropped.tombstone));
+        for k in dropped {
+            batch.delete(Space::Kv, k);
         }
         if !batch.is_empty() {
             self.engine.write(batch)?;

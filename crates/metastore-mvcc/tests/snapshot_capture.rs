@@ -1,6 +1,6 @@
 //! A snapshot captured between two applied entries and written while applying goes on (and a
 //! compaction arrives) holds exactly the state at the capture: the same records a snapshot of
-//! a quiesced store at that point holds.
+//! a quiesced store at that point holds. The compaction's deletes follow once it is written.
 
 use bytes::Bytes;
 use metastore_engine::{Engine, Space};
@@ -87,19 +87,38 @@ fn a_capture_written_during_later_applies_and_a_compaction_holds_the_captured_st
             let _ = done_tx.send(());
         })
     };
-    // The compaction must wait while the capture still reads the engine.
-    assert!(
-        done_rx.recv_timeout(Duration::from_millis(300)).is_err(),
-        "physical compaction ran while a snapshot capture was held"
-    );
-    let concurrent = dir.path().join("concurrent");
-    capture
-        .write(engine.as_ref(), &concurrent, captured_at, 1, 3)
-        .expect("write the capture");
+    // Applying and the compaction go on while the capture is held; the compaction's engine
+    // deletes wait until the capture has read the engine.
     writer.join().expect("writer");
     done_rx
         .recv_timeout(Duration::from_secs(10))
-        .expect("the compaction finished once the capture was written");
+        .expect("the compaction did not wait for the capture");
+    let concurrent = dir.path().join("concurrent");
+    capture
+        .with_pace(0.5)
+        .write(engine.as_ref(), &concurrent, captured_at, 1, 3)
+        .expect("write the capture");
+
+    // The next write deletes the deferred records: a new capture holds the compacted state.
+    let before_flush = records(&engine).len();
+    store
+        .apply(captured_at + 102, &[put("k0", "after".into())])
+        .expect("apply");
+    let after_flush = records(&engine).len();
+    assert!(
+        after_flush < before_flush,
+        "compacted records were deleted once the capture was done ({before_flush} -> {after_flush})"
+    );
+    let current = store.current_revision();
+    let resp = store
+        .range(&metastore_proto::etcdserverpb::RangeRequest {
+            key: Bytes::from("k"),
+            range_end: Bytes::from("l"),
+            ..Default::default()
+        })
+        .expect("range");
+    assert_eq!(resp.kvs.len(), 10);
+    assert!(resp.header.expect("header").revision == current);
 
     let from_quiesced = MemoryEngine::new();
     load_snapshot(&from_quiesced, &snapshot_path(&quiesced, captured_at)).expect("load");
