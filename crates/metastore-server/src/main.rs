@@ -3,6 +3,11 @@ use metastore_server::config::{Config, Flags};
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
+// glibc's malloc/free took ~10 % of the server's CPU under load (perf, 256 clients); mimalloc's
+// thread-local free lists suit the many small short-lived buffers of gRPC and apply.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = match Config::load(Flags::parse()) {
