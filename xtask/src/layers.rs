@@ -215,13 +215,21 @@ impl ProposalSink for InstantSink {
     }
 }
 
+/// What a proposer run measured.
+struct ProposerRun {
+    ops_per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+    commands_per_batch: f64,
+}
+
 /// Runs `producers` tasks that each submit commands one at a time for `duration`.
 async fn drive_proposer(
     proposer: Arc<BatchProposer<()>>,
     producers: usize,
     duration: Duration,
     val_size: usize,
-) -> Result<(u64, Vec<Duration>, Duration)> {
+) -> Result<ProposerRun> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     let started = Instant::now();
@@ -247,7 +255,16 @@ async fn drive_proposer(
         all.extend(t.await??);
     }
     let elapsed = started.elapsed();
-    Ok((all.len() as u64, all, elapsed))
+    let stats = proposer.stats();
+    let batches = stats.batches.load(Ordering::Relaxed).max(1);
+    let ops_per_sec = all.len() as f64 / elapsed.as_secs_f64();
+    let (p50, p99) = percentiles(all);
+    Ok(ProposerRun {
+        ops_per_sec,
+        p50_us: p50 * 1000.0,
+        p99_us: p99 * 1000.0,
+        commands_per_batch: stats.commands.load(Ordering::Relaxed) as f64 / batches as f64,
+    })
 }
 
 pub async fn batch(rec: &mut Recorder, smoke: bool) -> Result<()> {
@@ -256,26 +273,19 @@ pub async fn batch(rec: &mut Recorder, smoke: bool) -> Result<()> {
         let sink = Arc::new(InstantSink(OnceLock::new()));
         let proposer = Arc::new(BatchProposer::start(BatchConfig::default(), sink.clone()));
         let _ = sink.0.set(proposer.completer());
-        let (ops, lat, elapsed) =
-            drive_proposer(proposer.clone(), producers, duration, 256).await?;
-        let stats = proposer.stats();
-        let batches = stats.batches.load(Ordering::Relaxed).max(1);
-        let avg = stats.commands.load(Ordering::Relaxed) as f64 / batches as f64;
-        let rate = ops as f64 / elapsed.as_secs_f64();
-        let (p50, p99) = percentiles(lat);
+        let run = drive_proposer(proposer, producers, duration, 256).await?;
         println!(
-            "batch producers={producers}: {rate:.0} commands/s, submit→result p50 {:.1} µs p99 {:.1} µs, {avg:.1} commands per batch",
-            p50 * 1000.0,
-            p99 * 1000.0
+            "batch producers={producers}: {:.0} commands/s, submit→result p50 {:.1} µs p99 {:.1} µs, {:.1} commands per batch",
+            run.ops_per_sec, run.p50_us, run.p99_us, run.commands_per_batch
         );
         rec.add(
             "batch",
             &format!("producers-{producers}"),
             &[
-                ("ops_per_sec", rate),
-                ("p50_us", p50 * 1000.0),
-                ("p99_us", p99 * 1000.0),
-                ("n_commands_per_batch", avg),
+                ("ops_per_sec", run.ops_per_sec),
+                ("p50_us", run.p50_us),
+                ("p99_us", run.p99_us),
+                ("n_commands_per_batch", run.commands_per_batch),
             ],
         );
     }
@@ -439,27 +449,20 @@ pub async fn raft(rec: &mut Recorder, smoke: bool) -> Result<()> {
             Arc::new(RaftSink(node.clone())),
         ));
         let _ = completer.set(proposer.completer());
-        let (ops, lat, elapsed) =
-            drive_proposer(proposer.clone(), producers, duration, 256).await?;
-        let stats = proposer.stats();
-        let batches = stats.batches.load(Ordering::Relaxed).max(1);
-        let avg = stats.commands.load(Ordering::Relaxed) as f64 / batches as f64;
-        let rate = ops as f64 / elapsed.as_secs_f64();
-        let (p50, p99) = percentiles(lat);
+        let run = drive_proposer(proposer, producers, duration, 256).await?;
         node.shutdown();
         println!(
-            "raft propose→apply producers={producers}: {rate:.0} commands/s, p50 {:.1} µs p99 {:.1} µs, {avg:.1} commands per entry (WAL fsync on)",
-            p50 * 1000.0,
-            p99 * 1000.0
+            "raft propose→apply producers={producers}: {:.0} commands/s, p50 {:.1} µs p99 {:.1} µs, {:.1} commands per entry (WAL fsync on)",
+            run.ops_per_sec, run.p50_us, run.p99_us, run.commands_per_batch
         );
         rec.add(
             "raft",
             &format!("propose-apply-p{producers}"),
             &[
-                ("ops_per_sec", rate),
-                ("p50_us", p50 * 1000.0),
-                ("p99_us", p99 * 1000.0),
-                ("n_commands_per_entry", avg),
+                ("ops_per_sec", run.ops_per_sec),
+                ("p50_us", run.p50_us),
+                ("p99_us", run.p99_us),
+                ("n_commands_per_entry", run.commands_per_batch),
             ],
         );
     }

@@ -15,6 +15,31 @@ pub fn own_cpu() -> Option<Duration> {
     parse_stat(&std::fs::read_to_string("/proc/self/stat").ok()?)
 }
 
+/// CPU readings taken at the start of a measured span.
+pub struct CpuMark {
+    own: Option<Duration>,
+    server: Option<(u32, Duration)>,
+}
+
+impl CpuMark {
+    /// Notes this process's CPU time and, with `server_pid`, the server's.
+    pub fn now(server_pid: Option<u32>) -> Self {
+        Self {
+            own: own_cpu(),
+            server: server_pid.and_then(|pid| process_cpu(pid).map(|c| (pid, c))),
+        }
+    }
+
+    /// CPU used since the mark: (this process, the server).
+    pub fn elapsed(&self) -> (Option<Duration>, Option<Duration>) {
+        let own = own_cpu().zip(self.own).map(|(now, then)| now - then);
+        let server = self
+            .server
+            .and_then(|(pid, then)| process_cpu(pid).map(|now| now - then));
+        (own, server)
+    }
+}
+
 fn parse_stat(stat: &str) -> Option<Duration> {
     // The command name (field 2) may contain spaces; fields after its closing ')' are fixed.
     let rest = &stat[stat.rfind(')')? + 2..];

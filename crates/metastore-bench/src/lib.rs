@@ -300,8 +300,7 @@ async fn drive(workload: &Workload, common: &Common) -> Result<Report> {
     let stop = Arc::new(AtomicBool::new(false));
     let progress = report::Progress::start(common, done.clone());
 
-    let server_cpu_before = common.server_pid.and_then(cpu::process_cpu);
-    let own_cpu_before = cpu::own_cpu();
+    let cpu_mark = cpu::CpuMark::now(common.server_pid);
     let start = Instant::now();
 
     // Open loop: a pacer thread hands out due times; clients take them as they become free.
@@ -376,12 +375,7 @@ async fn drive(workload: &Workload, common: &Common) -> Result<Report> {
     }
     stop.store(true, Ordering::Relaxed);
     let elapsed = start.elapsed();
-    let own_cpu = cpu::own_cpu().zip(own_cpu_before).map(|(a, b)| a - b);
-    let server_cpu = common
-        .server_pid
-        .and_then(cpu::process_cpu)
-        .zip(server_cpu_before)
-        .map(|(a, b)| a - b);
+    let (own_cpu, server_cpu) = cpu_mark.elapsed();
     progress.finish();
 
     // Read back a sample of what was written.

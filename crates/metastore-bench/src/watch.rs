@@ -24,8 +24,7 @@ pub(crate) async fn watch(args: &WatchArgs, common: &Common) -> Result<Report> {
         bail!("--streams, --watch-per-stream and --watched-key-total must be positive");
     }
     let events = Arc::new(AtomicU64::new(0));
-    let server_before = common.server_pid.and_then(cpu::process_cpu);
-    let own_before = cpu::own_cpu();
+    let cpu_mark = cpu::CpuMark::now(common.server_pid);
     let start = Instant::now();
     let mut creators = Vec::new();
     for s in 0..args.streams {
@@ -89,12 +88,7 @@ pub(crate) async fn watch(args: &WatchArgs, common: &Common) -> Result<Report> {
         readers.extend(reader);
     }
     let created_in = start.elapsed();
-    let own_cpu = cpu::own_cpu().zip(own_before).map(|(a, b)| a - b);
-    let server_cpu = common
-        .server_pid
-        .and_then(cpu::process_cpu)
-        .zip(server_before)
-        .map(|(a, b)| a - b);
+    let (own_cpu, server_cpu) = cpu_mark.elapsed();
 
     // Watchers per key, to know how many events each put must produce.
     let mut per_key = vec![0u64; args.watched_key_total];
@@ -196,8 +190,7 @@ pub(crate) async fn watch_latency(args: &WatchLatencyArgs, common: &Common) -> R
     let setup = setup.elapsed();
 
     let mut kv = connect(common).await?.kv_client();
-    let server_before = common.server_pid.and_then(cpu::process_cpu);
-    let own_before = cpu::own_cpu();
+    let cpu_mark = cpu::CpuMark::now(common.server_pid);
     let start = Instant::now();
     let mut rec = Recorder::new();
     let mut seed = 0x2545_f491_4f6c_dd1du64;
@@ -226,12 +219,7 @@ pub(crate) async fn watch_latency(args: &WatchLatencyArgs, common: &Common) -> R
         }
     }
     let elapsed = start.elapsed();
-    let own_cpu = cpu::own_cpu().zip(own_before).map(|(a, b)| a - b);
-    let server_cpu = common
-        .server_pid
-        .and_then(cpu::process_cpu)
-        .zip(server_before)
-        .map(|(a, b)| a - b);
+    let (own_cpu, server_cpu) = cpu_mark.elapsed();
     for r in readers {
         r.abort();
     }
