@@ -33,6 +33,8 @@ pub enum ServerError {
     Raft(#[from] metastore_raft::RaftError),
     #[error("serving {0}: {1}")]
     Serve(std::net::SocketAddr, tonic::transport::Error),
+    #[error("listen tcp {0}: {1}")]
+    Bind(std::net::SocketAddr, std::io::Error),
     #[error("the raft member stopped: {0}")]
     MemberStopped(String),
 }
@@ -249,9 +251,14 @@ pub async fn serve<E: Engine>(
             metastore_api::errors::grpc_go_size_error::<tonic::body::Body>,
         ));
         let router = builder.add_routes(routes);
+        // Bind here, not inside the task: a port that cannot be bound must stop the member
+        // with an error, not leave it running and "ready" without a listener.
+        let incoming = tonic::transport::server::TcpIncoming::bind(addr)
+            .map_err(|e| ServerError::Bind(addr, e))?
+            .with_nodelay(Some(grpc.tcp_nodelay));
         tasks.push(tokio::spawn(async move {
             router
-                .serve_with_shutdown(addr, async move {
+                .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 })
                 .await
