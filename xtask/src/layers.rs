@@ -9,7 +9,7 @@ use metastore_codec::{decode_batch, decode_command, encode_batch, encode_command
 use metastore_proto::etcdserverpb::PutRequest;
 use metastore_proto::internal::{command::Op, Command};
 use metastore_raft::{CommittedEntry, NoPeers, RaftConfig, RaftNode, StateMachine};
-use metastore_wal::{Wal, WalOptions};
+use metastore_wal::{Committer, Wal, WalOptions};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -304,51 +304,82 @@ pub fn scratch_dir() -> Result<tempfile::TempDir> {
         .with_context(|| format!("creating a scratch dir in {}", base.display()))
 }
 
+/// How the writers of a WAL benchmark reach the disk.
+#[derive(Clone, Copy)]
+enum WalMode {
+    /// OS threads calling the blocking `Wal::sync_to`; one of them leads each fsync.
+    GroupCommitThreads,
+    /// Tokio tasks awaiting `Committer::sync`; the committer's thread runs the fsyncs.
+    GroupCommitTasks,
+    /// OS threads taking turns, one fsync each: the baseline group commit is measured against.
+    FsyncPerAppend,
+}
+
+impl WalMode {
+    fn name(self) -> &'static str {
+        match self {
+            WalMode::GroupCommitThreads => "group-commit",
+            WalMode::GroupCommitTasks => "group-commit-tasks",
+            WalMode::FsyncPerAppend => "fsync-per-append",
+        }
+    }
+}
+
 fn wal_run(
     dir: &Path,
     writers: usize,
     duration: Duration,
-    group_commit: bool,
+    mode: WalMode,
 ) -> Result<(f64, f64, f64, f64)> {
     let (wal, _) = Wal::open(dir, WalOptions::default()).map_err(|e| anyhow!("{e}"))?;
     let wal = Arc::new(wal);
-    let serial = Arc::new(Mutex::new(()));
     let stop = Arc::new(AtomicBool::new(false));
     let index = Arc::new(AtomicU64::new(1));
     let fsyncs_before = wal.stats().fsyncs;
     let started = Instant::now();
-    let mut threads = Vec::new();
-    for _ in 0..writers {
-        let (wal, serial, stop, index) = (wal.clone(), serial.clone(), stop.clone(), index.clone());
-        threads.push(std::thread::spawn(move || -> Result<Vec<Duration>> {
-            let payload = vec![b'w'; 300];
-            let mut lat = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                if group_commit {
-                    let i = index.fetch_add(1, Ordering::Relaxed);
-                    let lsn = wal
-                        .append(&[(1, i, &payload)])
-                        .map_err(|e| anyhow!("{e}"))?;
-                    wal.sync_to(lsn).map_err(|e| anyhow!("{e}"))?;
-                } else {
-                    // One fsync per append: nobody shares a sync.
-                    let _one_at_a_time = serial.lock().map_err(|_| anyhow!("poisoned"))?;
-                    let i = index.fetch_add(1, Ordering::Relaxed);
-                    wal.append_sync(1, i, &payload)
-                        .map_err(|e| anyhow!("{e}"))?;
-                }
-                lat.push(t.elapsed());
+    let lat = match mode {
+        WalMode::GroupCommitTasks => {
+            wal_tasks(wal.clone(), writers, duration, stop.clone(), index.clone())?
+        }
+        WalMode::GroupCommitThreads | WalMode::FsyncPerAppend => {
+            let serial = Arc::new(Mutex::new(()));
+            let group_commit = matches!(mode, WalMode::GroupCommitThreads);
+            let mut threads = Vec::new();
+            for _ in 0..writers {
+                let (wal, serial, stop, index) =
+                    (wal.clone(), serial.clone(), stop.clone(), index.clone());
+                threads.push(std::thread::spawn(move || -> Result<Vec<Duration>> {
+                    let payload = vec![b'w'; 300];
+                    let mut lat = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let t = Instant::now();
+                        if group_commit {
+                            let i = index.fetch_add(1, Ordering::Relaxed);
+                            let lsn = wal
+                                .append(&[(1, i, &payload)])
+                                .map_err(|e| anyhow!("{e}"))?;
+                            wal.sync_to(lsn).map_err(|e| anyhow!("{e}"))?;
+                        } else {
+                            // One fsync per append: nobody shares a sync.
+                            let _one_at_a_time = serial.lock().map_err(|_| anyhow!("poisoned"))?;
+                            let i = index.fetch_add(1, Ordering::Relaxed);
+                            wal.append_sync(1, i, &payload)
+                                .map_err(|e| anyhow!("{e}"))?;
+                        }
+                        lat.push(t.elapsed());
+                    }
+                    Ok(lat)
+                }));
             }
-            Ok(lat)
-        }));
-    }
-    std::thread::sleep(duration);
-    stop.store(true, Ordering::Relaxed);
-    let mut lat = Vec::new();
-    for t in threads {
-        lat.extend(t.join().map_err(|_| anyhow!("writer panicked"))??);
-    }
+            std::thread::sleep(duration);
+            stop.store(true, Ordering::Relaxed);
+            let mut lat = Vec::new();
+            for t in threads {
+                lat.extend(t.join().map_err(|_| anyhow!("writer panicked"))??);
+            }
+            lat
+        }
+    };
     let elapsed = started.elapsed().as_secs_f64();
     let fsyncs = (wal.stats().fsyncs - fsyncs_before) as f64 / elapsed;
     let appends = lat.len() as f64 / elapsed;
@@ -356,17 +387,62 @@ fn wal_run(
     Ok((appends, fsyncs, p50, p99))
 }
 
+/// `writers` tokio tasks on a runtime with one worker per core, each appending one record and
+/// awaiting its commit in a loop.
+fn wal_tasks(
+    wal: Arc<Wal>,
+    writers: usize,
+    duration: Duration,
+    stop: Arc<AtomicBool>,
+    index: Arc<AtomicU64>,
+) -> Result<Vec<Duration>> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .enable_time()
+        .build()
+        .context("starting a tokio runtime")?;
+    let committer = Arc::new(Committer::new(wal).map_err(|e| anyhow!("{e}"))?);
+    let lat = runtime.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..writers {
+            let (committer, stop, index) = (committer.clone(), stop.clone(), index.clone());
+            tasks.push(tokio::spawn(async move {
+                let payload = vec![b'w'; 300];
+                let mut lat = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let i = index.fetch_add(1, Ordering::Relaxed);
+                    committer
+                        .append(&[(1, i, &payload)])
+                        .await
+                        .map_err(|e| anyhow!("{e}"))?;
+                    lat.push(t.elapsed());
+                }
+                anyhow::Ok(lat)
+            }));
+        }
+        tokio::time::sleep(duration).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut lat = Vec::new();
+        for task in tasks {
+            lat.extend(task.await.context("writer task panicked")??);
+        }
+        anyhow::Ok(lat)
+    })?;
+    Ok(lat)
+}
+
 pub fn wal(rec: &mut Recorder, smoke: bool) -> Result<()> {
     let duration = Duration::from_millis(if smoke { 200 } else { 3000 });
     for writers in [1usize, 16, 256] {
-        for group in [true, false] {
+        for mode in [
+            WalMode::GroupCommitThreads,
+            WalMode::GroupCommitTasks,
+            WalMode::FsyncPerAppend,
+        ] {
             let dir = scratch_dir()?;
-            let (appends, fsyncs, p50, p99) = wal_run(dir.path(), writers, duration, group)?;
-            let mode = if group {
-                "group-commit"
-            } else {
-                "fsync-per-append"
-            };
+            let (appends, fsyncs, p50, p99) = wal_run(dir.path(), writers, duration, mode)?;
+            let mode = mode.name();
             println!(
                 "wal {mode} writers={writers}: {appends:.0} appends/s, {fsyncs:.0} fsyncs/s, p50 {:.1} µs, p99 {:.1} µs",
                 p50 * 1000.0,

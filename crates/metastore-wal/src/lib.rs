@@ -17,6 +17,8 @@
 //! Durability contract: [`Wal::append`] only buffers; a record is durable once
 //! [`Wal::sync_to`] (or [`Wal::append_sync`]) returned `Ok` for its [`Lsn`] or a later one.
 //! After any write or fsync failure the log is poisoned and every later call fails.
+//!
+//! Async callers use [`Committer`]: a flusher thread syncs for any number of awaiting tasks.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -25,6 +27,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::{Condvar, Mutex};
+
+mod committer;
+pub use committer::{Committer, Durable};
 
 /// Log sequence number: 1 for the first record appended through this process's `Wal` (or
 /// recovered count + 1 after a restart), increasing by 1 per record.
@@ -162,6 +167,9 @@ pub struct Wal {
     dir: PathBuf,
     opts: WalOptions,
     pending: Mutex<Pending>,
+    /// Lsn of the last appended record (`Pending::next_lsn - 1`, stored under that lock), so
+    /// readers of it need not take the append lock.
+    appended: AtomicU64,
     writer: Mutex<Writer>,
     sync_state: Mutex<SyncState>,
     sync_cv: Condvar,
@@ -308,6 +316,7 @@ impl Wal {
                 metas: Vec::new(),
                 next_lsn: recovered + 1,
             }),
+            appended: AtomicU64::new(recovered),
             writer: Mutex::new(Writer {
                 segments,
                 active,
@@ -363,6 +372,7 @@ impl Wal {
         }
         p.next_lsn += records.len() as u64;
         let last = p.next_lsn - 1;
+        self.appended.store(last, Ordering::Release);
         drop(p);
 
         self.records
@@ -379,7 +389,7 @@ impl Wal {
     /// the durable Lsn covers theirs.
     pub fn sync_to(&self, lsn: Lsn) -> Result<(), WalError> {
         self.check_poisoned()?;
-        let target = lsn.min(self.pending.lock().next_lsn - 1);
+        let target = lsn.min(self.last_appended_lsn());
         loop {
             let mut st = self.sync_state.lock();
             loop {
@@ -462,6 +472,16 @@ impl Wal {
     /// The log directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Lsn of the last record appended (recovered records count), 0 if none.
+    pub fn last_appended_lsn(&self) -> Lsn {
+        self.appended.load(Ordering::Acquire)
+    }
+
+    /// Every record up to this Lsn is written and fsynced.
+    pub fn durable_lsn(&self) -> Lsn {
+        self.sync_state.lock().durable
     }
 
     /// Counters since open.
