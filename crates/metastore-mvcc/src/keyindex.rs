@@ -20,6 +20,49 @@ pub struct Revision {
 pub struct IndexRev {
     pub rev: Revision,
     pub tombstone: bool,
+    /// `create_revision`, `version` and `lease` of the record at `rev` (zero for a tombstone):
+    /// all a put or a delete needs of the previous record, so they need not load it.
+    pub create_revision: i64,
+    pub version: i64,
+    pub lease: i64,
+}
+
+impl IndexRev {
+    pub fn live(rev: Revision, create_revision: i64, version: i64, lease: i64) -> Self {
+        IndexRev {
+            rev,
+            tombstone: false,
+            create_revision,
+            version,
+            lease,
+        }
+    }
+
+    pub fn tombstone(rev: Revision) -> Self {
+        IndexRev {
+            rev,
+            tombstone: true,
+            create_revision: 0,
+            version: 0,
+            lease: 0,
+        }
+    }
+}
+
+/// One key's revision list, searched for once and then both read and appended to, as a put
+/// does.
+pub struct KeySlot<'a>(crossbeam_skiplist::map::Entry<'a, Bytes, RwLock<Vec<IndexRev>>>);
+
+impl KeySlot<'_> {
+    /// The live revision at `rev`, as [`KeyIndex::get`].
+    pub fn visible(&self, rev: i64) -> Option<IndexRev> {
+        visible(&self.0.value().read(), rev)
+    }
+
+    /// Records a write, as [`KeyIndex::push`].
+    pub fn push(&self, entry: IndexRev) {
+        self.0.value().write().push(entry);
+    }
 }
 
 #[derive(Default)]
@@ -101,6 +144,18 @@ impl KeyIndex {
             .and_then(|e| visible(&e.value().read(), rev))
     }
 
+    /// The slot of `key`, created (with no revisions, so invisible to readers) if missing.
+    /// Only the single writer may call this: compaction removes empty slots.
+    pub fn slot(&self, key: &Bytes) -> KeySlot<'_> {
+        match self.keys.get(&key[..]) {
+            Some(entry) => KeySlot(entry),
+            None => KeySlot(
+                self.keys
+                    .get_or_insert(key.clone(), RwLock::new(Vec::new())),
+            ),
+        }
+    }
+
     /// Records a write. Revisions must arrive in increasing order per key (the apply loop
     /// guarantees it).
     pub fn push(&self, key: &Bytes, entry: IndexRev) {
@@ -162,9 +217,11 @@ mod tests {
     use super::*;
 
     fn ir(main: i64, tombstone: bool) -> IndexRev {
-        IndexRev {
-            rev: Revision { main, sub: 0 },
-            tombstone,
+        let rev = Revision { main, sub: 0 };
+        if tombstone {
+            IndexRev::tombstone(rev)
+        } else {
+            IndexRev::live(rev, main, 1, 0)
         }
     }
 
@@ -191,6 +248,21 @@ mod tests {
         idx.push(&j, ir(10, false));
         idx.push(&j, ir(11, true));
         assert_eq!(idx.compact(11).len(), 2);
+        assert_eq!(idx.len(), 1);
+    }
+
+    #[test]
+    fn slot_reads_and_appends_one_key() {
+        let idx = KeyIndex::new();
+        let k = Bytes::from_static(b"k");
+        let slot = idx.slot(&k);
+        assert_eq!(slot.visible(10), None);
+        slot.push(ir(2, false));
+        assert_eq!(idx.get(b"k", 3), Some(ir(2, false)));
+        let again = idx.slot(&k);
+        assert_eq!(again.visible(3), Some(ir(2, false)));
+        again.push(ir(4, true));
+        assert_eq!(idx.get(b"k", 5), None);
         assert_eq!(idx.len(), 1);
     }
 

@@ -131,7 +131,12 @@ impl<E: Engine> Store<E> {
                 };
                 match KeyValue::decode(v.clone()) {
                     Ok(kv) => {
-                        index.push(&kv.key, IndexRev { rev, tombstone });
+                        let entry = if tombstone {
+                            IndexRev::tombstone(rev)
+                        } else {
+                            IndexRev::live(rev, kv.create_revision, kv.version, kv.lease)
+                        };
+                        index.push(&kv.key, entry);
                         max_rev = max_rev.max(rev.main);
                         true
                     }
@@ -678,22 +683,25 @@ impl<E: Engine> Store<E> {
     /// Writes a put at the context's revision; returns the previous value if asked for.
     fn put(&self, p: &PutRequest, ctx: &mut WriteCtx) -> Result<Option<KeyValue>> {
         let view_rev = ctx.read_rev();
-        let prev = match self.index.get(&p.key, view_rev) {
-            Some(r) => Some(self.load(r.rev, &ctx.view())?),
-            None => None,
+        let slot = self.index.slot(&p.key);
+        let prev_rev = slot.visible(view_rev);
+        // The index holds create_revision, version and lease; the previous record itself is
+        // loaded only when its value is wanted (one search of the big revision map saved).
+        let wants_prev = p.prev_kv || p.ignore_value || ctx.events.is_some();
+        let prev = match prev_rev {
+            Some(r) if wants_prev => Some(self.load(r.rev, &ctx.view())?),
+            _ => None,
         };
-        let (create_revision, version) = match &prev {
-            Some(kv) => (kv.create_revision, kv.version + 1),
+        let (create_revision, version) = match prev_rev {
+            Some(r) => (r.create_revision, r.version + 1),
             None => (ctx.main, 1),
         };
         let value = match (&prev, p.ignore_value) {
             (Some(kv), true) => kv.value.clone(),
             _ => p.value.clone(),
         };
-        let lease = match (&prev, p.ignore_lease) {
-            (Some(kv), true) => kv.lease,
-            _ => p.lease,
-        };
+        let old_lease = prev_rev.map_or(0, |r| r.lease);
+        let lease = if p.ignore_lease { old_lease } else { p.lease };
         let rev = ctx.next_rev();
         let kv = KeyValue {
             key: p.key.clone(),
@@ -707,14 +715,7 @@ impl<E: Engine> Store<E> {
         let encoded: Bytes = kv.encode_to_vec().into();
         ctx.overlay.insert(rk.clone(), encoded.clone());
         ctx.batch.put(Space::Kv, rk, encoded);
-        self.index.push(
-            &p.key,
-            IndexRev {
-                rev,
-                tombstone: false,
-            },
-        );
-        let old_lease = prev.as_ref().map(|kv| kv.lease).unwrap_or(0);
+        slot.push(IndexRev::live(rev, create_revision, version, lease));
         if old_lease != kv.lease {
             if old_lease != 0 {
                 self.leases.detach(old_lease, &kv.key);
@@ -744,15 +745,20 @@ impl<E: Engine> Store<E> {
             &KeyRange::new(&d.key, &d.range_end),
             view_rev,
             &mut |k, r| {
-                victims.push((k.clone(), r.rev));
+                victims.push((k.clone(), r));
                 true
             },
         );
+        let wants_prev = d.prev_kv || ctx.events.is_some();
         let mut prev_kvs = Vec::new();
-        for (key, rev) in &victims {
-            let prev = self.load(*rev, &ctx.view())?;
-            if prev.lease != 0 {
-                self.leases.detach(prev.lease, key);
+        for (key, victim) in &victims {
+            let prev = if wants_prev {
+                Some(self.load(victim.rev, &ctx.view())?)
+            } else {
+                None
+            };
+            if victim.lease != 0 {
+                self.leases.detach(victim.lease, key);
             }
             let rev = ctx.next_rev();
             let tomb = KeyValue {
@@ -766,19 +772,13 @@ impl<E: Engine> Store<E> {
                 events.push(Event {
                     r#type: EventType::Delete as i32,
                     kv: Some(tomb),
-                    prev_kv: Some(prev.clone()),
+                    prev_kv: prev.clone(),
                 });
             }
             if d.prev_kv {
-                prev_kvs.push(prev);
+                prev_kvs.extend(prev);
             }
-            self.index.push(
-                key,
-                IndexRev {
-                    rev,
-                    tombstone: true,
-                },
-            );
+            self.index.push(key, IndexRev::tombstone(rev));
         }
         Ok((victims.len() as i64, prev_kvs))
     }
