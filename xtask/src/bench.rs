@@ -1,8 +1,9 @@
 //! `cargo xtask bench …`: in-process layer benchmarks and whole-server measurements.
 
 use crate::results::{self, Recorder};
+use crate::server::{self, Probe, Server};
 use crate::{e2e, layers};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use metastore_engine::Engine;
@@ -12,7 +13,6 @@ use metastore_proto::etcdserverpb::{PutRequest, RangeRequest};
 use metastore_proto::internal::{command::Op, Command};
 use metastore_rocksdb::{RocksDbConfig, RocksDbEngine};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command as Process, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -294,47 +294,8 @@ fn engine(args: EngineArgs, rec: &mut Recorder) -> Result<()> {
     Ok(())
 }
 
-struct Server {
-    child: Child,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(bin: &PathBuf, dir: &std::path::Path, storage: &str, port: u16) -> Result<Server> {
-    let child = Process::new(bin)
-        .args(["--data-dir", dir.to_str().context("utf8 path")?])
-        .args(["--listen-client-urls", &format!("http://127.0.0.1:{port}")])
-        .args([
-            "--advertise-client-urls",
-            &format!("http://127.0.0.1:{port}"),
-        ])
-        .args(["--storage", storage, "--log-level", "warn"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    Ok(Server { child })
-}
-
-async fn wait_ready(port: u16) -> Result<Duration> {
-    let started = Instant::now();
-    loop {
-        if let Ok(mut c) = etcd_client::Client::connect([format!("127.0.0.1:{port}")], None).await {
-            if c.status().await.is_ok() {
-                return Ok(started.elapsed());
-            }
-        }
-        if started.elapsed() > Duration::from_secs(600) {
-            bail!("server not ready after 10 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// A restart replays up to millions of keys; far longer than a fresh start may take.
+const RESTART_READY_TIMEOUT: Duration = Duration::from_secs(600);
 
 fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -349,11 +310,13 @@ fn rss_kb(pid: u32) -> u64 {
 
 async fn restart(args: RestartArgs, rec: &mut Recorder) -> Result<()> {
     let dir = layers::scratch_dir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mut server = spawn(&args.bin, dir.path(), &args.storage, port)?;
-    wait_ready(port).await?;
+    let port = server::free_port()?;
+    let spawn = || -> Result<Server> {
+        let child = server::spawn_metastore(&args.bin, dir.path(), &args.storage, port, &[])?;
+        Ok(Server::new(child, port, None))
+    };
+    let server = spawn()?;
+    server::wait_ready(port, Probe::StatusAndPut, RESTART_READY_TIMEOUT).await?;
     let client = etcd_client::Client::connect([format!("127.0.0.1:{port}")], None).await?;
     let value = vec![b'v'; args.val_size];
     let load = Instant::now();
@@ -377,11 +340,9 @@ async fn restart(args: RestartArgs, rec: &mut Recorder) -> Result<()> {
     }
     let load = load.elapsed();
     let rss_loaded = rss_kb(server.child.id());
-    server.child.kill()?;
-    server.child.wait()?;
-    drop(server);
-    let server = spawn(&args.bin, dir.path(), &args.storage, port)?;
-    let ready = wait_ready(port).await?;
+    server.kill()?;
+    let server = spawn()?;
+    let ready = server::wait_ready(port, Probe::StatusAndPut, RESTART_READY_TIMEOUT).await?;
     let mut c = etcd_client::Client::connect([format!("127.0.0.1:{port}")], None).await?;
     let count = c
         .get(

@@ -3,6 +3,7 @@
 //! through `metastore-bench`.
 
 use crate::results::Recorder;
+use crate::server::{self, free_port, wait_ready, Probe, Server};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use metastore_bench::report::Report;
@@ -10,8 +11,8 @@ use metastore_bench::{
     BatchArgs, Common, Consistency, RangeArgs, TxnMixedArgs, TxnPutArgs, WatchLatencyArgs, Workload,
 };
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 #[derive(Parser, Clone)]
 pub struct E2eArgs {
@@ -59,50 +60,17 @@ impl E2eArgs {
     }
 }
 
-/// One server under test; killed on drop.
-struct Server {
-    child: Child,
-    port: u16,
-    _dir: Option<tempfile::TempDir>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 fn spawn_metastore(bin_dir: &Path, storage: &str) -> Result<Server> {
     let dir = crate::layers::scratch_dir()?;
     let port = free_port()?;
-    let peer = free_port()?;
-    let bin = bin_dir.join("metastore");
-    let child = Command::new(&bin)
-        .args(["--data-dir", &dir.path().join("data").to_string_lossy()])
-        .args(["--listen-client-urls", &format!("http://127.0.0.1:{port}")])
-        .args([
-            "--advertise-client-urls",
-            &format!("http://127.0.0.1:{port}"),
-        ])
-        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-        .args(["--storage", storage, "--log-level", "warn"])
-        .args(["--quota-backend-bytes", QUOTA_BYTES])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    Ok(Server {
-        child,
+    let child = server::spawn_metastore(
+        &bin_dir.join("metastore"),
+        &dir.path().join("data"),
+        storage,
         port,
-        _dir: Some(dir),
-    })
+        &["--quota-backend-bytes", QUOTA_BYTES],
+    )?;
+    Ok(Server::new(child, port, Some(dir)))
 }
 
 fn spawn_noop(bin_dir: &Path) -> Result<Server> {
@@ -114,11 +82,7 @@ fn spawn_noop(bin_dir: &Path) -> Result<Server> {
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
-    Ok(Server {
-        child,
-        port,
-        _dir: None,
-    })
+    Ok(Server::new(child, port, None))
 }
 
 fn ensure_etcd(bin: &str) -> Result<String> {
@@ -193,31 +157,7 @@ fn spawn_etcd(bin: &str) -> Result<Server> {
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {bin}"))?;
-    Ok(Server {
-        child,
-        port,
-        _dir: Some(dir),
-    })
-}
-
-async fn wait_ready(port: u16, noop: bool) -> Result<()> {
-    let started = Instant::now();
-    loop {
-        if let Ok(mut c) = etcd_client::Client::connect([format!("127.0.0.1:{port}")], None).await {
-            let ok = if noop {
-                c.put("ready", "x", None).await.is_ok()
-            } else {
-                c.status().await.is_ok() && c.put("ready", "x", None).await.is_ok()
-            };
-            if ok {
-                return Ok(());
-            }
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            bail!("server on port {port} not ready after 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    Ok(Server::new(child, port, Some(dir)))
 }
 
 /// Compacts a server's history up to its current revision (physically).
@@ -248,6 +188,8 @@ async fn compact(port: u16) -> Result<()> {
 /// Backend quota of every server under test: the matrix writes a few GB over its rounds, more
 /// than the 2 GiB default; etcd's documented maximum.
 const QUOTA_BYTES: &str = "8589934592";
+/// A fresh server (MetaStore, etcd or the no-op) serves within this.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One row of the matrix.
 struct Case {
@@ -459,7 +401,12 @@ pub async fn run(args: E2eArgs, rec: &mut Recorder) -> Result<()> {
             Target::Noop => spawn_noop(&bin_dir)?,
             Target::Etcd => spawn_etcd(etcd.as_deref().unwrap_or("etcd"))?,
         };
-        wait_ready(server.port, target == Target::Noop).await?;
+        let probe = if target == Target::Noop {
+            Probe::Put
+        } else {
+            Probe::StatusAndPut
+        };
+        wait_ready(server.port, probe, READY_TIMEOUT).await?;
         servers.push((target, server, false));
     }
     let mut results: Vec<(Target, &'static str, Report)> = Vec::new();

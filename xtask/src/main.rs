@@ -10,6 +10,7 @@ mod e2e;
 mod layers;
 mod loadgen;
 mod results;
+mod server;
 mod targets;
 
 use anyhow::Result;
