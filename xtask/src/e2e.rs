@@ -3,7 +3,7 @@
 //! through `metastore-bench`.
 
 use crate::results::Recorder;
-use crate::server::{self, free_port, wait_ready, Probe, Server};
+use crate::server::{self, free_port, wait_for_quiet_machine, wait_ready, Probe, Server};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use metastore_bench::report::Report;
@@ -188,6 +188,11 @@ async fn compact(port: u16) -> Result<()> {
 /// Backend quota of every server under test: the matrix writes a few GB over its rounds, more
 /// than the 2 GiB default; etcd's documented maximum.
 const QUOTA_BYTES: &str = "8589934592";
+/// A round starts once the machine is below this share of its CPU time busy (or after
+/// `QUIET_TIMEOUT`): with every server up for the whole matrix, idle ones still run
+/// background work the previous case left them.
+const QUIET_MAX_BUSY: f64 = 0.10;
+const QUIET_TIMEOUT: Duration = Duration::from_secs(20);
 /// A fresh server (MetaStore, etcd or the no-op) serves within this.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -416,6 +421,7 @@ pub async fn run(args: E2eArgs, rec: &mut Recorder) -> Result<()> {
             continue;
         }
         let mut per_target: Vec<(Target, Vec<Report>)> = Vec::new();
+        let (mut settle_waited, mut unquiet_rounds) = (Duration::ZERO, 0usize);
         for _ in 0..rounds {
             for (target, server, loaded) in servers.iter_mut() {
                 let target = *target;
@@ -449,6 +455,14 @@ pub async fn run(args: E2eArgs, rec: &mut Recorder) -> Result<()> {
                         );
                     }
                     *loaded = true;
+                }
+                if !args.smoke {
+                    let (waited, quiet) =
+                        wait_for_quiet_machine(QUIET_MAX_BUSY, QUIET_TIMEOUT).await;
+                    settle_waited += waited;
+                    if !quiet {
+                        unquiet_rounds += 1;
+                    }
                 }
                 let scale = |n: usize| if args.smoke { n.min(8) } else { n };
                 let common = Common {
@@ -492,6 +506,14 @@ pub async fn run(args: E2eArgs, rec: &mut Recorder) -> Result<()> {
                     .with_context(|| format!("compacting {}", target.label()))?;
             }
         }
+        if !args.smoke {
+            println!(
+                "{}: waited {:.1} s in all for a quiet machine before its rounds; {unquiet_rounds} round(s) started busy after {} s",
+                case.name,
+                settle_waited.as_secs_f64(),
+                QUIET_TIMEOUT.as_secs()
+            );
+        }
         let by_latency = case.rate > 0.0 || case.name == "watch-latency";
         for (target, reports) in per_target {
             let Some((report, spread)) = median(reports, by_latency) else {
@@ -515,6 +537,8 @@ pub async fn run(args: E2eArgs, rec: &mut Recorder) -> Result<()> {
             let mut metrics = metrics_of(&report);
             metrics.push(("n_rounds", rounds as f64));
             metrics.push(("n_round_spread", spread));
+            // Of all servers' rounds of this case: how many began on a still busy machine.
+            metrics.push(("n_rounds_started_busy", unquiet_rounds as f64));
             rec.add(
                 "e2e",
                 &format!("{}/{}", target.label(), case.name),

@@ -107,3 +107,44 @@ pub async fn wait_ready(port: u16, probe: Probe, timeout: Duration) -> Result<Du
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Busy and total CPU time of the whole machine so far, in clock ticks (`/proc/stat`).
+fn machine_cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal …: idle and iowait are not busy.
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).copied()? + ticks.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// Waits (up to `timeout`) until the machine is quiet: below `max_busy` of its CPU time busy
+/// over a 200 ms window. Servers that are idle between their turns still finish background
+/// work (RocksDB compactions, etcd's own snapshots) left by the previous case, and that work
+/// landed in whichever server's latency was measured next. Returns how long it waited and
+/// whether the machine got quiet; without `/proc/stat` it returns at once.
+pub async fn wait_for_quiet_machine(max_busy: f64, timeout: Duration) -> (Duration, bool) {
+    let started = Instant::now();
+    let Some(mut last) = machine_cpu_ticks() else {
+        return (Duration::ZERO, true);
+    };
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Some(now) = machine_cpu_ticks() else {
+            return (started.elapsed(), true);
+        };
+        let (busy, total) = (now.0 - last.0, now.1 - last.1);
+        if total > 0 && (busy as f64) < max_busy * total as f64 {
+            return (started.elapsed(), true);
+        }
+        if started.elapsed() >= timeout {
+            return (started.elapsed(), false);
+        }
+        last = now;
+    }
+}
