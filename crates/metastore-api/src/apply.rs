@@ -59,20 +59,6 @@ const PERSIST_DUTY_CYCLE: f64 = 0.25;
 /// Share of one core a snapshot write may use while it runs (it sleeps in between).
 const SNAPSHOT_CPU_SHARE: f64 = 0.25;
 
-/// Nice value of the persist thread: when it and a thread serving requests are both runnable
-/// on a busy machine, the scheduler runs the request first (tail latency), while the pacing
-/// above still bounds how much of a core persistence takes when the machine is idle.
-const PERSIST_NICE: i32 = 10;
-
-/// Best effort: a thread that keeps the default priority only costs some tail latency.
-fn lower_own_priority() {
-    // On Linux the nice value belongs to the thread, so this leaves the others alone.
-    let tid = rustix::thread::gettid();
-    if let Err(e) = rustix::process::setpriority_process(Some(tid), PERSIST_NICE) {
-        tracing::debug!(error = %e, "cannot lower the persist thread's priority");
-    }
-}
-
 /// What the persist thread does.
 enum PersistJob {
     Snapshot {
@@ -141,7 +127,6 @@ impl<E: Engine> ApplyDriver<E> {
         let spawned = std::thread::Builder::new()
             .name("persist".into())
             .spawn(move || {
-                lower_own_priority();
                 let started = Instant::now();
                 let result = match job {
                     PersistJob::Snapshot {
