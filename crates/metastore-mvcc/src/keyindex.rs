@@ -61,7 +61,13 @@ impl KeySlot<'_> {
 
     /// Records a write, as [`KeyIndex::push`].
     pub fn push(&self, entry: IndexRev) {
-        self.0.value().write().push(entry);
+        let mut revs = self.0.value().write();
+        if revs.capacity() == 0 {
+            // A plain push would allocate room for 4; most keys keep one revision after
+            // compaction, and with a million keys the spare room was ~170 MB of RSS.
+            revs.reserve_exact(1);
+        }
+        revs.push(entry);
     }
 }
 
