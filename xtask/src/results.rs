@@ -189,6 +189,7 @@ fn lower_is_better(metric: &str) -> bool {
     [
         "_ms",
         "_us",
+        "_ns",
         "_s",
         "_mb",
         "_bytes",
@@ -480,6 +481,22 @@ mod tests {
             ("n_avg_batch", 1.0),
         ]);
         assert_eq!(compare(&base, &worse, 10.0), 2);
+    }
+
+    #[test]
+    fn durations_in_every_unit_are_better_lower() {
+        for metric in [
+            "p99_ms",
+            "p50_us",
+            "encode_decode_ns",
+            "restart_ready_s",
+            "rss_mb",
+        ] {
+            assert!(lower_is_better(metric), "{metric}");
+        }
+        for metric in ["ops_per_sec", "appends_per_sec", "speedup"] {
+            assert!(!lower_is_better(metric), "{metric}");
+        }
     }
 
     #[test]
