@@ -344,17 +344,7 @@ async fn restart(args: RestartArgs, rec: &mut Recorder) -> Result<()> {
     let server = spawn()?;
     let ready = server::wait_ready(port, Probe::StatusAndPut, RESTART_READY_TIMEOUT).await?;
     let mut c = etcd_client::Client::connect([format!("127.0.0.1:{port}")], None).await?;
-    let count = c
-        .get(
-            "key/",
-            Some(
-                etcd_client::GetOptions::new()
-                    .with_prefix()
-                    .with_count_only(),
-            ),
-        )
-        .await?
-        .count();
+    let count = server::count_prefix(&mut c, "key/").await?;
     if count != args.keys as i64 {
         bail!("{count} of {} keys after the restart", args.keys);
     }

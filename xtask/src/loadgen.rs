@@ -74,17 +74,7 @@ pub async fn lease_expiry(args: LeaseArgs) -> Result<()> {
         i += 1;
         if last_check.elapsed() >= Duration::from_millis(100) {
             last_check = Instant::now();
-            let left = client
-                .get(
-                    "le/",
-                    Some(
-                        etcd_client::GetOptions::new()
-                            .with_prefix()
-                            .with_count_only(),
-                    ),
-                )
-                .await?
-                .count();
+            let left = crate::server::count_prefix(&mut client, "le/").await?;
             if left == 0 {
                 gone_after = Some(granted.elapsed());
                 break;

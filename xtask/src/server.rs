@@ -74,6 +74,14 @@ pub fn spawn_metastore(
         .with_context(|| format!("starting {}", bin.display()))
 }
 
+/// How many keys under `prefix` the server holds (a count-only range, no values sent).
+pub async fn count_prefix(client: &mut etcd_client::Client, prefix: &str) -> Result<i64> {
+    let options = etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_count_only();
+    Ok(client.get(prefix, Some(options)).await?.count())
+}
+
 /// How to tell that a server serves.
 #[derive(Clone, Copy)]
 pub enum Probe {
