@@ -67,12 +67,17 @@ impl Engine for MemoryEngine {
         for op in batch.into_ops() {
             match op {
                 WriteOp::Put { space, key, value } => {
-                    let map = self.space(space);
-                    if let Some(old) = map.get(&key[..]) {
-                        delta -= (old.key().len() + old.value().len()) as i64;
-                    }
                     delta += (key.len() + value.len()) as i64;
-                    map.insert(key, value);
+                    // The replaced value is sized inside the insert's own search (with one
+                    // writer the closure sees each live old entry once) instead of a `get`
+                    // first: revision keys are always new, so that was a second search per put.
+                    let replaced = std::cell::Cell::new(0i64);
+                    let key_len = key.len() as i64;
+                    self.space(space).compare_insert(key, value, |old| {
+                        replaced.set(replaced.get() + key_len + old.len() as i64);
+                        true
+                    });
+                    delta -= replaced.get();
                 }
                 WriteOp::Delete { space, key } => {
                     if let Some(old) = self.space(space).remove(&key[..]) {
@@ -135,6 +140,14 @@ mod tests {
         e.write(b).expect("write");
         assert_eq!(e.get(Space::Kv, b"a").expect("get"), None);
         assert_eq!(e.size_bytes(), 3 * 4 + 2);
+        // Overwrites count the new size in place of the old, also twice in one batch.
+        let mut b = WriteBatch::new();
+        b.put(Space::Kv, &b"b"[..], &b"bbbbbbb"[..]);
+        b.put(Space::Kv, &b"c"[..], &b"c"[..]);
+        b.put(Space::Kv, &b"c"[..], &b"cc"[..]);
+        e.write(b).expect("write");
+        assert_eq!(e.size_bytes(), (1 + 7) + (1 + 2) + 4 + 2);
+        assert_eq!(e.len(Space::Kv), 3);
     }
 
     #[test]
