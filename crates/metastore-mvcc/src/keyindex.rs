@@ -1,13 +1,19 @@
 //! The in-memory key index: for every user key, the revisions at which it was written.
 //!
 //! The engine stores records by revision; this index answers "which revision of key K is visible
-//! at revision R" without touching the engine. It is a lock-free skiplist of keys, each holding a
-//! small per-key lock, so readers of different keys never contend and no global lock exists.
+//! at revision R" without touching the engine. Each key's revision list sits behind its own small
+//! lock, so readers of different keys never contend and no global lock exists. The lists are
+//! reachable two ways: a lock-free skiplist in key order for ranges, and a sharded hash map for
+//! single keys. A put and a point read are the hot path, and a skiplist search costs a cache miss
+//! per level (profiled: ~45 % of the apply thread's time at 100k keys); the hash map finds a key
+//! in one or two.
 
 use bytes::Bytes;
 use crossbeam_skiplist::SkipMap;
+use dashmap::DashMap;
 use parking_lot::RwLock;
 use std::ops::Bound;
+use std::sync::Arc;
 
 /// A revision: `main` is the store revision of the write, `sub` orders changes inside it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -49,19 +55,22 @@ impl IndexRev {
     }
 }
 
+/// One key's revisions, oldest first.
+type Revs = Arc<RwLock<Vec<IndexRev>>>;
+
 /// One key's revision list, searched for once and then both read and appended to, as a put
 /// does.
-pub struct KeySlot<'a>(crossbeam_skiplist::map::Entry<'a, Bytes, RwLock<Vec<IndexRev>>>);
+pub struct KeySlot(Revs);
 
-impl KeySlot<'_> {
+impl KeySlot {
     /// The live revision at `rev`, as [`KeyIndex::get`].
     pub fn visible(&self, rev: i64) -> Option<IndexRev> {
-        visible(&self.0.value().read(), rev)
+        visible(&self.0.read(), rev)
     }
 
     /// Records a write, as [`KeyIndex::push`].
     pub fn push(&self, entry: IndexRev) {
-        let mut revs = self.0.value().write();
+        let mut revs = self.0.write();
         if revs.capacity() == 0 {
             // A plain push would allocate room for 4; most keys keep one revision after
             // compaction, and with a million keys the spare room was ~170 MB of RSS.
@@ -71,9 +80,14 @@ impl KeySlot<'_> {
     }
 }
 
+/// Both maps hold the same slots; only the single writer (the apply loop) adds or removes
+/// them, always in both.
 #[derive(Default)]
 pub struct KeyIndex {
-    keys: SkipMap<Bytes, RwLock<Vec<IndexRev>>>,
+    /// In key order, for ranges.
+    keys: SkipMap<Bytes, Revs>,
+    /// By hash, for single keys.
+    points: DashMap<Bytes, Revs, foldhash::fast::RandomState>,
 }
 
 /// The key range of a request, as etcd interprets `key` / `range_end`.
@@ -124,10 +138,12 @@ impl KeyIndex {
         match range {
             KeyRange::Empty => {}
             KeyRange::Single(key) => {
-                if let Some(entry) = self.keys.get(*key) {
-                    if let Some(r) = visible(&entry.value().read(), rev) {
-                        visit(entry.key(), r);
-                    }
+                // The map's shard lock is released before `visit` runs (it may read the engine).
+                let found = self.points.get(*key).and_then(|entry| {
+                    visible(&entry.value().read(), rev).map(|r| (entry.key().clone(), r))
+                });
+                if let Some((key, r)) = found {
+                    visit(&key, r);
                 }
             }
             KeyRange::Span(lo, hi) => {
@@ -145,31 +161,27 @@ impl KeyIndex {
 
     /// The live revision of one key at `rev`.
     pub fn get(&self, key: &[u8], rev: i64) -> Option<IndexRev> {
-        self.keys
+        self.points
             .get(key)
             .and_then(|e| visible(&e.value().read(), rev))
     }
 
     /// The slot of `key`, created (with no revisions, so invisible to readers) if missing.
     /// Only the single writer may call this: compaction removes empty slots.
-    pub fn slot(&self, key: &Bytes) -> KeySlot<'_> {
-        match self.keys.get(&key[..]) {
-            Some(entry) => KeySlot(entry),
-            None => KeySlot(
-                self.keys
-                    .get_or_insert(key.clone(), RwLock::new(Vec::new())),
-            ),
+    pub fn slot(&self, key: &Bytes) -> KeySlot {
+        if let Some(entry) = self.points.get(&key[..]) {
+            return KeySlot(entry.value().clone());
         }
+        let revs = Revs::default();
+        self.keys.insert(key.clone(), revs.clone());
+        self.points.insert(key.clone(), revs.clone());
+        KeySlot(revs)
     }
 
     /// Records a write. Revisions must arrive in increasing order per key (the apply loop
     /// guarantees it).
     pub fn push(&self, key: &Bytes, entry: IndexRev) {
-        if let Some(e) = self.keys.get(&key[..]) {
-            e.value().write().push(entry);
-            return;
-        }
-        self.keys.insert(key.clone(), RwLock::new(vec![entry]));
+        self.slot(key).push(entry);
     }
 
     /// Drops every revision superseded at or below `rev`, keeping the newest one at or below it
@@ -202,6 +214,7 @@ impl KeyIndex {
             if let Some(e) = self.keys.get(&key[..]) {
                 if e.value().read().is_empty() {
                     e.remove();
+                    self.points.remove(&key[..]);
                 }
             }
         }
