@@ -14,6 +14,12 @@ mod server;
 mod targets;
 
 use anyhow::Result;
+
+// The in-process layer benches run the server's crates, so they run them on the server's
+// allocator: under glibc's malloc the engine bench spent ~45 % of its time in malloc/free
+// (perf), measuring the allocator rather than the engine.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
