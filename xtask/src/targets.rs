@@ -111,8 +111,9 @@ pub fn table(file: &RunFile) -> String {
             ours: metric(file, "wal", "group-commit-tasks-w256", "appends_per_sec"),
             unit: "",
         },
-        // The same load from 256 OS threads blocking in `sync_to`: bounded by the kernel's
-        // thread wake-ups on 2 cores, kept beside the row above so that is visible.
+        // The same load from 256 OS threads blocking in `sync_to`: each append costs a thread
+        // sleep and wake-up unless its fsync ends first, so it is bound by the kernel's
+        // scheduler on 2 cores; kept beside the row above so that is visible.
         Row {
             measure: "in process: WAL group commit, 256 writer OS threads (blocking `sync_to`) of 300 B, appends/s",
             etcd: None,

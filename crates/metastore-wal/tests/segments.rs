@@ -104,6 +104,8 @@ fn group_commit() {
                         .append_sync(t as u8, t * 1_000_000 + i, payload.as_bytes())
                         .unwrap();
                     assert!(lsn > last);
+                    // Returned means synced: no waiter may leave before the fsync covering it.
+                    assert!(wal.durable_lsn() >= lsn);
                     last = lsn;
                 }
             })
