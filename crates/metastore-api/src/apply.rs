@@ -5,7 +5,7 @@
 use crate::CommandResult;
 use futures::future::BoxFuture;
 use metastore_batch::{Completer, ProposalSink};
-use metastore_codec::decode_batch;
+use metastore_codec::decode_batch_shared;
 use metastore_engine::Engine;
 use metastore_mvcc::Store;
 use metastore_raft::{CommittedEntry, RaftNode, StateMachine};
@@ -173,7 +173,7 @@ impl<E: Engine> StateMachine for ApplyDriver<E> {
             // The WAL's CRC rules out damage, so an entry that does not decode does so on every
             // member alike: skipping it keeps members identical, while stopping would brick
             // them all, again at every replay.
-            let batch = match decode_batch(&entry.data) {
+            let batch = match decode_batch_shared(entry.data) {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::error!(index = entry.index, error = %e, "skipping an undecodable raft entry");

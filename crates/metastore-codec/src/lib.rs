@@ -99,7 +99,34 @@ pub fn encode_batch(batch: &Batch, opts: &CodecOptions) -> Bytes {
     }
 }
 
-/// Decodes a frame produced by [`encode_batch`].
+/// Decodes a frame produced by [`encode_batch`] without copying its keys and values: they
+/// are slices of `frame` (or of its decompressed form), which stays allocated while any of
+/// them lives. Whoever keeps one beyond the request must copy it, or one small key would pin
+/// a whole batch in memory.
+pub fn decode_batch_shared(frame: Bytes) -> Result<Batch, CodecError> {
+    let head = *frame.first().ok_or(CodecError::Empty)?;
+    let version = head >> 4;
+    if version != FRAME_VERSION {
+        return Err(CodecError::Version(version));
+    }
+    match head & 0x0f {
+        0 => Ok(Batch::decode(frame.slice(1..))?),
+        1 => {
+            let raw = snap::raw::Decoder::new()
+                .decompress_vec(&frame[1..])
+                .map_err(|e| CodecError::Decompress(e.to_string()))?;
+            Ok(Batch::decode(Bytes::from(raw))?)
+        }
+        2 => {
+            let raw = zstd::stream::decode_all(&frame[1..])
+                .map_err(|e| CodecError::Decompress(e.to_string()))?;
+            Ok(Batch::decode(Bytes::from(raw))?)
+        }
+        other => Err(CodecError::UnknownCompression(other)),
+    }
+}
+
+/// Decodes a frame produced by [`encode_batch`]; every key and value owns its memory.
 pub fn decode_batch(frame: &[u8]) -> Result<Batch, CodecError> {
     let (&head, payload) = frame.split_first().ok_or(CodecError::Empty)?;
     let version = head >> 4;
@@ -216,7 +243,8 @@ mod tests {
         fn batch_round_trips(id in any::<u64>(), commands in prop::collection::vec(arb_command(), 0..20), opts in arb_opts()) {
             let batch = Batch { id, commands };
             let frame = encode_batch(&batch, &opts);
-            prop_assert_eq!(decode_batch(&frame).expect("decode"), batch);
+            prop_assert_eq!(&decode_batch(&frame).expect("decode"), &batch);
+            prop_assert_eq!(decode_batch_shared(frame).expect("decode shared"), batch);
         }
 
         #[test]
@@ -227,6 +255,7 @@ mod tests {
         #[test]
         fn garbage_never_panics(data in prop::collection::vec(any::<u8>(), 0..256)) {
             let _ = decode_batch(&data);
+            let _ = decode_batch_shared(Bytes::from(data));
         }
     }
 
@@ -268,7 +297,42 @@ mod tests {
     }
 
     #[test]
+    fn shared_decode_points_into_the_frame() {
+        let value = Bytes::from(vec![b'v'; 300]);
+        let batch = Batch {
+            id: 3,
+            commands: vec![Command {
+                op: Some(Op::Put(PutRequest {
+                    key: Bytes::from_static(b"key"),
+                    value: value.clone(),
+                    ..Default::default()
+                })),
+            }],
+        };
+        let frame = encode_batch(&batch, &CodecOptions::default());
+        let frame_range = frame.as_ptr_range();
+        let decoded = decode_batch_shared(frame.clone()).expect("decode");
+        let Some(Op::Put(put)) = &decoded.commands[0].op else {
+            panic!("not a put: {decoded:?}");
+        };
+        assert_eq!(put.value, value);
+        assert!(
+            frame_range.contains(&put.value.as_ptr()),
+            "value was copied"
+        );
+        let owned = decode_batch(&frame).expect("decode");
+        let Some(Op::Put(put)) = &owned.commands[0].op else {
+            panic!("not a put: {owned:?}");
+        };
+        assert!(!frame_range.contains(&put.value.as_ptr()));
+    }
+
+    #[test]
     fn unknown_header_is_an_error() {
+        assert!(matches!(
+            decode_batch_shared(Bytes::new()),
+            Err(CodecError::Empty)
+        ));
         assert!(matches!(decode_batch(&[]), Err(CodecError::Empty)));
         assert!(matches!(decode_batch(&[0x20]), Err(CodecError::Version(2))));
         assert!(matches!(

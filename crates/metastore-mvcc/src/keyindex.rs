@@ -173,8 +173,11 @@ impl KeyIndex {
             return KeySlot(entry.value().clone());
         }
         let revs = Revs::default();
+        // Copied: the caller's key may be a slice of a whole raft entry, which the index
+        // would otherwise keep alive for as long as the key exists.
+        let key = Bytes::copy_from_slice(key);
         self.keys.insert(key.clone(), revs.clone());
-        self.points.insert(key.clone(), revs.clone());
+        self.points.insert(key, revs.clone());
         KeySlot(revs)
     }
 
@@ -283,6 +286,22 @@ mod tests {
         again.push(ir(4, true));
         assert_eq!(idx.get(b"k", 5), None);
         assert_eq!(idx.len(), 1);
+    }
+
+    #[test]
+    fn a_new_key_is_copied_out_of_the_callers_buffer() {
+        let idx = KeyIndex::new();
+        let entry = Bytes::from(b"....key....".to_vec());
+        let key = entry.slice(4..7);
+        idx.slot(&key).push(ir(2, false));
+        let mut stored = None;
+        idx.visit(&KeyRange::new(b"key", b"kez"), 5, &mut |k, _| {
+            stored = Some(k.clone());
+            true
+        });
+        let stored = stored.expect("key indexed");
+        assert_eq!(stored, key);
+        assert!(!entry.as_ptr_range().contains(&stored.as_ptr()));
     }
 
     #[test]

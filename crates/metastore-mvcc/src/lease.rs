@@ -66,7 +66,8 @@ impl Lessor {
 
     pub fn attach(&self, id: i64, key: &Bytes) {
         if let Some(l) = self.leases.write().get_mut(&id) {
-            l.keys.insert(key.clone());
+            // Copied, not shared: see `KeyIndex::slot`.
+            l.keys.insert(Bytes::copy_from_slice(key));
         }
     }
 

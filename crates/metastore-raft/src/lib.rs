@@ -119,7 +119,8 @@ impl Transport for NoPeers {
 pub struct CommittedEntry {
     pub index: u64,
     pub term: u64,
-    pub data: Vec<u8>,
+    /// The entry's payload, shared with raft's in-memory log rather than copied.
+    pub data: bytes::Bytes,
 }
 
 /// Receives committed entries, in log order, on the apply thread.
@@ -651,7 +652,7 @@ fn apply_loop(
             .map(|e| CommittedEntry {
                 index: e.index,
                 term: e.term,
-                data: e.data.to_vec(),
+                data: e.data,
             })
             .collect();
         if !normal.is_empty() {

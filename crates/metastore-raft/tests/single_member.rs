@@ -46,7 +46,7 @@ fn payloads(sm: &Recorder) -> Vec<Vec<u8>> {
     sm.0.lock()
         .expect("lock")
         .iter()
-        .map(|e| e.data.clone())
+        .map(|e| e.data.to_vec())
         .collect()
 }
 
@@ -200,7 +200,7 @@ async fn durable_state_lets_the_wal_be_purged_and_restart_resumes_after_it() {
         got.iter().all(|e| e.index > durable),
         "entries at or below the durable index were replayed"
     );
-    assert_eq!(got.last().map(|e| e.data.clone()), Some(b"after".to_vec()));
+    assert_eq!(got.last().map(|e| e.data.to_vec()), Some(b"after".to_vec()));
     assert!(node.status().is_leader);
     node.shutdown();
 }
