@@ -426,7 +426,27 @@ pub fn compare(baseline: &RunFile, run: &RunFile, threshold_pct: f64) -> usize {
             );
         }
     }
+    if let Some(drift) = machine_drift(baseline, run) {
+        println!(
+            "the no-op server (code that never changes) moved {drift:+.1}% at put-c256 between these runs: \
+             end-to-end changes of that size are the machine's, not the code's"
+        );
+    }
     regressions
+}
+
+/// How far the no-op server's put throughput at 256 clients moved from `baseline` to `run`, in
+/// percent. Its code does not change, so this is the VM's own drift between the two runs.
+pub fn machine_drift(baseline: &RunFile, run: &RunFile) -> Option<f64> {
+    let noop = |f: &RunFile| {
+        f.entries
+            .iter()
+            .find(|e| e.layer == "e2e" && e.name == "noop/put-c256")
+            .and_then(|e| e.metrics.get("ops_per_sec").copied())
+            .filter(|v| *v > 0.0)
+    };
+    let (base, now) = (noop(baseline)?, noop(run)?);
+    Some((now - base) / base * 100.0)
 }
 
 #[cfg(test)]
@@ -481,6 +501,23 @@ mod tests {
             ("n_avg_batch", 1.0),
         ]);
         assert_eq!(compare(&base, &worse, 10.0), 2);
+    }
+
+    #[test]
+    fn drift_is_the_noop_servers_change_and_needs_it_in_both_runs() {
+        let noop = |ops: f64| {
+            let mut f = file(&[]);
+            f.entries.push(Entry {
+                layer: "e2e".into(),
+                name: "noop/put-c256".into(),
+                command: String::new(),
+                metrics: [("ops_per_sec".to_string(), ops)].into_iter().collect(),
+            });
+            f
+        };
+        assert_eq!(machine_drift(&noop(100.0), &noop(75.0)), Some(-25.0));
+        assert_eq!(machine_drift(&noop(100.0), &file(&[])), None);
+        assert_eq!(machine_drift(&file(&[]), &noop(75.0)), None);
     }
 
     #[test]
