@@ -99,55 +99,44 @@ pub fn encode_batch(batch: &Batch, opts: &CodecOptions) -> Bytes {
     }
 }
 
-/// Decodes a frame produced by [`encode_batch`] without copying its keys and values: they
-/// are slices of `frame` (or of its decompressed form), which stays allocated while any of
-/// them lives. Whoever keeps one beyond the request must copy it, or one small key would pin
-/// a whole batch in memory.
-pub fn decode_batch_shared(frame: Bytes) -> Result<Batch, CodecError> {
-    let head = *frame.first().ok_or(CodecError::Empty)?;
-    let version = head >> 4;
-    if version != FRAME_VERSION {
-        return Err(CodecError::Version(version));
-    }
-    match head & 0x0f {
-        0 => Ok(Batch::decode(frame.slice(1..))?),
-        1 => {
-            let raw = snap::raw::Decoder::new()
-                .decompress_vec(&frame[1..])
-                .map_err(|e| CodecError::Decompress(e.to_string()))?;
-            Ok(Batch::decode(Bytes::from(raw))?)
-        }
-        2 => {
-            let raw = zstd::stream::decode_all(&frame[1..])
-                .map_err(|e| CodecError::Decompress(e.to_string()))?;
-            Ok(Batch::decode(Bytes::from(raw))?)
-        }
-        other => Err(CodecError::UnknownCompression(other)),
-    }
-}
-
-/// Decodes a frame produced by [`encode_batch`]; every key and value owns its memory.
-pub fn decode_batch(frame: &[u8]) -> Result<Batch, CodecError> {
+/// Checks a frame's header and undoes its compression: `None` means the payload is the
+/// frame after its header byte, as written; `Some` holds the decompressed payload.
+fn decompressed_payload(frame: &[u8]) -> Result<Option<Vec<u8>>, CodecError> {
     let (&head, payload) = frame.split_first().ok_or(CodecError::Empty)?;
     let version = head >> 4;
     if version != FRAME_VERSION {
         return Err(CodecError::Version(version));
     }
     match head & 0x0f {
-        0 => Ok(Batch::decode(payload)?),
-        1 => {
-            let raw = snap::raw::Decoder::new()
-                .decompress_vec(payload)
-                .map_err(|e| CodecError::Decompress(e.to_string()))?;
-            Ok(Batch::decode(raw.as_slice())?)
-        }
-        2 => {
-            let raw = zstd::stream::decode_all(payload)
-                .map_err(|e| CodecError::Decompress(e.to_string()))?;
-            Ok(Batch::decode(raw.as_slice())?)
-        }
+        0 => Ok(None),
+        1 => snap::raw::Decoder::new()
+            .decompress_vec(payload)
+            .map(Some)
+            .map_err(|e| CodecError::Decompress(e.to_string())),
+        2 => zstd::stream::decode_all(payload)
+            .map(Some)
+            .map_err(|e| CodecError::Decompress(e.to_string())),
         other => Err(CodecError::UnknownCompression(other)),
     }
+}
+
+/// Decodes a frame produced by [`encode_batch`] without copying its keys and values: they
+/// are slices of `frame` (or of its decompressed form), which stays allocated while any of
+/// them lives. Whoever keeps one beyond the request must copy it, or one small key would pin
+/// a whole batch in memory.
+pub fn decode_batch_shared(frame: Bytes) -> Result<Batch, CodecError> {
+    Ok(match decompressed_payload(&frame)? {
+        None => Batch::decode(frame.slice(1..))?,
+        Some(raw) => Batch::decode(Bytes::from(raw))?,
+    })
+}
+
+/// Decodes a frame produced by [`encode_batch`]; every key and value owns its memory.
+pub fn decode_batch(frame: &[u8]) -> Result<Batch, CodecError> {
+    Ok(match decompressed_payload(frame)? {
+        None => Batch::decode(&frame[1..])?,
+        Some(raw) => Batch::decode(raw.as_slice())?,
+    })
 }
 
 /// Encodes one command on its own (used by tools and the batch size estimate).
