@@ -350,6 +350,11 @@ fn metrics_of(report: &Report) -> Vec<(&'static str, f64)> {
     if let Some(c) = report.client_cpu_us_per_op {
         m.push(("client_cpu_us", c));
     }
+    // Informational (`n_`): idle CPU is what neither loadgen nor server turned into work, which
+    // explains a throughput gap that CPU per op does not.
+    if let Some(idle) = report.machine_idle_share {
+        m.push(("n_machine_idle_pct", idle * 100.0));
+    }
     m
 }
 
@@ -520,7 +525,7 @@ pub async fn run(args: E2eArgs, rec: &mut Recorder) -> Result<()> {
                 continue;
             };
             println!(
-                "{:<18} {:<20} {:>9.0} ops/s  p50 {:>7.3} ms  p99 {:>7.3} ms  p99.9 {:>7.3} ms  server CPU {:>6} µs/op  errors {}  check failures {}  (median of {rounds}, spread ×{spread:.2})",
+                "{:<18} {:<20} {:>9.0} ops/s  p50 {:>7.3} ms  p99 {:>7.3} ms  p99.9 {:>7.3} ms  server CPU {:>6} µs/op  machine idle {:>4} %  errors {}  check failures {}  (median of {rounds}, spread ×{spread:.2})",
                 target.label(),
                 case.name,
                 report.ops_per_sec,
@@ -530,6 +535,10 @@ pub async fn run(args: E2eArgs, rec: &mut Recorder) -> Result<()> {
                 report
                     .server_cpu_us_per_op
                     .map(|c| format!("{c:.1}"))
+                    .unwrap_or_else(|| "-".into()),
+                report
+                    .machine_idle_share
+                    .map(|i| format!("{:.0}", i * 100.0))
                     .unwrap_or_else(|| "-".into()),
                 report.error_count(),
                 report.checks.failed

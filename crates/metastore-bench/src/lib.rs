@@ -375,7 +375,7 @@ async fn drive(workload: &Workload, common: &Common) -> Result<Report> {
     }
     stop.store(true, Ordering::Relaxed);
     let elapsed = start.elapsed();
-    let (own_cpu, server_cpu) = cpu_mark.elapsed();
+    let cpu_use = cpu_mark.elapsed();
     progress.finish();
 
     // Read back a sample of what was written.
@@ -391,8 +391,7 @@ async fn drive(workload: &Workload, common: &Common) -> Result<Report> {
         params(workload, common),
         rec,
         elapsed,
-        own_cpu,
-        server_cpu,
+        cpu_use,
     ))
 }
 

@@ -157,6 +157,9 @@ pub struct Report {
     pub client_cpu_us_per_op: Option<f64>,
     /// The server's CPU time per successful request, µs (`--server-pid`).
     pub server_cpu_us_per_op: Option<f64>,
+    /// Share of the whole machine's CPU time left idle during the run (0–1).
+    #[serde(default)]
+    pub machine_idle_share: Option<f64>,
     pub checks: Checks,
     /// Workload-specific figures (watch events, setup time, …).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -169,8 +172,7 @@ impl Report {
         params: serde_json::Map<String, serde_json::Value>,
         rec: Recorder,
         elapsed: Duration,
-        own_cpu: Option<Duration>,
-        server_cpu: Option<Duration>,
+        cpu: crate::cpu::CpuUse,
     ) -> Self {
         let secs = elapsed.as_secs_f64().max(1e-9);
         let per_op = |cpu: Option<Duration>| {
@@ -186,8 +188,9 @@ impl Report {
             ops_per_sec: rec.ok as f64 / secs,
             items_per_sec: rec.items as f64 / secs,
             latency_ms: Latency::from_histogram(&rec.hist),
-            client_cpu_us_per_op: per_op(own_cpu),
-            server_cpu_us_per_op: per_op(server_cpu),
+            client_cpu_us_per_op: per_op(cpu.own),
+            server_cpu_us_per_op: per_op(cpu.server),
+            machine_idle_share: cpu.machine_idle_share,
             checks: rec.checks.clone(),
             extra: BTreeMap::new(),
         }
@@ -221,6 +224,9 @@ impl Report {
             if let Some(sv) = self.server_cpu_us_per_op {
                 s += &format!(", server {sv:.1} µs");
             }
+        }
+        if let Some(idle) = self.machine_idle_share {
+            s += &format!("\n  machine idle: {:.1} %", idle * 100.0);
         }
         if !self.errors.is_empty() {
             s += &format!("\n  errors: {:?}", self.errors);

@@ -88,7 +88,7 @@ pub(crate) async fn watch(args: &WatchArgs, common: &Common) -> Result<Report> {
         readers.extend(reader);
     }
     let created_in = start.elapsed();
-    let (own_cpu, server_cpu) = cpu_mark.elapsed();
+    let cpu_use = cpu_mark.elapsed();
 
     // Watchers per key, to know how many events each put must produce.
     let mut per_key = vec![0u64; args.watched_key_total];
@@ -125,7 +125,7 @@ pub(crate) async fn watch(args: &WatchArgs, common: &Common) -> Result<Report> {
     params.insert("watch_per_stream".into(), json!(args.watch_per_stream));
     params.insert("watched_key_total".into(), json!(args.watched_key_total));
     params.insert("put_total".into(), json!(args.put_total));
-    let mut report = Report::build("watch", params, rec, created_in, own_cpu, server_cpu);
+    let mut report = Report::build("watch", params, rec, created_in, cpu_use);
     report
         .extra
         .insert("events_expected".into(), expected as f64);
@@ -219,7 +219,7 @@ pub(crate) async fn watch_latency(args: &WatchLatencyArgs, common: &Common) -> R
         }
     }
     let elapsed = start.elapsed();
-    let (own_cpu, server_cpu) = cpu_mark.elapsed();
+    let cpu_use = cpu_mark.elapsed();
     for r in readers {
         r.abort();
     }
@@ -230,7 +230,7 @@ pub(crate) async fn watch_latency(args: &WatchLatencyArgs, common: &Common) -> R
         json!(args.watchers_per_stream),
     );
     params.insert("put_total".into(), json!(args.put_total));
-    let mut report = Report::build("watch-latency", params, rec, elapsed, own_cpu, server_cpu);
+    let mut report = Report::build("watch-latency", params, rec, elapsed, cpu_use);
     report
         .extra
         .insert("watchers_created_s".into(), setup.as_secs_f64());
