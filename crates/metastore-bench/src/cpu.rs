@@ -17,13 +17,13 @@ pub fn own_cpu() -> Option<Duration> {
 
 /// Idle and total time of the whole machine so far, in ticks, from `/proc/stat`.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct MachineTicks {
+struct MachineTicks {
     idle: u64,
     total: u64,
 }
 
 /// The whole machine's idle and total CPU ticks so far (all cores).
-pub fn machine_ticks() -> Option<MachineTicks> {
+fn machine_ticks() -> Option<MachineTicks> {
     parse_machine(&std::fs::read_to_string("/proc/stat").ok()?)
 }
 

@@ -241,9 +241,9 @@ impl RaftNode {
             replay_target,
             failure: Mutex::new(None),
         });
-        // flume's blocking receive parks at once. crossbeam-channel's spun and then called
-        // sched_yield (0.12 calls per put at 256 clients), giving the core away to whichever
-        // thread was runnable and costing a context switch each time.
+        // flume's blocking receive parks at once. crossbeam-channel's spins and then calls
+        // sched_yield (measured: 0.12 calls per put at 256 clients), which gives the core to
+        // whichever thread is runnable and costs a context switch each time.
         let (tx, rx) = flume::unbounded();
         let (apply_tx, apply_rx) = flume::unbounded();
         let apply_thread = {
