@@ -1,6 +1,6 @@
 //! `cargo xtask bench e2e`: starts real servers one at a time (MetaStore on each engine, the
-//! no-op gRPC ceiling, and etcd with `--vs-etcd`) and runs the load matrix against each
-//! through `metastore-bench`.
+//! no-op gRPC ceiling, the same no-op answering its Puts from another thread, and etcd with
+//! `--vs-etcd`) and runs the load matrix against each through `metastore-bench`.
 
 use crate::results::Recorder;
 use crate::server::{self, free_port, wait_for_quiet_machine, wait_ready, Probe, Server};
@@ -73,11 +73,16 @@ fn spawn_metastore(bin_dir: &Path, storage: &str) -> Result<Server> {
     Ok(Server::new(child, port, Some(dir)))
 }
 
-fn spawn_noop(bin_dir: &Path) -> Result<Server> {
+fn spawn_noop(bin_dir: &Path, defer: bool) -> Result<Server> {
     let port = free_port()?;
     let bin = bin_dir.join("metastore-bench");
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec!["noop-server", "--listen", &listen];
+    if defer {
+        args.push("--defer");
+    }
     let child = Command::new(&bin)
-        .args(["noop-server", "--listen", &format!("127.0.0.1:{port}")])
+        .args(&args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -283,6 +288,9 @@ enum Target {
     MetaStore,
     MetaStoreRocksDb,
     Noop,
+    /// The no-op answering each Put from another thread: what waiting for a commit costs by
+    /// itself, so a gap to the ceiling can be split into that and MetaStore's own work.
+    NoopDeferred,
     Etcd,
 }
 
@@ -292,8 +300,13 @@ impl Target {
             Target::MetaStore => "metastore",
             Target::MetaStoreRocksDb => "metastore-rocksdb",
             Target::Noop => "noop",
+            Target::NoopDeferred => "noop-deferred",
             Target::Etcd => "etcd",
         }
+    }
+
+    fn is_noop(self) -> bool {
+        matches!(self, Target::Noop | Target::NoopDeferred)
     }
 
     fn runs(self, case: &str) -> bool {
@@ -301,6 +314,7 @@ impl Target {
             Target::MetaStore => true,
             Target::MetaStoreRocksDb => matches!(case, "put-c1" | "put-c256" | "range-s-c256"),
             Target::Noop => matches!(case, "put-c1" | "put-c256" | "range-s-c256"),
+            Target::NoopDeferred => case == "put-c256",
             Target::Etcd => case != "batch-put",
         }
     }
@@ -398,6 +412,7 @@ pub async fn run(args: E2eArgs, rec: &mut Recorder) -> Result<()> {
         kinds.push(Target::MetaStoreRocksDb);
     }
     kinds.push(Target::Noop);
+    kinds.push(Target::NoopDeferred);
     if etcd.is_some() {
         kinds.push(Target::Etcd);
     }
@@ -408,10 +423,11 @@ pub async fn run(args: E2eArgs, rec: &mut Recorder) -> Result<()> {
         let server = match target {
             Target::MetaStore => spawn_metastore(&bin_dir, "memory")?,
             Target::MetaStoreRocksDb => spawn_metastore(&bin_dir, "rocksdb")?,
-            Target::Noop => spawn_noop(&bin_dir)?,
+            Target::Noop => spawn_noop(&bin_dir, false)?,
+            Target::NoopDeferred => spawn_noop(&bin_dir, true)?,
             Target::Etcd => spawn_etcd(etcd.as_deref().unwrap_or("etcd"))?,
         };
-        let probe = if target == Target::Noop {
+        let probe = if target.is_noop() {
             Probe::Put
         } else {
             Probe::StatusAndPut
@@ -440,7 +456,7 @@ pub async fn run(args: E2eArgs, rec: &mut Recorder) -> Result<()> {
                     no_progress: true,
                     ..Common::default()
                 };
-                if case.reads && !*loaded && target != Target::Noop {
+                if case.reads && !*loaded && !target.is_noop() {
                     // Every key of the key space, once, so reads find (and check) values.
                     let load = Common {
                         clients: 64,
@@ -472,7 +488,7 @@ pub async fn run(args: E2eArgs, rec: &mut Recorder) -> Result<()> {
                 let scale = |n: usize| if args.smoke { n.min(8) } else { n };
                 let common = Common {
                     // The no-op server stores nothing, so there is nothing to read back.
-                    check_every: if target == Target::Noop {
+                    check_every: if target.is_noop() {
                         0
                     } else {
                         base.check_every
@@ -505,7 +521,7 @@ pub async fn run(args: E2eArgs, rec: &mut Recorder) -> Result<()> {
         // As deployments do (Kubernetes compacts every 5 minutes): drop the history each case
         // left behind, so no server carries an ever longer history into the next case.
         for (target, server, _) in &servers {
-            if *target != Target::Noop {
+            if !target.is_noop() {
                 compact(server.port)
                     .await
                     .with_context(|| format!("compacting {}", target.label()))?;
@@ -559,7 +575,7 @@ pub async fn run(args: E2eArgs, rec: &mut Recorder) -> Result<()> {
     drop(servers);
     // Ratios of MetaStore to etcd and to the ceiling, case by case.
     for (_, name, ours) in results.iter().filter(|(t, ..)| *t == Target::MetaStore) {
-        for other in [Target::Etcd, Target::Noop] {
+        for other in [Target::Etcd, Target::Noop, Target::NoopDeferred] {
             let Some((_, _, theirs)) = results.iter().find(|(ot, n, _)| *ot == other && n == name)
             else {
                 continue;
@@ -567,7 +583,7 @@ pub async fn run(args: E2eArgs, rec: &mut Recorder) -> Result<()> {
             let throughput = ours.ops_per_sec / theirs.ops_per_sec.max(1e-9);
             let p99 = ours.latency_ms.p99 / theirs.latency_ms.p99.max(1e-9);
             println!(
-                "metastore vs {:<6} {name:<20} throughput ×{throughput:.2}  p99 ×{p99:.2}",
+                "metastore vs {:<13} {name:<20} throughput ×{throughput:.2}  p99 ×{p99:.2}",
                 other.label()
             );
             rec.add(

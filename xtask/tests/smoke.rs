@@ -75,6 +75,7 @@ fn smoke_bench_writes_results_and_compare_flags_regressions() {
         "metastore/watch-latency",
         "metastore-rocksdb/put-c256",
         "noop/put-c256",
+        "noop-deferred/put-c256",
     ] {
         let entry = entries
             .iter()

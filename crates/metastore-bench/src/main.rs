@@ -37,13 +37,13 @@ fn parse() -> Result<Parsed, clap::Error> {
     let mut cmd = Top::command();
     let matches = cmd.try_get_matches_from_mut(std::env::args_os())?;
     Top::from_arg_matches(&matches).map(|t| match t.command {
-        TopCommand::NoopServer { listen } => Parsed::Noop(listen),
+        TopCommand::NoopServer { listen, defer } => Parsed::Noop(listen, defer),
         TopCommand::Run(w) => Parsed::Run(w, t.common),
     })
 }
 
 enum Parsed {
-    Noop(SocketAddr),
+    Noop(SocketAddr, bool),
     Run(Workload, Common),
 }
 
@@ -67,14 +67,19 @@ enum TopCommand {
     NoopServer {
         #[arg(long, default_value = "127.0.0.1:23790")]
         listen: SocketAddr,
+        /// Answer each Put from a separate thread, as a server that waits for a commit does:
+        /// the cost of that hand-off alone, without any consensus or storage work.
+        #[arg(long)]
+        defer: bool,
     },
 }
 
 async fn run(parsed: Parsed) -> Result<ExitCode> {
     match parsed {
-        Parsed::Noop(addr) => {
-            eprintln!("noop etcd KV listening on {addr}");
-            metastore_bench::noop::serve(addr).await?;
+        Parsed::Noop(addr, defer) => {
+            let answers = if defer { "deferred" } else { "at once" };
+            eprintln!("noop etcd KV listening on {addr}, answering Puts {answers}");
+            metastore_bench::noop::serve(addr, defer).await?;
             Ok(ExitCode::SUCCESS)
         }
         Parsed::Run(workload, common) => {
