@@ -48,6 +48,8 @@ pub struct ApplyDriver<E: Engine> {
     persisting: Arc<AtomicBool>,
     /// No new snapshot or flush starts before this (see `PERSIST_DUTY_CYCLE`).
     next_persist_at: Arc<parking_lot::Mutex<Instant>>,
+    /// Commands of an entry applied before their requests are answered.
+    part_len: usize,
 }
 
 /// Most of the time the persist thread may be busy. A snapshot's cost grows with the whole
@@ -71,12 +73,13 @@ enum PersistJob {
 
 impl<E: Engine> ApplyDriver<E> {
     /// `durable` is the index already held durably at start (the loaded snapshot, or what the
-    /// persistent engine recovered).
+    /// persistent engine recovered). `part_len` is the batch config's `apply_part_len`.
     pub fn new(
         store: Arc<Store<E>>,
         completer: CompleterSlot,
         durability: Durability,
         durable: u64,
+        part_len: usize,
     ) -> Self {
         Self {
             store,
@@ -85,6 +88,7 @@ impl<E: Engine> ApplyDriver<E> {
             durable: Arc::new(AtomicU64::new(durable)),
             persisting: Arc::default(),
             next_persist_at: Arc::new(parking_lot::Mutex::new(Instant::now())),
+            part_len: part_len.max(1),
         }
     }
 
@@ -180,13 +184,22 @@ impl<E: Engine> StateMachine for ApplyDriver<E> {
                     continue;
                 }
             };
-            let results = self
-                .store
-                .apply(entry.index, &batch.commands)
+            let completer = self.completer.0.get().filter(|c| c.is_waiting(batch.id));
+            let total = batch.commands.len();
+            let mut delivered = 0;
+            let part_len = if completer.is_some() {
+                self.part_len
+            } else {
+                usize::MAX
+            };
+            self.store
+                .apply_in_parts(entry.index, &batch.commands, part_len, &mut |results| {
+                    delivered += results.len();
+                    if let Some(completer) = completer {
+                        completer.complete_part(batch.id, results, delivered >= total);
+                    }
+                })
                 .map_err(|e| format!("applying raft entry {}: {e}", entry.index))?;
-            if let (Some(results), Some(completer)) = (results, self.completer.0.get()) {
-                completer.complete(batch.id, results);
-            }
         }
         self.maybe_persist();
         Ok(())

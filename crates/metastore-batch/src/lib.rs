@@ -46,6 +46,10 @@ pub struct BatchConfig {
     pub max_batch_bytes: usize,
     /// Batches proposed but not yet applied; more arrivals wait and join the next batch.
     pub max_inflight_batches: usize,
+    /// Commands of a batch applied (and visible to readers) before their requests are answered,
+    /// while the rest of the batch is still being applied. Over an engine that persists writes
+    /// on its own (RocksDB) a batch is always answered whole.
+    pub apply_part_len: usize,
     /// How long a request waits for its result before it is answered with a timeout.
     #[serde(with = "millis")]
     pub request_timeout: Duration,
@@ -58,6 +62,7 @@ impl Default for BatchConfig {
             max_batch_count: 1024,
             max_batch_bytes: 4 * 1024 * 1024,
             max_inflight_batches: 2,
+            apply_part_len: 32,
             request_timeout: Duration::from_secs(7),
             codec: CodecOptions::default(),
         }
@@ -104,10 +109,33 @@ impl<R> Completer<R> {
     /// Delivers the results of batch `id`, one per command in order. Batches proposed by
     /// another member (or before a restart) have no waiters here and are ignored.
     pub fn complete(&self, id: u64, results: Vec<R>) {
-        let Some(inflight) = self.waiters.batches.lock().remove(&id) else {
-            return;
+        self.complete_part(id, results, true);
+    }
+
+    /// Delivers the next results of batch `id`, in command order, continuing where the
+    /// previous part stopped. `last` marks the final part: the batch then stops being in
+    /// flight and frees its slot.
+    pub fn complete_part(&self, id: u64, results: Vec<R>, last: bool) {
+        let mut batches = self.waiters.batches.lock();
+        let replies = if last {
+            match batches.remove(&id) {
+                Some(inflight) => inflight.replies,
+                None => return,
+            }
+        } else {
+            match batches.get_mut(&id) {
+                Some(inflight) => {
+                    let rest = inflight
+                        .replies
+                        .split_off(results.len().min(inflight.replies.len()));
+                    std::mem::replace(&mut inflight.replies, rest)
+                }
+                None => return,
+            }
         };
-        for (reply, result) in inflight.replies.into_iter().zip(results) {
+        // Answered outside the lock: waking a request's task must not hold up the proposer.
+        drop(batches);
+        for (reply, result) in replies.into_iter().zip(results) {
             let _ = reply.send(Ok(result));
         }
     }
@@ -409,5 +437,76 @@ mod tests {
         // The lost batch's slot is reclaimed: later requests are proposed (and time out) too
         // instead of hanging forever.
         assert_eq!(p.submit(cmd(2)).await, Err(BatchError::Timeout));
+    }
+
+    /// Keeps every proposed frame for the test to complete by hand.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<Batch>>);
+    impl ProposalSink for Arc<Recorder> {
+        fn propose(&self, frame: Vec<u8>) -> BoxFuture<'static, Result<(), String>> {
+            let me = self.clone();
+            Box::pin(async move {
+                me.0.lock()
+                    .push(decode_batch(&frame).map_err(|e| e.to_string())?);
+                Ok(())
+            })
+        }
+    }
+
+    async fn proposed(recorder: &Recorder, n: usize) -> Batch {
+        loop {
+            if let Some(b) = recorder.0.lock().get(n) {
+                return b.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_answered_in_parts_resolves_each_part_in_order() {
+        let config = BatchConfig {
+            max_inflight_batches: 1,
+            ..Default::default()
+        };
+        let recorder = Arc::new(Recorder::default());
+        let p = Arc::new(BatchProposer::<usize>::start(
+            config,
+            Arc::new(recorder.clone()),
+        ));
+        let completer = p.completer();
+        // A first request holds the only slot, so the next four queue up and share a batch.
+        let plug = tokio::spawn({
+            let p = p.clone();
+            async move { p.submit(cmd(0)).await }
+        });
+        let first = proposed(&recorder, 0).await;
+        let waiting: Vec<_> = (1..=4)
+            .map(|i| {
+                let p = p.clone();
+                tokio::spawn(async move { p.submit(cmd(i)).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        completer.complete(first.id, vec![100]);
+        assert_eq!(plug.await.expect("join"), Ok(100));
+        let batch = proposed(&recorder, 1).await;
+        assert_eq!(batch.commands.len(), 4);
+
+        completer.complete_part(batch.id, vec![101, 102], false);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let done: Vec<bool> = waiting.iter().map(|t| t.is_finished()).collect();
+        assert_eq!(done, vec![true, true, false, false]);
+        assert!(
+            completer.is_waiting(batch.id),
+            "the batch is still in flight"
+        );
+
+        completer.complete_part(batch.id, vec![103, 104], true);
+        assert!(!completer.is_waiting(batch.id));
+        let mut results = Vec::new();
+        for t in waiting {
+            results.push(t.await.expect("join"));
+        }
+        assert_eq!(results, vec![Ok(101), Ok(102), Ok(103), Ok(104)]);
     }
 }

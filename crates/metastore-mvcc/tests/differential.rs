@@ -6,7 +6,7 @@ mod support;
 
 use bytes::Bytes;
 use metastore_engine::{Engine, Space};
-use metastore_mvcc::Store;
+use metastore_mvcc::{ApplyResponse, Store};
 use metastore_proto::etcdserverpb::{
     compare, request_op, CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RangeRequest,
     RequestOp, TxnRequest,
@@ -139,8 +139,20 @@ fn state_hash<E: Engine>(store: &Store<E>) -> u64 {
     h.finish()
 }
 
+fn header_revision(result: &ApplyResponse) -> i64 {
+    let header = match result {
+        ApplyResponse::Put(r) => &r.header,
+        ApplyResponse::DeleteRange(r) => &r.header,
+        ApplyResponse::Txn(r) => &r.header,
+        ApplyResponse::Compaction(r) => &r.header,
+        _ => return 0,
+    };
+    header.as_ref().map_or(0, |h| h.revision)
+}
+
 #[test]
 fn memory_and_rocksdb_answer_every_request_identically() {
+    let mut split_entries = 0;
     for seed in 0..24u64 {
         let mut rng = StdRng::seed_from_u64(seed);
         let memory = Store::open(Arc::new(TestEngine::memory())).expect("open memory");
@@ -158,11 +170,36 @@ fn memory_and_rocksdb_answer_every_request_identically() {
                 );
                 continue;
             }
-            let batch: Vec<Command> = (0..rng.random_range(1..4))
+            let batch: Vec<Command> = (0..rng.random_range(1..6))
                 .map(|_| random_command(&mut rng, current))
                 .collect();
             index += 1;
-            let a = memory.apply(index, &batch).expect("memory apply");
+            // The memory store answers in parts (RocksDB never splits an entry); each part
+            // must already be visible to readers when it is handed out.
+            let part_len = rng.random_range(1..4);
+            // A compaction's physical half runs at the end of its entry: no split after it.
+            let compacts = batch
+                .iter()
+                .any(|c| matches!(c.op, Some(Op::Compaction(_))));
+            let mut parts = Vec::new();
+            let applied = memory
+                .apply_in_parts(index, &batch, part_len, &mut |part| {
+                    assert!(
+                        part.len() <= part_len || compacts,
+                        "seed {seed} step {step}: part too long"
+                    );
+                    let visible = memory.current_revision();
+                    for result in part.iter().flatten() {
+                        assert!(
+                            header_revision(result) <= visible,
+                            "seed {seed} step {step}: {result:?} answered before revision {visible} was visible"
+                        );
+                    }
+                    parts.push(part);
+                })
+                .expect("memory apply");
+            split_entries += usize::from(parts.len() > 1);
+            let a = applied.then(|| parts.concat());
             let b = rocks.apply(index, &batch).expect("rocksdb apply");
             assert_eq!(a, b, "seed {seed} step {step}: {batch:?}");
             if rng.random_bool(0.05) {
@@ -183,4 +220,8 @@ fn memory_and_rocksdb_answer_every_request_identically() {
         );
         assert_eq!(memory.applied_index(), rocks.applied_index());
     }
+    assert!(
+        split_entries > 100,
+        "only {split_entries} entries were answered in parts"
+    );
 }

@@ -180,7 +180,13 @@ pub fn start<E: Engine>(
     store.spawn_watch_sync().map_err(ServerError::Thread)?;
     let slot = CompleterSlot::default();
     let durable = durable.unwrap_or_else(|| store.applied_index());
-    let driver = ApplyDriver::new(store.clone(), slot.clone(), durability, durable);
+    let driver = ApplyDriver::new(
+        store.clone(),
+        slot.clone(),
+        durability,
+        durable,
+        cfg.batch.apply_part_len,
+    );
     let raft = RaftNode::start(
         member_id,
         vec![member_id],

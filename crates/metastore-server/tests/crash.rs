@@ -184,7 +184,12 @@ async fn store_rev(c: &mut Client) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_puts_survive_sigkill() {
-    let mut srv = TestServer::start().await;
+    // Entries answered in parts of 3: a put is acknowledged while the rest of its raft entry
+    // is still being applied, and must survive the kill like any other.
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(config.path(), "batch:\n  apply-part-len: 3\n").unwrap();
+    let config_path = config.path().to_str().unwrap();
+    let mut srv = TestServer::start_with_args(&["--config-file", config_path]).await;
     let mut ledgers = Vec::new();
 
     // Two rounds: the second one writes to a WAL that was itself recovered
