@@ -73,6 +73,34 @@ fn spawn_metastore(bin_dir: &Path, storage: &str) -> Result<Server> {
     Ok(Server::new(child, port, Some(dir)))
 }
 
+/// A server under test and what it has been through.
+struct Running {
+    target: Target,
+    server: Server,
+    /// The key space was loaded into it (read cases).
+    loaded: bool,
+    /// It has served a round; a case without reads replaces it with a fresh process.
+    used: bool,
+}
+
+/// Starts the server of `target` and waits until it answers.
+async fn start_target(target: Target, bin_dir: &Path, etcd: Option<&str>) -> Result<Server> {
+    let server = match target {
+        Target::MetaStore => spawn_metastore(bin_dir, "memory")?,
+        Target::MetaStoreRocksDb => spawn_metastore(bin_dir, "rocksdb")?,
+        Target::Noop => spawn_noop(bin_dir, false)?,
+        Target::NoopDeferred => spawn_noop(bin_dir, true)?,
+        Target::Etcd => spawn_etcd(etcd.unwrap_or("etcd"))?,
+    };
+    let probe = if target.is_noop() {
+        Probe::Put
+    } else {
+        Probe::StatusAndPut
+    };
+    wait_ready(server.port, probe, READY_TIMEOUT).await?;
+    Ok(server)
+}
+
 fn spawn_noop(bin_dir: &Path, defer: bool) -> Result<Server> {
     let port = free_port()?;
     let bin = bin_dir.join("metastore-bench");
@@ -194,8 +222,8 @@ async fn compact(port: u16) -> Result<()> {
 /// than the 2 GiB default; etcd's documented maximum.
 const QUOTA_BYTES: &str = "8589934592";
 /// A round starts once the machine is below this share of its CPU time busy (or after
-/// `QUIET_TIMEOUT`): with every server up for the whole matrix, idle ones still run
-/// background work the previous case left them.
+/// `QUIET_TIMEOUT`): servers that sit out a round still run background work the previous
+/// round or case left them.
 const QUIET_MAX_BUSY: f64 = 0.10;
 const QUIET_TIMEOUT: Duration = Duration::from_secs(20);
 /// A fresh server (MetaStore, etcd or the no-op) serves within this.
@@ -416,24 +444,20 @@ pub async fn run(args: E2eArgs, rec: &mut Recorder) -> Result<()> {
     if etcd.is_some() {
         kinds.push(Target::Etcd);
     }
-    // Every server runs for the whole matrix; each case goes round by round through them, so
-    // a drift of the machine's speed (large on shared VMs) hits every server alike.
+    // Each case goes round by round through the servers, so a drift of the machine's speed
+    // (large on shared VMs) hits every server alike. Servers of read cases keep running (their
+    // key space is loaded once); for every other case each round gets fresh server processes:
+    // this VM's slow spells stick to a process, and one slow process must not be every round
+    // of a case.
     let mut servers = Vec::new();
     for target in kinds {
-        let server = match target {
-            Target::MetaStore => spawn_metastore(&bin_dir, "memory")?,
-            Target::MetaStoreRocksDb => spawn_metastore(&bin_dir, "rocksdb")?,
-            Target::Noop => spawn_noop(&bin_dir, false)?,
-            Target::NoopDeferred => spawn_noop(&bin_dir, true)?,
-            Target::Etcd => spawn_etcd(etcd.as_deref().unwrap_or("etcd"))?,
-        };
-        let probe = if target.is_noop() {
-            Probe::Put
-        } else {
-            Probe::StatusAndPut
-        };
-        wait_ready(server.port, probe, READY_TIMEOUT).await?;
-        servers.push((target, server, false));
+        let server = start_target(target, &bin_dir, etcd.as_deref()).await?;
+        servers.push(Running {
+            target,
+            server,
+            loaded: false,
+            used: false,
+        });
     }
     let mut results: Vec<(Target, &'static str, Report)> = Vec::new();
     let mut failures = Vec::new();
@@ -444,11 +468,27 @@ pub async fn run(args: E2eArgs, rec: &mut Recorder) -> Result<()> {
         let mut per_target: Vec<(Target, Vec<Report>)> = Vec::new();
         let (mut settle_waited, mut unquiet_rounds) = (Duration::ZERO, 0usize);
         for _ in 0..rounds {
-            for (target, server, loaded) in servers.iter_mut() {
+            for Running {
+                target,
+                server,
+                loaded,
+                used,
+            } in servers.iter_mut()
+            {
                 let target = *target;
                 if !target.runs(case.name) {
                     continue;
                 }
+                if !case.reads && *used {
+                    let old = std::mem::replace(
+                        server,
+                        start_target(target, &bin_dir, etcd.as_deref()).await?,
+                    );
+                    old.kill()
+                        .with_context(|| format!("stopping {}", target.label()))?;
+                    *loaded = false;
+                }
+                *used = true;
                 let base = Common {
                     endpoints: format!("127.0.0.1:{}", server.port),
                     key_space_size: key_space,
@@ -520,7 +560,7 @@ pub async fn run(args: E2eArgs, rec: &mut Recorder) -> Result<()> {
         }
         // As deployments do (Kubernetes compacts every 5 minutes): drop the history each case
         // left behind, so no server carries an ever longer history into the next case.
-        for (target, server, _) in &servers {
+        for Running { target, server, .. } in &servers {
             if !target.is_noop() {
                 compact(server.port)
                     .await
