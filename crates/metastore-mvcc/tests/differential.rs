@@ -181,7 +181,7 @@ fn memory_and_rocksdb_answer_every_request_identically() {
             let compacts = batch
                 .iter()
                 .any(|c| matches!(c.op, Some(Op::Compaction(_))));
-            let mut parts = Vec::new();
+            let mut parts: Vec<Vec<_>> = Vec::new();
             let applied = memory
                 .apply_in_parts(index, &batch, part_len, &mut |part| {
                     assert!(
@@ -194,6 +194,26 @@ fn memory_and_rocksdb_answer_every_request_identically() {
                             header_revision(result) <= visible,
                             "seed {seed} step {step}: {result:?} answered before revision {visible} was visible"
                         );
+                    }
+                    // An answered put reads back, from the engine, at its own revision.
+                    let offset: usize = parts.iter().map(Vec::len).sum();
+                    for (cmd, result) in batch[offset..].iter().zip(&part) {
+                        if let (Some(Op::Put(p)), Ok(ApplyResponse::Put(r))) = (&cmd.op, result) {
+                            let rev = r.header.as_ref().map_or(0, |h| h.revision);
+                            let read = memory
+                                .range(&RangeRequest {
+                                    key: p.key.clone(),
+                                    revision: rev,
+                                    ..Default::default()
+                                })
+                                .expect("read an answered put");
+                            let kv = read.kvs.first().expect("answered put is readable");
+                            assert_eq!(
+                                (&kv.value, kv.mod_revision),
+                                (&p.value, rev),
+                                "seed {seed} step {step}: answered put reads back differently"
+                            );
+                        }
                     }
                     parts.push(part);
                 })

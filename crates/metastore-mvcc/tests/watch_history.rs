@@ -71,20 +71,71 @@ fn command(op: Op) -> Command {
 }
 
 /// Applies the pending writes as one raft entry, published in parts of `part_len`.
+/// Creates a watcher with a random key range and start (now, in the past or in the future)
+/// on a random stream.
+fn add_watch(
+    store: &Store<TestEngine>,
+    streams: &[(u64, StreamReceiver)],
+    rng: &mut StdRng,
+    watches: &mut Vec<Watch>,
+) {
+    // Between the parts of an entry this is the part published last.
+    let rev = store.current_revision();
+    let (key, range_end) = match rng.random_range(0..3) {
+        0 => (
+            KEYS[rng.random_range(0..KEYS.len())].to_string(),
+            String::new(),
+        ),
+        1 => ("a".to_string(), "b".to_string()),
+        _ => ("\0".to_string(), "\0".to_string()),
+    };
+    let compact = store.compact_revision();
+    let start = match rng.random_range(0..4) {
+        0 => 0,
+        1 => rev + rng.random_range(1..3),
+        _ => rng.random_range(1..=rev.max(1)),
+    };
+    let spec = WatchSpec {
+        key: key.into_bytes().into(),
+        range_end: range_end.into_bytes().into(),
+        start_revision: start,
+        ..Default::default()
+    };
+    let s = rng.random_range(0..streams.len());
+    let id = store
+        .watch(streams[s].0, spec.clone())
+        .expect("watch created");
+    let effective = if start == 0 { rev + 1 } else { start };
+    watches.push(Watch {
+        stream: s,
+        id,
+        spec,
+        start: effective,
+        compacted_at_creation: effective < compact,
+    });
+}
+
+/// `between_parts` runs after each part but the last, while the rest of the entry waits.
 fn apply_entry(
     store: &Store<TestEngine>,
     index: &mut u64,
     pending: &mut Vec<Command>,
     part_len: usize,
+    between_parts: &mut dyn FnMut(),
 ) {
     if pending.is_empty() {
         return;
     }
     *index += 1;
+    let (total, mut delivered) = (pending.len(), 0);
     let applied = store
         .apply_in_parts(*index, pending, part_len, &mut |part| {
+            delivered += part.len();
             for result in part {
                 result.expect("write ok");
+            }
+            if delivered < total {
+                between_parts();
             }
         })
         .expect("apply");
@@ -105,13 +156,27 @@ async fn run(seed: u64) {
     // Writes gather into entries of several commands, which the memory engine applies and
     // publishes in parts: watchers must see no difference.
     let mut pending: Vec<Command> = Vec::new();
+    let mut mid_entry_watches = 0;
     // The revision the store reaches once the pending writes are applied.
     let mut rev = store.current_revision();
 
     for step in 0..400 {
         if rng.random_bool(0.4) || pending.len() >= 8 {
             let part_len = rng.random_range(1..4);
-            apply_entry(&store, &mut index, &mut pending, part_len);
+            // Watchers also start while an entry is half applied.
+            let mut between_parts = || {
+                if rng.random_bool(0.3) {
+                    add_watch(&store, &streams, &mut rng, &mut watches);
+                    mid_entry_watches += 1;
+                }
+            };
+            apply_entry(
+                &store,
+                &mut index,
+                &mut pending,
+                part_len,
+                &mut between_parts,
+            );
         }
         match rng.random_range(0..100) {
             0..=44 => {
@@ -180,7 +245,7 @@ async fn run(seed: u64) {
                 }
             }
             70..=74 if rev > 2 => {
-                apply_entry(&store, &mut index, &mut pending, usize::MAX);
+                apply_entry(&store, &mut index, &mut pending, usize::MAX, &mut || {});
                 let at = rng.random_range(store.compact_revision().max(1) + 1..=rev);
                 // Compacting at a delete removes its tombstone, so a watcher catching up from
                 // exactly that revision would miss the delete without being canceled (etcd
@@ -203,44 +268,14 @@ async fn run(seed: u64) {
             }
             _ => {
                 // A watcher's start is relative to what the store has applied.
-                apply_entry(&store, &mut index, &mut pending, rng.random_range(1..4));
-                let (key, range_end) = match rng.random_range(0..3) {
-                    0 => (
-                        KEYS[rng.random_range(0..KEYS.len())].to_string(),
-                        String::new(),
-                    ),
-                    1 => ("a".to_string(), "b".to_string()),
-                    _ => ("\0".to_string(), "\0".to_string()),
-                };
-                let compact = store.compact_revision();
-                let start = match rng.random_range(0..4) {
-                    0 => 0,
-                    1 => rev + rng.random_range(1..3),
-                    _ => rng.random_range(1..=rev.max(1)),
-                };
-                let spec = WatchSpec {
-                    key: key.into_bytes().into(),
-                    range_end: range_end.into_bytes().into(),
-                    start_revision: start,
-                    ..Default::default()
-                };
-                let s = rng.random_range(0..streams.len());
-                let id = store
-                    .watch(streams[s].0, spec.clone())
-                    .expect("watch created");
-                let effective = if start == 0 { rev + 1 } else { start };
-                watches.push(Watch {
-                    stream: s,
-                    id,
-                    spec,
-                    start: effective,
-                    compacted_at_creation: effective < compact,
-                });
+                let part_len = rng.random_range(1..4);
+                apply_entry(&store, &mut index, &mut pending, part_len, &mut || {});
+                add_watch(&store, &streams, &mut rng, &mut watches);
             }
         }
     }
 
-    apply_entry(&store, &mut index, &mut pending, 2);
+    apply_entry(&store, &mut index, &mut pending, 2, &mut || {});
     assert_eq!(
         store.current_revision(),
         rev,
@@ -335,6 +370,10 @@ async fn run(seed: u64) {
         }
     }
     assert!(caught_up > 0, "seed {seed}: no watcher completed");
+    assert!(
+        mid_entry_watches > 0,
+        "seed {seed}: no watcher started between the parts of an entry"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -185,9 +185,14 @@ async fn store_rev(c: &mut Client) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_puts_survive_sigkill() {
     // Entries answered in parts of 3: a put is acknowledged while the rest of its raft entry
-    // is still being applied, and must survive the kill like any other.
+    // is still being applied, and must survive the kill like any other. Frequent snapshots
+    // (captured between entries, never between parts) make recovery start from one.
     let config = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(config.path(), "batch:\n  apply-part-len: 3\n").unwrap();
+    std::fs::write(
+        config.path(),
+        "snapshot-count: 50\nbatch:\n  apply-part-len: 3\n",
+    )
+    .unwrap();
     let config_path = config.path().to_str().unwrap();
     let mut srv = TestServer::start_with_args(&["--config-file", config_path]).await;
     let mut ledgers = Vec::new();
