@@ -64,6 +64,8 @@ pub struct RaftConfig {
     pub wal_segment_size: u64,
     /// fsync the WAL before acknowledging (never turn off outside benchmarks).
     pub wal_sync: bool,
+    /// Zero-fill WAL segments in advance (see `metastore_wal::WalOptions::preallocate`).
+    pub wal_preallocate: bool,
 }
 
 impl Default for RaftConfig {
@@ -80,6 +82,7 @@ impl Default for RaftConfig {
             max_committed_size_per_ready: 64 * 1024 * 1024,
             wal_segment_size: 64 * 1024 * 1024,
             wal_sync: true,
+            wal_preallocate: true,
         }
     }
 }

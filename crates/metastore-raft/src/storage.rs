@@ -37,6 +37,7 @@ impl WalStorage {
             WalOptions {
                 segment_size: config.wal_segment_size,
                 sync: config.wal_sync,
+                preallocate: config.wal_preallocate,
             },
         )
         .map_err(wal_err)?;

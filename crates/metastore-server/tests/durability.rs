@@ -6,7 +6,7 @@ mod common;
 
 use common::TestServer;
 use etcd_client::{AlarmAction, AlarmOptions, AlarmType, GetOptions};
-use std::io::Write;
+use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -107,19 +107,37 @@ async fn state_is_persisted_the_wal_purged_and_restarts_recover_everything() {
     check_all(&srv, &more).await;
 }
 
+/// Offset just past the last record of a WAL segment (`[len: u32][crc: u32][len bytes]`
+/// records, then either EOF or preallocated zeros).
+fn end_of_records(segment: &[u8]) -> usize {
+    let mut off = 0;
+    while let Some(len) = segment.get(off..off + 4) {
+        let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+        if len == 0 {
+            break;
+        }
+        off += 8 + len;
+    }
+    off.min(segment.len())
+}
+
 #[tokio::test]
 async fn a_torn_wal_tail_is_truncated_on_restart() {
     let mut srv = TestServer::start().await;
     let acked = put_many(&srv, "t/", 300).await;
     srv.kill9();
-    // What a crash mid-write leaves: the start of a record whose body never made it.
+    // What a crash mid-write leaves: the start of a record whose body never made it, where
+    // the next record was going: after the last one, over the zeros of a preallocated segment.
     let last = wal_segments(srv.data_dir()).pop().expect("a segment");
+    let write_at = end_of_records(&std::fs::read(&last).expect("read segment"));
     let mut f = std::fs::OpenOptions::new()
-        .append(true)
+        .write(true)
         .open(&last)
         .expect("open segment");
+    f.seek(std::io::SeekFrom::Start(write_at as u64))
+        .expect("seek");
     f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 1, 9, 9])
-        .expect("append");
+        .expect("write");
     drop(f);
     srv.restart().await;
     check_all(&srv, &acked).await;

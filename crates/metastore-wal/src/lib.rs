@@ -5,7 +5,8 @@
 //! closed segments [`Wal::purge_below`] may delete.
 //!
 //! On-disk format (all integers little endian), one directory of segment files named
-//! `{seq:016x}-{first_index:016x}.wal`, each a plain sequence of records:
+//! `{seq:016x}-{first_index:016x}.wal`, each a plain sequence of records (the last segment may
+//! end in zeros: preallocated room, see `spare.rs`):
 //!
 //! ```text
 //! [len: u32][crc32: u32][kind: u8][index: u64][payload: len - 9 bytes]
@@ -29,7 +30,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use parking_lot::Mutex;
 
 mod committer;
+mod spare;
 pub use committer::{Committer, Durable};
+use spare::SparePreparer;
 
 /// Log sequence number: 1 for the first record appended through this process's `Wal` (or
 /// recovered count + 1 after a restart), increasing by 1 per record.
@@ -62,6 +65,10 @@ pub struct WalOptions {
     /// Issue `fsync` (`File::sync_data`, and directory fsyncs) when syncing. `false` is only
     /// meant for benchmarks and tests: nothing is then durable across a machine crash.
     pub sync: bool,
+    /// Start every segment at its full size, zero-filled ahead of time by a background thread,
+    /// so that an fsync never has to write a grown file size (see `spare.rs`). Turn it off on
+    /// file systems where writing zeros in advance buys nothing (copy-on-write ones).
+    pub preallocate: bool,
 }
 
 impl Default for WalOptions {
@@ -69,6 +76,7 @@ impl Default for WalOptions {
         WalOptions {
             segment_size: 64 * 1024 * 1024,
             sync: true,
+            preallocate: true,
         }
     }
 }
@@ -152,6 +160,9 @@ struct Writer {
     segments: VecDeque<Segment>,
     /// Open handle of `segments.back()`, `Some` iff `segments` is non-empty (until poisoned).
     active: Option<File>,
+    /// The active file is longer than its records (zeros follow them): it is cut to its records
+    /// when it is closed, so only the last segment ever ends in zeros.
+    active_preallocated: bool,
     /// Buffers swapped with `Pending` on each flush, so steady state allocates nothing.
     spare_bytes: Vec<u8>,
     spare_metas: Vec<PendingMeta>,
@@ -166,6 +177,8 @@ pub struct Wal {
     /// readers of it need not take the append lock.
     appended: AtomicU64,
     writer: Mutex<Writer>,
+    /// The next segment file, zero-filled in advance (with [`WalOptions::preallocate`]).
+    spare: Option<SparePreparer>,
     /// Every record with an Lsn up to this one is written and fsynced.
     durable: AtomicU64,
     /// A thread is currently writing + fsyncing on behalf of everybody.
@@ -209,10 +222,11 @@ impl Wal {
     /// Opens (creating the directory if needed) and recovers the log; returns every whole
     /// record of every segment in append order.
     ///
-    /// A torn tail of the last segment (partial header, a length reaching past EOF, a CRC
-    /// mismatch on a record ending exactly at EOF, or an all-zero tail) is truncated away with
-    /// a warning. Any other damage, or any damage in a non-last segment, or a missing segment
-    /// in the sequence, is [`WalError::Corrupt`].
+    /// A torn tail of the last segment (partial header, a length reaching past EOF, or a CRC
+    /// mismatch on a record followed only by zeros up to EOF) is truncated away with a warning.
+    /// Zeros after the last record are a preallocated segment's unused room: they are kept and
+    /// overwritten by the next records. Any other damage, or any damage (zeros included) in a
+    /// non-last segment, or a missing segment in the sequence, is [`WalError::Corrupt`].
     pub fn open(dir: impl AsRef<Path>, opts: WalOptions) -> Result<(Wal, Vec<Record>), WalError> {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
@@ -254,12 +268,17 @@ impl Wal {
 
         let mut records = Vec::new();
         let mut segments = VecDeque::with_capacity(files.len());
+        let mut active_preallocated = false;
         let nfiles = files.len();
         for (i, (seq, path)) in files.into_iter().enumerate() {
             let is_last = i + 1 == nfiles;
             let data = fs::read(&path).map_err(io_err(&path))?;
             let parsed = parse_segment(&path, &data, is_last)?;
             let mut size = data.len() as u64;
+            if parsed.zero_tail {
+                size = parsed.valid_len;
+                active_preallocated = true;
+            }
             if let Some(reason) = parsed.torn {
                 tracing::warn!(
                     path = %path.display(),
@@ -291,10 +310,7 @@ impl Wal {
 
         let active = match segments.back() {
             Some(seg) => {
-                let f = OpenOptions::new()
-                    .append(true)
-                    .open(&seg.path)
-                    .map_err(io_err(&seg.path))?;
+                let f = spare::open_at(&seg.path, seg.size).map_err(io_err(&seg.path))?;
                 if opts.sync {
                     // What we recovered may still sit only in the page cache of a crashed
                     // process: make it durable before anybody acts on it.
@@ -307,6 +323,11 @@ impl Wal {
             None => None,
         };
 
+        let spare = if opts.preallocate {
+            Some(SparePreparer::start(&dir, opts.segment_size, opts.sync).map_err(io_err(&dir))?)
+        } else {
+            None
+        };
         let recovered = records.len() as u64;
         let wal = Wal {
             dir,
@@ -320,9 +341,11 @@ impl Wal {
             writer: Mutex::new(Writer {
                 segments,
                 active,
+                active_preallocated,
                 spare_bytes: Vec::new(),
                 spare_metas: Vec::new(),
             }),
+            spare,
             durable: AtomicU64::new(recovered),
             leader: AtomicBool::new(false),
             sync_epoch: AtomicU32::new(0),
@@ -579,19 +602,33 @@ impl Wal {
     /// will have `first_index`.
     fn rotate(&self, w: &mut Writer, first_index: u64) -> Result<(), WalError> {
         if let Some(f) = w.active.take() {
+            let path = active_path(w);
+            if w.active_preallocated {
+                let records_len = w.segments.back().map_or(0, |s| s.size);
+                f.set_len(records_len).map_err(io_err(&path))?;
+            }
             if self.opts.sync {
-                let path = active_path(w);
                 f.sync_data().map_err(io_err(&path))?;
                 self.fsyncs.fetch_add(1, Ordering::Relaxed);
             }
         }
         let seq = w.segments.back().map_or(1, |s| s.seq + 1);
         let path = self.dir.join(segment_name(seq, first_index));
-        let f = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
+        // Waits only if the file is still being filled: at the first write of a new log (tens
+        // of milliseconds for 64 MiB), or if a whole segment filled up faster than that.
+        let preallocated = match &self.spare {
+            Some(spare) => spare.take_as(&path).map_err(io_err(&path))?,
+            None => false,
+        };
+        let f = if preallocated {
+            spare::open_at(&path, 0).map_err(io_err(&path))?
+        } else {
+            OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .open(&path)
+                .map_err(io_err(&path))?
+        };
         if self.opts.sync {
             sync_dir(&self.dir)?;
             self.fsyncs.fetch_add(1, Ordering::Relaxed);
@@ -603,6 +640,7 @@ impl Wal {
             max_index: None,
         });
         w.active = Some(f);
+        w.active_preallocated = preallocated;
         Ok(())
     }
 }
@@ -684,6 +722,8 @@ struct ParsedSegment {
     valid_len: u64,
     /// Why the bytes after `valid_len` were judged a torn tail (last segment only).
     torn: Option<String>,
+    /// Only zeros follow `valid_len`: a preallocated segment's unused room (last segment only).
+    zero_tail: bool,
 }
 
 fn read_u32(data: &[u8], at: usize) -> Option<u32> {
@@ -707,6 +747,7 @@ fn parse_segment(path: &Path, data: &[u8], is_last: bool) -> Result<ParsedSegmen
                 records,
                 valid_len: offset as u64,
                 torn: Some(reason),
+                zero_tail: false,
             })
         } else {
             Err(corrupt(offset, format!("{reason} (in a non-last segment)")))
@@ -723,8 +764,21 @@ fn parse_segment(path: &Path, data: &[u8], is_last: bool) -> Result<ParsedSegmen
         };
         let len = len as usize;
         if len < BODY_PREFIX_LEN {
-            if is_last && data[off..].iter().all(|&b| b == 0) {
-                return torn(records, off, "zero-filled tail".into());
+            if is_last && all_zero(&data[off..]) {
+                return Ok(ParsedSegment {
+                    records,
+                    valid_len: off as u64,
+                    torn: None,
+                    zero_tail: true,
+                });
+            }
+            if is_last && all_zero(&data[off + HEADER_LEN..]) {
+                // A header whose length the crash cut short, in a preallocated segment.
+                return torn(
+                    records,
+                    off,
+                    format!("record header cut short (length {len})"),
+                );
             }
             return Err(corrupt(off, format!("invalid record length {len}")));
         }
@@ -749,7 +803,9 @@ fn parse_segment(path: &Path, data: &[u8], is_last: bool) -> Result<ParsedSegmen
         let actual = h.finalize();
         if actual != crc {
             let reason = format!("crc mismatch (stored {crc:08x}, computed {actual:08x})");
-            if end == data.len() {
+            // A record cut short by a crash ends the file, or, in a preallocated segment, is
+            // followed by the zeros it did not get to overwrite.
+            if all_zero(&data[end..]) {
                 return torn(records, off, reason);
             }
             return Err(corrupt(off, reason));
@@ -768,7 +824,12 @@ fn parse_segment(path: &Path, data: &[u8], is_last: bool) -> Result<ParsedSegmen
         records,
         valid_len: off as u64,
         torn: None,
+        zero_tail: false,
     })
+}
+
+fn all_zero(bytes: &[u8]) -> bool {
+    bytes.iter().all(|&b| b == 0)
 }
 
 #[cfg(test)]

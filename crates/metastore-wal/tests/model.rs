@@ -83,7 +83,7 @@ impl Model {
 fn opts() -> WalOptions {
     WalOptions {
         segment_size: SEGMENT_SIZE,
-        sync: true,
+        ..WalOptions::default()
     }
 }
 

@@ -99,7 +99,7 @@ fn build_single_segment(
     dir: &std::path::Path,
     records: &[Record],
 ) -> (Vec<u8>, String, Vec<usize>) {
-    let (wal, _) = open(dir);
+    let (wal, _) = open_plain(dir);
     append_all(&wal, records);
     wal.sync_to(u64::MAX).unwrap();
     drop(wal);
@@ -146,10 +146,12 @@ fn torn_tail_at_every_byte_is_truncated() {
         assert_eq!(lsn, whole.len() as u64 + 1);
         drop(wal);
 
-        let (_wal, recovered) = open(&dir);
+        let (wal, recovered) = open(&dir);
         let mut expected = whole.to_vec();
         expected.push(rec(77, 1000, b"appended after recovery"));
         assert_eq!(recovered, expected, "reopen after append (cut at {cut})");
+        // Dropped first: its thread may be filling the next segment in this directory.
+        drop(wal);
         fs::remove_dir_all(&dir).unwrap();
     }
 }
@@ -211,22 +213,34 @@ fn garbage_tail_is_dropped_but_garbage_in_the_middle_is_corrupt() {
 }
 
 #[test]
-fn zero_filled_tail_is_torn_but_bad_length_is_corrupt() {
+fn zeros_after_the_records_are_kept_and_overwritten_but_bad_length_is_corrupt() {
     let tmp = tempfile::tempdir().unwrap();
     let records: Vec<Record> = (1..=3u64).map(|i| rec(0, i, b"abc")).collect();
     let (orig, name, _) = build_single_segment(&tmp.path().join("orig"), &records);
 
+    // A preallocated segment: the records, then zeros to its full size. A spare left
+    // half-written by the previous process is replaced, never read.
     let dir = tmp.path().join("zeros");
     fs::create_dir_all(&dir).unwrap();
     let mut bytes = orig.clone();
     bytes.extend_from_slice(&[0u8; 4096]);
-    fs::write(dir.join(&name), &bytes).unwrap();
-    let (_wal, recovered) = open(&dir);
+    let seg = dir.join(&name);
+    fs::write(&seg, &bytes).unwrap();
+    fs::write(dir.join("next-segment.wal.tmp"), b"half-written garbage").unwrap();
+    let (wal, recovered) = open(&dir);
     assert_eq!(recovered, records);
+    assert_eq!(fs::metadata(&seg).unwrap().len(), bytes.len() as u64);
+    wal.append_sync(0, 4, b"after restart").unwrap();
+    drop(wal);
     assert_eq!(
-        fs::metadata(dir.join(&name)).unwrap().len(),
-        orig.len() as u64
+        fs::metadata(&seg).unwrap().len(),
+        bytes.len() as u64,
+        "the new record overwrote zeros instead of growing the file"
     );
+    let (_wal, recovered) = open(&dir);
+    let mut expected = records.clone();
+    expected.push(rec(0, 4, b"after restart"));
+    assert_eq!(recovered, expected);
 
     let dir = tmp.path().join("badlen");
     fs::create_dir_all(&dir).unwrap();
@@ -238,6 +252,60 @@ fn zero_filled_tail_is_torn_but_bad_length_is_corrupt() {
         other => panic!("expected Corrupt, got {other:?}"),
     }
 }
+
+#[test]
+fn torn_record_before_preallocated_zeros_is_truncated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let records: Vec<Record> = (1..=5u64)
+        .map(|i| rec(2, i, format!("record {i} before the zeros").as_bytes()))
+        .collect();
+    let (orig, name, offsets) = build_single_segment(&tmp.path().join("orig"), &records);
+    let last_start = *offsets.last().unwrap();
+    let whole = &records[..records.len() - 1];
+    let file_len = orig.len() + 512;
+
+    // The crash wrote the last record only up to `cut`; the zeros it would have overwritten
+    // are still there.
+    for cut in last_start + 1..orig.len() {
+        let dir = tmp.path().join(format!("cut-{cut}"));
+        fs::create_dir_all(&dir).unwrap();
+        let seg = dir.join(&name);
+        let mut bytes = orig[..cut].to_vec();
+        bytes.resize(file_len, 0);
+        fs::write(&seg, &bytes).unwrap();
+
+        let (wal, recovered) = open(&dir);
+        assert_eq!(recovered, whole, "cut at {cut}");
+        assert_eq!(
+            fs::metadata(&seg).unwrap().len(),
+            last_start as u64,
+            "cut to the last whole record (cut at {cut})"
+        );
+        wal.append_sync(9, 99, b"after the torn record").unwrap();
+        drop(wal);
+        let (wal, recovered) = open(&dir);
+        let mut expected = whole.to_vec();
+        expected.push(rec(9, 99, b"after the torn record"));
+        assert_eq!(recovered, expected, "reopen after append (cut at {cut})");
+        drop(wal);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    // The same damage with records after it is corruption, zeros or not.
+    let dir = tmp.path().join("middle");
+    fs::create_dir_all(&dir).unwrap();
+    let mut bytes = orig.clone();
+    bytes[offsets[2] + HEADER_AND_KIND] ^= 0x5a;
+    bytes.resize(file_len, 0);
+    fs::write(dir.join(&name), &bytes).unwrap();
+    match Wal::open(&dir, WalOptions::default()) {
+        Err(WalError::Corrupt { offset, .. }) => assert_eq!(offset, offsets[2] as u64),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+/// Offset of a record's index field: damage there fails the CRC.
+const HEADER_AND_KIND: usize = 9;
 
 #[test]
 fn damage_in_a_non_last_segment_is_corrupt() {

@@ -8,6 +8,56 @@ use common::*;
 use metastore_wal::{Record, Wal, WalOptions};
 
 #[test]
+fn preallocated_segments_are_cut_to_their_records_when_closed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let segment_size = 4096;
+    let records: Vec<Record> = (1..=40u64).map(|i| rec(1, i, &[i as u8; 300])).collect();
+    {
+        let (wal, _) = open_with(tmp.path(), segment_size);
+        for r in &records {
+            wal.append_sync(r.kind, r.index, &r.payload).unwrap();
+        }
+    }
+    let files = segment_files(tmp.path());
+    assert!(files.len() >= 3, "{files:?}");
+    let record_len = metastore_wal::encoded_len(300) as u64;
+    let (last, closed) = files.split_last().unwrap();
+    for f in closed {
+        let len = std::fs::metadata(f).unwrap().len();
+        assert_eq!(
+            len % record_len,
+            0,
+            "{f:?} holds whole records only: {len} bytes"
+        );
+        assert!(len > segment_size, "{f:?} was filled before it was closed");
+    }
+    assert!(
+        std::fs::metadata(last).unwrap().len() >= segment_size,
+        "the active segment was created at its full size"
+    );
+    let (_wal, recovered) = open_with(tmp.path(), segment_size);
+    assert_eq!(recovered, records);
+}
+
+#[test]
+fn without_preallocation_segments_grow_with_their_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let records: Vec<Record> = (1..=5u64).map(|i| rec(1, i, b"grows")).collect();
+    {
+        let (wal, _) = open_plain(tmp.path());
+        append_all(&wal, &records);
+        wal.sync_to(u64::MAX).unwrap();
+    }
+    let files = segment_files(tmp.path());
+    assert_eq!(files.len(), 1);
+    assert_eq!(
+        std::fs::metadata(&files[0]).unwrap().len(),
+        5 * metastore_wal::encoded_len(5) as u64
+    );
+    assert!(!tmp.path().join("next-segment.wal.tmp").exists());
+}
+
+#[test]
 fn rotation_and_purge() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();

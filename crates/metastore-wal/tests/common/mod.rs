@@ -39,7 +39,19 @@ pub fn open_with(dir: &Path, segment_size: u64) -> (Wal, Vec<Record>) {
         dir,
         WalOptions {
             segment_size,
-            sync: true,
+            ..WalOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+/// A log whose segments grow as they are written (no zero-filled room after the records).
+pub fn open_plain(dir: &Path) -> (Wal, Vec<Record>) {
+    Wal::open(
+        dir,
+        WalOptions {
+            preallocate: false,
+            ..WalOptions::default()
         },
     )
     .unwrap()
