@@ -222,8 +222,9 @@ impl Wal {
     /// Opens (creating the directory if needed) and recovers the log; returns every whole
     /// record of every segment in append order.
     ///
-    /// A torn tail of the last segment (partial header, a length reaching past EOF, or a CRC
-    /// mismatch on a record followed only by zeros up to EOF) is truncated away with a warning.
+    /// A torn tail of the last segment (partial header, a length reaching past EOF, a zero
+    /// length with data after it, a bad header or CRC mismatch followed only by zeros or
+    /// overlapping a whole sector of zeros) is truncated away with a warning.
     /// Zeros after the last record are a preallocated segment's unused room: they are kept and
     /// overwritten by the next records. Any other damage, or any damage (zeros included) in a
     /// non-last segment, or a missing segment in the sequence, is [`WalError::Corrupt`].
@@ -772,12 +773,15 @@ fn parse_segment(path: &Path, data: &[u8], is_last: bool) -> Result<ParsedSegmen
                     zero_tail: true,
                 });
             }
-            if is_last && all_zero(&data[off + HEADER_LEN..]) {
-                // A header whose length the crash cut short, in a preallocated segment.
+            // No record has a length below 9, let alone 0: these are the zeros of room that a
+            // write did not reach before the crash (the device persists an unsynced write's
+            // sectors in any order, so later sectors of it may have landed), or a header cut
+            // short.
+            if is_last && (len == 0 || has_zero_sector(data, off, off + HEADER_LEN)) {
                 return torn(
                     records,
                     off,
-                    format!("record header cut short (length {len})"),
+                    format!("unwritten or torn record header (length {len})"),
                 );
             }
             return Err(corrupt(off, format!("invalid record length {len}")));
@@ -803,9 +807,11 @@ fn parse_segment(path: &Path, data: &[u8], is_last: bool) -> Result<ParsedSegmen
         let actual = h.finalize();
         if actual != crc {
             let reason = format!("crc mismatch (stored {crc:08x}, computed {actual:08x})");
-            // A record cut short by a crash ends the file, or, in a preallocated segment, is
-            // followed by the zeros it did not get to overwrite.
-            if all_zero(&data[end..]) {
+            // A record cut short by a crash ends the file, or is followed by the zeros it did
+            // not get to overwrite, or has a sector the device never wrote. A record cut short
+            // is never followed by an acknowledged one: the fsync that acknowledged it covered
+            // every byte before it.
+            if all_zero(&data[end..]) || has_zero_sector(data, off, end) {
                 return torn(records, off, reason);
             }
             return Err(corrupt(off, reason));
@@ -830,6 +836,26 @@ fn parse_segment(path: &Path, data: &[u8], is_last: bool) -> Result<ParsedSegmen
 
 fn all_zero(bytes: &[u8]) -> bool {
     bytes.iter().all(|&b| b == 0)
+}
+
+/// Smallest unit a disk writes whole; a write interrupted by power loss lands sector by sector.
+const SECTOR: usize = 512;
+
+/// Whether a whole, aligned sector overlapping `data[from..to]` holds only zeros: the sign of a
+/// torn write (etcd's WAL uses the same test). A record whose payload holds 512 aligned zero
+/// bytes and is damaged otherwise is also taken for torn: the price of starting after a power
+/// loss instead of refusing to.
+fn has_zero_sector(data: &[u8], from: usize, to: usize) -> bool {
+    let to = to.min(data.len());
+    let mut sector = from - from % SECTOR;
+    while sector < to {
+        let sector_end = (sector + SECTOR).min(data.len());
+        if all_zero(&data[sector..sector_end]) {
+            return true;
+        }
+        sector += SECTOR;
+    }
+    false
 }
 
 #[cfg(test)]

@@ -67,7 +67,7 @@ impl SparePreparer {
         })
     }
 
-    /// Renames the prepared file to `dest`, waiting for it if it is being filled now, and
+    /// Moves the prepared file to `dest`, waiting for it if it is being filled now, and
     /// starts the next one. `Ok(false)` if there is none because preparing failed.
     pub(crate) fn take_as(&self, dest: &Path) -> io::Result<bool> {
         let mut state = self.shared.state.lock();
@@ -77,9 +77,11 @@ impl SparePreparer {
         let Some(prepared) = state.ready.take() else {
             return Ok(false);
         };
-        // Renamed before the thread is told to go on: it reuses the name, and must never
-        // write into the file that has just become a segment.
-        fs::rename(&prepared, dest)?;
+        // Moved before the thread is told to go on: it reuses the name, and must never write
+        // into the file that has just become a segment. A link, unlike a rename, fails instead
+        // of replacing a segment that already has that name.
+        fs::hard_link(&prepared, dest)?;
+        fs::remove_file(&prepared)?;
         if !state.stop {
             state.preparing = true;
             self.shared.changed.notify_all();
@@ -98,7 +100,23 @@ impl Drop for SparePreparer {
     }
 }
 
+/// Marks preparing as failed if the thread unwinds, so that a rotation waiting for the file
+/// goes on with a plain one instead of waiting forever.
+struct FailOnUnwind<'a>(&'a Shared);
+
+impl Drop for FailOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut state = self.0.state.lock();
+            state.preparing = false;
+            state.failed = true;
+            self.0.changed.notify_all();
+        }
+    }
+}
+
 fn prepare_loop(shared: &Shared, path: &Path, size: u64, sync: bool) {
+    let _unwind = FailOnUnwind(shared);
     loop {
         {
             let mut state = shared.state.lock();
@@ -114,9 +132,12 @@ fn prepare_loop(shared: &Shared, path: &Path, size: u64, sync: bool) {
         state.preparing = false;
         match result {
             Ok(()) => state.ready = Some(path.to_path_buf()),
+            Err(_) if state.stop => return,
             Err(e) => {
-                // Rotation falls back to files that grow as they are written.
+                // Rotation falls back to files that grow as they are written; the partial
+                // file would only take space the active segment may need.
                 tracing::warn!(path = %path.display(), error = %e, "cannot preallocate the next wal segment");
+                let _ = fs::remove_file(path);
                 state.failed = true;
             }
         }
@@ -127,8 +148,8 @@ fn prepare_loop(shared: &Shared, path: &Path, size: u64, sync: bool) {
     }
 }
 
-/// Writes `size` zeros to `path`, giving up (leaving a partial file that the next `start`
-/// removes) once `stopped` says the log is being closed.
+/// Writes `size` zeros to `path`. Gives up with `Interrupted` once `stopped` says the log is
+/// being closed, leaving a partial file that the next `start` removes.
 fn fill_with_zeros(
     path: &Path,
     size: u64,
@@ -144,7 +165,7 @@ fn fill_with_zeros(
     let mut left = size;
     while left > 0 {
         if stopped() {
-            return Ok(());
+            return Err(io::ErrorKind::Interrupted.into());
         }
         let n = left.min(zeros.len() as u64) as usize;
         file.write_all(&zeros[..n])?;

@@ -304,6 +304,82 @@ fn torn_record_before_preallocated_zeros_is_truncated() {
     }
 }
 
+#[test]
+fn sectors_a_power_loss_left_unwritten_make_a_torn_tail_not_corruption() {
+    // One group commit wrote these records over a preallocated segment's zeros, and power
+    // failed before its fsync ended: the device kept some of its sectors and not others.
+    let tmp = tempfile::tempdir().unwrap();
+    let acked: Vec<Record> = (1..=3u64).map(|i| rec(1, i, &[7u8; 100])).collect();
+    let batch: Vec<Record> = (4..=12u64).map(|i| rec(1, i, &[i as u8; 300])).collect();
+    let mut all = acked.clone();
+    all.extend(batch.iter().cloned());
+    let (orig, name, offsets) = build_single_segment(&tmp.path().join("orig"), &all);
+    let batch_start = offsets[3];
+    let file_len = orig.len() + 4096;
+    let sector = |n: usize| n * 512..(n + 1) * 512;
+
+    let first_batch_sector = batch_start / 512;
+    let last_sector = (orig.len() - 1) / 512;
+    for lost in first_batch_sector..=last_sector {
+        let dir = tmp.path().join(format!("lost-{lost}"));
+        fs::create_dir_all(&dir).unwrap();
+        let mut bytes = orig.clone();
+        bytes.resize(file_len, 0);
+        // The sector holding the batch's first bytes also holds acknowledged ones, which an
+        // earlier fsync made durable: only the batch's part of it can be missing.
+        let range = sector(lost);
+        let from = range.start.max(batch_start);
+        bytes[from..range.end.min(orig.len())].fill(0);
+        let seg = dir.join(&name);
+        fs::write(&seg, &bytes).unwrap();
+
+        let (wal, recovered) = open(&dir);
+        assert!(
+            recovered.len() >= acked.len() && recovered[..] == all[..recovered.len()],
+            "sector {lost} lost: the acknowledged records and nothing but a prefix of the batch"
+        );
+        assert!(
+            recovered.len() < all.len(),
+            "sector {lost} lost: the damaged record and everything after it are gone"
+        );
+        wal.append_sync(2, 100, b"after the power loss").unwrap();
+        drop(wal);
+        let (wal, again) = open(&dir);
+        let mut expected = recovered.clone();
+        expected.push(rec(2, 100, b"after the power loss"));
+        assert_eq!(
+            again, expected,
+            "sector {lost} lost: reopened after an append"
+        );
+        drop(wal);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn zeros_after_the_records_of_a_non_last_segment_are_corrupt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let records: Vec<Record> = (1..=20u64).map(|i| rec(0, i, &[i as u8; 50])).collect();
+    {
+        let (wal, _) = open_with(tmp.path(), 300);
+        append_all(&wal, &records);
+        wal.sync_to(u64::MAX).unwrap();
+    }
+    let files = segment_files(tmp.path());
+    assert!(files.len() >= 2);
+    let mut first = fs::read(&files[0]).unwrap();
+    let records_len = first.len();
+    first.resize(records_len + 1024, 0);
+    fs::write(&files[0], &first).unwrap();
+    match Wal::open(tmp.path(), WalOptions::default()) {
+        Err(WalError::Corrupt { path, offset, .. }) => {
+            assert_eq!(path, files[0]);
+            assert_eq!(offset, records_len as u64);
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
 /// Offset of a record's index field: damage there fails the CRC.
 const HEADER_AND_KIND: usize = 9;
 

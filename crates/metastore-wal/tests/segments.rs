@@ -40,6 +40,40 @@ fn preallocated_segments_are_cut_to_their_records_when_closed() {
 }
 
 #[test]
+fn a_preallocated_segment_is_cut_when_a_smaller_segment_size_closes_it() {
+    // Written with large segments, then reopened with small ones: the active segment, still
+    // mostly zeros, is closed by the next write and must lose its zeros, or it would be a
+    // non-last segment with zeros after its records at the next start.
+    let tmp = tempfile::tempdir().unwrap();
+    let first: Vec<Record> = (1..=3u64).map(|i| rec(1, i, b"before")).collect();
+    {
+        let (wal, _) = open_with(tmp.path(), 64 * 1024);
+        append_all(&wal, &first);
+        wal.sync_to(u64::MAX).unwrap();
+    }
+    let active = segment_files(tmp.path()).pop().unwrap();
+    assert_eq!(std::fs::metadata(&active).unwrap().len(), 64 * 1024);
+    let second: Vec<Record> = (4..=8u64).map(|i| rec(1, i, &[i as u8; 100])).collect();
+    {
+        let (wal, recovered) = open_with(tmp.path(), 200);
+        assert_eq!(recovered, first);
+        for r in &second {
+            wal.append_sync(r.kind, r.index, &r.payload).unwrap();
+        }
+    }
+    // It took two more records before it passed 200 bytes and the next write closed it.
+    assert_eq!(
+        std::fs::metadata(&active).unwrap().len(),
+        (3 * metastore_wal::encoded_len(b"before".len()) + 2 * metastore_wal::encoded_len(100))
+            as u64
+    );
+    let (_wal, recovered) = open_with(tmp.path(), 200);
+    let mut all = first;
+    all.extend(second);
+    assert_eq!(recovered, all);
+}
+
+#[test]
 fn without_preallocation_segments_grow_with_their_records() {
     let tmp = tempfile::tempdir().unwrap();
     let records: Vec<Record> = (1..=5u64).map(|i| rec(1, i, b"grows")).collect();
