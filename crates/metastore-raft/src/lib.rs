@@ -582,6 +582,13 @@ impl Driver {
                 }
             }
         }
+        if let Some(last) = entries.last().map(|e| e.index) {
+            // Published before the apply thread can answer for these entries: a client whose
+            // write was acknowledged must not then read an older raft index (Status) than the
+            // applied one. `publish` only runs after this whole Ready.
+            self.shared.commit.fetch_max(last, Ordering::AcqRel);
+            self.shared.last_index.fetch_max(last, Ordering::AcqRel);
+        }
         self.apply_tx.send(entries).map_err(|_| RaftError::Stopped)
     }
 

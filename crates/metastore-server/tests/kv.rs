@@ -1788,11 +1788,25 @@ async fn status_reports_self_as_leader() {
     assert!(!st.is_learner());
     assert!(st.errors().is_empty());
 
-    // The raft index moves with writes.
-    let before = st.raft_index();
-    c.put("st", "2", None).await.unwrap();
-    let st2 = c.status().await.unwrap();
-    assert!(st2.raft_index() > before);
+    // The raft index moves with writes, and is never behind the applied index, also right
+    // after an acknowledged write (the apply thread answers while the raft thread may not
+    // have published the Ready's commit index yet).
+    let mut before = st.raft_index();
+    for i in 0..300 {
+        c.put("st", format!("{i}"), None).await.unwrap();
+        let st2 = c.status().await.unwrap();
+        assert!(
+            st2.raft_index() > before,
+            "write {i}: raft index did not move"
+        );
+        assert!(
+            st2.raft_index() >= st2.raft_applied_index(),
+            "write {i}: raft index {} behind applied {}",
+            st2.raft_index(),
+            st2.raft_applied_index()
+        );
+        before = st2.raft_index();
+    }
     drop(srv);
 }
 
