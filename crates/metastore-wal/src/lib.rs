@@ -178,7 +178,7 @@ pub struct Wal {
     appended: AtomicU64,
     writer: Mutex<Writer>,
     /// The next segment file, zero-filled in advance (with [`WalOptions::preallocate`]).
-    spare: Option<SparePreparer>,
+    next_segment: Option<SparePreparer>,
     /// Every record with an Lsn up to this one is written and fsynced.
     durable: AtomicU64,
     /// A thread is currently writing + fsyncing on behalf of everybody.
@@ -324,7 +324,7 @@ impl Wal {
             None => None,
         };
 
-        let spare = if opts.preallocate {
+        let next_segment = if opts.preallocate {
             Some(SparePreparer::start(&dir, opts.segment_size, opts.sync).map_err(io_err(&dir))?)
         } else {
             None
@@ -346,7 +346,7 @@ impl Wal {
                 spare_bytes: Vec::new(),
                 spare_metas: Vec::new(),
             }),
-            spare,
+            next_segment,
             durable: AtomicU64::new(recovered),
             leader: AtomicBool::new(false),
             sync_epoch: AtomicU32::new(0),
@@ -617,7 +617,7 @@ impl Wal {
         let path = self.dir.join(segment_name(seq, first_index));
         // Waits only if the file is still being filled: at the first write of a new log (tens
         // of milliseconds for 64 MiB), or if a whole segment filled up faster than that.
-        let preallocated = match &self.spare {
+        let preallocated = match &self.next_segment {
             Some(spare) => spare.take_as(&path).map_err(io_err(&path))?,
             None => false,
         };
