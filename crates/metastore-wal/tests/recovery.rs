@@ -3,6 +3,7 @@
 mod common;
 
 use std::fs;
+use std::path::PathBuf;
 
 use common::*;
 use metastore_wal::{encoded_len, Record, Wal, WalError, WalOptions, MAX_PAYLOAD};
@@ -200,13 +201,9 @@ fn garbage_tail_is_dropped_but_garbage_in_the_middle_is_corrupt() {
         bytes[pos] ^= 0x5a;
         let seg = dir.join(&name);
         fs::write(&seg, &bytes).unwrap();
-        match Wal::open(&dir, WalOptions::default()) {
-            Err(WalError::Corrupt { path, offset, .. }) => {
-                assert_eq!(path, seg, "{what}");
-                assert_eq!(offset, offsets[2] as u64, "{what}");
-            }
-            other => panic!("{what}: expected Corrupt, got {other:?}"),
-        }
+        let (path, offset) = corruption(&dir);
+        assert_eq!(path, seg, "{what}");
+        assert_eq!(offset, offsets[2] as u64, "{what}");
         // Never silently repaired: the file is untouched.
         assert_eq!(fs::read(&seg).unwrap(), bytes, "{what}");
     }
@@ -247,10 +244,7 @@ fn zeros_after_the_records_are_kept_and_overwritten_but_bad_length_is_corrupt() 
     let mut bytes = orig.clone();
     bytes.extend_from_slice(&[3, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
     fs::write(dir.join(&name), &bytes).unwrap();
-    match Wal::open(&dir, WalOptions::default()) {
-        Err(WalError::Corrupt { offset, .. }) => assert_eq!(offset, orig.len() as u64),
-        other => panic!("expected Corrupt, got {other:?}"),
-    }
+    assert_eq!(corruption(&dir).1, orig.len() as u64);
 }
 
 #[test]
@@ -298,10 +292,7 @@ fn torn_record_before_preallocated_zeros_is_truncated() {
     bytes[offsets[2] + HEADER_AND_KIND] ^= 0x5a;
     bytes.resize(file_len, 0);
     fs::write(dir.join(&name), &bytes).unwrap();
-    match Wal::open(&dir, WalOptions::default()) {
-        Err(WalError::Corrupt { offset, .. }) => assert_eq!(offset, offsets[2] as u64),
-        other => panic!("expected Corrupt, got {other:?}"),
-    }
+    assert_eq!(corruption(&dir).1, offsets[2] as u64);
 }
 
 #[test]
@@ -359,23 +350,32 @@ fn sectors_a_power_loss_left_unwritten_make_a_torn_tail_not_corruption() {
 #[test]
 fn zeros_after_the_records_of_a_non_last_segment_are_corrupt() {
     let tmp = tempfile::tempdir().unwrap();
-    let records: Vec<Record> = (1..=20u64).map(|i| rec(0, i, &[i as u8; 50])).collect();
-    {
-        let (wal, _) = open_with(tmp.path(), 300);
-        append_all(&wal, &records);
-        wal.sync_to(u64::MAX).unwrap();
-    }
-    let files = segment_files(tmp.path());
+    let files = twenty_records_in_segments_of(tmp.path(), 300);
     assert!(files.len() >= 2);
     let mut first = fs::read(&files[0]).unwrap();
     let records_len = first.len();
     first.resize(records_len + 1024, 0);
     fs::write(&files[0], &first).unwrap();
-    match Wal::open(tmp.path(), WalOptions::default()) {
-        Err(WalError::Corrupt { path, offset, .. }) => {
-            assert_eq!(path, files[0]);
-            assert_eq!(offset, records_len as u64);
-        }
+    assert_eq!(
+        corruption(tmp.path()),
+        (files[0].clone(), records_len as u64)
+    );
+}
+
+/// Writes 20 records of 50 bytes into segments of `segment_size` and lists the segment files.
+fn twenty_records_in_segments_of(dir: &std::path::Path, segment_size: u64) -> Vec<PathBuf> {
+    let records: Vec<Record> = (1..=20u64).map(|i| rec(0, i, &[i as u8; 50])).collect();
+    let (wal, _) = open_with(dir, segment_size);
+    append_all(&wal, &records);
+    wal.sync_to(u64::MAX).unwrap();
+    drop(wal);
+    segment_files(dir)
+}
+
+/// Where [`Wal::open`] reports corruption; panics if it opens or fails otherwise.
+fn corruption(dir: &std::path::Path) -> (PathBuf, u64) {
+    match Wal::open(dir, WalOptions::default()) {
+        Err(WalError::Corrupt { path, offset, .. }) => (path, offset),
         other => panic!("expected Corrupt, got {other:?}"),
     }
 }
@@ -386,33 +386,19 @@ const HEADER_AND_KIND: usize = 9;
 #[test]
 fn damage_in_a_non_last_segment_is_corrupt() {
     let tmp = tempfile::tempdir().unwrap();
-    let records: Vec<Record> = (1..=20u64).map(|i| rec(0, i, &[i as u8; 50])).collect();
-    {
-        let (wal, _) = open_with(tmp.path(), 100);
-        append_all(&wal, &records);
-        wal.sync_to(u64::MAX).unwrap();
-    }
-    let files = segment_files(tmp.path());
+    let files = twenty_records_in_segments_of(tmp.path(), 100);
     assert!(files.len() >= 3);
     // Cut the first segment inside its last record: fine for a last segment, not here.
     let first = fs::read(&files[0]).unwrap();
     fs::write(&files[0], &first[..first.len() - 1]).unwrap();
-    match Wal::open(tmp.path(), WalOptions::default()) {
-        Err(WalError::Corrupt { path, offset, .. }) => {
-            assert_eq!(path, files[0]);
-            let rec_len = encoded_len(50);
-            assert_eq!(offset, (first.len() - rec_len) as u64);
-        }
-        other => panic!("expected Corrupt, got {other:?}"),
-    }
+    let (path, offset) = corruption(tmp.path());
+    assert_eq!(path, files[0]);
+    assert_eq!(offset, (first.len() - encoded_len(50)) as u64);
     fs::write(&files[0], &first).unwrap();
 
     // A missing segment in the middle is reported, not skipped.
     fs::remove_file(&files[1]).unwrap();
-    match Wal::open(tmp.path(), WalOptions::default()) {
-        Err(WalError::Corrupt { path, .. }) => assert_eq!(path, files[2]),
-        other => panic!("expected Corrupt, got {other:?}"),
-    }
+    assert_eq!(corruption(tmp.path()).0, files[2]);
 }
 
 #[test]
