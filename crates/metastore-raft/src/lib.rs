@@ -8,21 +8,23 @@
 //!
 //! Peers are a trait: the node is written for N members; a single member uses [`NoPeers`].
 
+mod apply;
+mod driver;
 mod storage;
 
-use flume::{Receiver, RecvTimeoutError, Sender};
+use apply::{apply_loop, StopOnExit};
+use driver::Driver;
+
+use flume::Sender;
 use parking_lot::Mutex;
-use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeV2, EntryType, Message};
-use raft::prelude::Entry;
-use raft::{RawNode, StateRole};
+use raft::eraftpb::Message;
+use raft::RawNode;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 
 pub use raft::eraftpb;
@@ -101,6 +103,25 @@ mod millis {
 /// Sends raft messages to other members. Implementations must not block the raft loop.
 pub trait Transport: Send + Sync + 'static {
     fn send(&self, msgs: Vec<Message>);
+
+    /// Called once, before the raft thread runs: how the transport tells raft what it learns
+    /// (a peer it cannot reach), so that replication to that peer is probed again instead of
+    /// waiting on messages that were dropped.
+    fn bind(&self, _feedback: PeerFeedback) {}
+}
+
+/// The transport's way back into the raft loop. Cheap to clone; never blocks.
+#[derive(Clone)]
+pub struct PeerFeedback {
+    tx: Sender<Input>,
+}
+
+impl PeerFeedback {
+    /// Messages to `peer` were dropped (queue full, not connected): raft-rs moves that
+    /// follower back to probing (`report_unreachable`).
+    pub fn unreachable(&self, peer: u64) {
+        let _ = self.tx.send(Input::Unreachable(peer));
+    }
 }
 
 /// The transport of a single-member cluster: there is nobody to talk to.
@@ -155,8 +176,14 @@ enum Input {
     Propose(Vec<u8>, oneshot::Sender<Result<(), RaftError>>),
     ReadIndex(oneshot::Sender<Result<u64, RaftError>>),
     Step(Box<Message>),
-    /// The state machine holds everything up to this index durably.
-    Compact(u64),
+    /// The state machine holds everything up to `index` durably; `term` is its term when
+    /// the apply loop saw the entry (None: applied before this process started).
+    Compact {
+        index: u64,
+        term: Option<u64>,
+    },
+    /// The transport dropped messages to this peer.
+    Unreachable(u64),
     Shutdown,
 }
 
@@ -168,6 +195,8 @@ struct Shared {
     last_index: AtomicU64,
     stopped: AtomicBool,
     applied: watch::Sender<u64>,
+    /// (term, leader id), published when either changes; 0 = no leader.
+    leadership: watch::Sender<(u64, u64)>,
     /// Last log index found at start: what a restarted member re-applies before serving.
     replay_target: u64,
     failure: Mutex<Option<RaftError>>,
@@ -231,7 +260,15 @@ impl RaftNode {
             // election timeout.
             raw.campaign().map_err(|e| RaftError::Raft(e.to_string()))?;
         }
-        let replay_target = raw.raft.raft_log.last_index();
+        // With peers, only what is committed is sure to be applied: an uncommitted tail may be
+        // replaced by the next leader, and waiting for it could wait forever. Alone, this member
+        // commits its whole log as soon as it leads, so it waits for all of it (a write may have
+        // been acknowledged before the hard state recorded its commit).
+        let replay_target = if single_voter {
+            raw.raft.raft_log.last_index()
+        } else {
+            raw.raft.raft_log.committed
+        };
         let (applied_tx, _) = watch::channel(applied);
         let shared = Arc::new(Shared {
             id,
@@ -241,6 +278,7 @@ impl RaftNode {
             last_index: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
             applied: applied_tx,
+            leadership: watch::channel((0, 0)).0,
             replay_target,
             failure: Mutex::new(None),
         });
@@ -249,32 +287,40 @@ impl RaftNode {
         // whichever thread is runnable and costs a context switch each time.
         let (tx, rx) = flume::unbounded();
         let (apply_tx, apply_rx) = flume::unbounded();
+        transport.bind(PeerFeedback { tx: tx.clone() });
         let apply_thread = {
             let shared = shared.clone();
             let raft_tx = tx.clone();
             std::thread::Builder::new()
                 .name("raft-apply".into())
-                .spawn(move || apply_loop(shared, state_machine, apply_rx, raft_tx))
+                .spawn(move || {
+                    let _guard = StopOnExit {
+                        shared: shared.clone(),
+                        thread: "raft-apply",
+                    };
+                    apply_loop(shared, state_machine, apply_rx, raft_tx)
+                })
                 .map_err(|e| RaftError::Raft(e.to_string()))?
         };
         let raft_thread = {
             let shared = shared.clone();
-            let mut driver = Driver {
+            let mut driver = Driver::new(
                 raw,
-                shared,
+                shared.clone(),
                 rx,
                 transport,
                 apply_tx,
-                tick_interval: config.tick_interval,
-                pending_reads: Vec::new(),
-                inflight_reads: HashMap::new(),
-                read_seq: 0,
-                last_term: 0,
-                trimmed_below: 0,
-            };
+                config.tick_interval,
+            );
             std::thread::Builder::new()
                 .name("raft".into())
-                .spawn(move || driver.run())
+                .spawn(move || {
+                    let _guard = StopOnExit {
+                        shared,
+                        thread: "raft",
+                    };
+                    driver.run()
+                })
                 .map_err(|e| RaftError::Raft(e.to_string()))?
         };
         Ok(RaftNode {
@@ -364,6 +410,11 @@ impl RaftNode {
         self.shared.term.load(Ordering::Acquire)
     }
 
+    /// (term, leader id) now and at every change; leader 0 means none is known.
+    pub fn leadership(&self) -> watch::Receiver<(u64, u64)> {
+        self.shared.leadership.subscribe()
+    }
+
     pub fn is_stopped(&self) -> bool {
         self.shared.stopped.load(Ordering::Acquire)
     }
@@ -374,314 +425,6 @@ impl RaftNode {
         let threads: Vec<_> = self.threads.lock().drain(..).collect();
         for t in threads {
             let _ = t.join();
-        }
-    }
-}
-
-struct Driver {
-    raw: RawNode<WalStorage>,
-    shared: Arc<Shared>,
-    rx: Receiver<Input>,
-    transport: Arc<dyn Transport>,
-    apply_tx: Sender<Vec<Entry>>,
-    tick_interval: Duration,
-    pending_reads: Vec<oneshot::Sender<Result<u64, RaftError>>>,
-    inflight_reads: HashMap<Vec<u8>, Vec<oneshot::Sender<Result<u64, RaftError>>>>,
-    read_seq: u64,
-    last_term: u64,
-    trimmed_below: u64,
-}
-
-/// Applied entries kept in memory for lagging followers before the in-memory log is trimmed.
-const CATCH_UP_ENTRIES: u64 = 10_000;
-/// Trim in steps, not on every Ready.
-const TRIM_STEP: u64 = 1_000;
-
-impl Driver {
-    fn run(&mut self) {
-        let mut next_tick = Instant::now() + self.tick_interval;
-        // A campaign started before the loop is processed now, not a tick later.
-        if let Err(e) = self.drain_ready() {
-            tracing::error!(error = %e, "raft loop failed at start; stopping this member");
-            *self.shared.failure.lock() = Some(e);
-            self.shared.stopped.store(true, Ordering::Release);
-            self.shared.applied.send_modify(|_| {});
-            return;
-        }
-        loop {
-            let timeout = next_tick.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(timeout) {
-                Ok(Input::Shutdown) => break,
-                Ok(input) => {
-                    if !self.handle(input) {
-                        break;
-                    }
-                    // Take everything already queued: all of it shares the next Ready, and so
-                    // one WAL fsync.
-                    let mut stop = false;
-                    while let Ok(input) = self.rx.try_recv() {
-                        if matches!(input, Input::Shutdown) || !self.handle(input) {
-                            stop = true;
-                            break;
-                        }
-                    }
-                    if stop {
-                        break;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-            if Instant::now() >= next_tick {
-                self.raw.tick();
-                next_tick += self.tick_interval;
-                if next_tick < Instant::now() {
-                    next_tick = Instant::now() + self.tick_interval;
-                }
-            }
-            if self.shared.stopped.load(Ordering::Acquire) {
-                // The apply loop failed: going on would acknowledge nothing.
-                break;
-            }
-            if let Err(e) = self.drain_ready() {
-                tracing::error!(error = %e, "raft loop failed; stopping this member");
-                *self.shared.failure.lock() = Some(e);
-                break;
-            }
-        }
-        self.shared.stopped.store(true, Ordering::Release);
-        // Wake every reader waiting on the applied index: they fail now, not at their timeout.
-        self.shared.applied.send_modify(|_| {});
-        let err = self
-            .shared
-            .failure
-            .lock()
-            .clone()
-            .unwrap_or(RaftError::Stopped);
-        for tx in self.pending_reads.drain(..) {
-            let _ = tx.send(Err(err.clone()));
-        }
-        for (_, waiters) in self.inflight_reads.drain() {
-            for tx in waiters {
-                let _ = tx.send(Err(err.clone()));
-            }
-        }
-    }
-
-    /// Returns false when the loop must stop.
-    fn handle(&mut self, input: Input) -> bool {
-        match input {
-            Input::Propose(data, reply) => {
-                let result = match self.raw.propose(vec![], data) {
-                    Ok(()) => Ok(()),
-                    Err(raft::Error::ProposalDropped)
-                        if self.raw.raft.leader_id == raft::INVALID_ID =>
-                    {
-                        Err(RaftError::NoLeader)
-                    }
-                    Err(raft::Error::ProposalDropped) => Err(RaftError::ProposalDropped),
-                    Err(e) => Err(RaftError::Raft(e.to_string())),
-                };
-                let _ = reply.send(result);
-            }
-            Input::ReadIndex(reply) => self.pending_reads.push(reply),
-            Input::Step(msg) => {
-                if let Err(e) = self.raw.step(*msg) {
-                    tracing::debug!(error = %e, "raft step rejected a message");
-                }
-            }
-            Input::Compact(index) => match self.raw.store().compact_log(index) {
-                Ok(removed) => {
-                    tracing::debug!(index, removed, "raft log compacted");
-                }
-                Err(e) => tracing::warn!(index, error = %e, "cannot compact the raft log"),
-            },
-            Input::Shutdown => return false,
-        }
-        true
-    }
-
-    /// Starts one ReadIndex round for every read waiting now, once a leader that has
-    /// committed in its term exists (raft-rs drops read requests before that).
-    fn issue_reads(&mut self) {
-        if self.pending_reads.is_empty() || self.raw.raft.leader_id == raft::INVALID_ID {
-            return;
-        }
-        if self.raw.raft.state == StateRole::Leader && !self.raw.raft.commit_to_current_term() {
-            return;
-        }
-        self.read_seq += 1;
-        let ctx = self.read_seq.to_be_bytes().to_vec();
-        self.raw.read_index(ctx.clone());
-        let waiters = std::mem::take(&mut self.pending_reads);
-        self.inflight_reads.insert(ctx, waiters);
-    }
-
-    fn on_ready(&mut self) -> Result<(), RaftError> {
-        if !self.raw.has_ready() {
-            return Ok(());
-        }
-        let mut ready = self.raw.ready();
-        if !ready.messages().is_empty() {
-            self.transport.send(ready.take_messages());
-        }
-        if !ready.snapshot().is_empty() {
-            return Err(RaftError::Raft(
-                "installing a snapshot from the leader is not supported yet".into(),
-            ));
-        }
-        self.handle_committed(ready.take_committed_entries())?;
-        let store = self.raw.store().clone();
-        store.persist(ready.entries(), ready.hs(), ready.must_sync())?;
-        if !ready.persisted_messages().is_empty() {
-            self.transport.send(ready.take_persisted_messages());
-        }
-        for rs in ready.take_read_states() {
-            if let Some(waiters) = self.inflight_reads.remove(&rs.request_ctx) {
-                for tx in waiters {
-                    let _ = tx.send(Ok(rs.index));
-                }
-            }
-        }
-        let mut light = self.raw.advance(ready);
-        if let Some(commit) = light.commit_index() {
-            store.set_commit(commit);
-        }
-        self.transport.send(light.take_messages());
-        self.handle_committed(light.take_committed_entries())?;
-        self.raw.advance_apply();
-        Ok(())
-    }
-
-    fn handle_committed(&mut self, entries: Vec<Entry>) -> Result<(), RaftError> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        for e in &entries {
-            match e.get_entry_type() {
-                EntryType::EntryNormal => {}
-                EntryType::EntryConfChange => {
-                    let mut cc = ConfChange::default();
-                    cc.merge_from_bytes(&e.data)
-                        .map_err(|err| RaftError::Raft(err.to_string()))?;
-                    let cs = self
-                        .raw
-                        .apply_conf_change(&cc)
-                        .map_err(|err| RaftError::Raft(err.to_string()))?;
-                    self.raw.store().set_conf_state(cs)?;
-                }
-                EntryType::EntryConfChangeV2 => {
-                    let mut cc = ConfChangeV2::default();
-                    cc.merge_from_bytes(&e.data)
-                        .map_err(|err| RaftError::Raft(err.to_string()))?;
-                    let cs = self
-                        .raw
-                        .apply_conf_change(&cc)
-                        .map_err(|err| RaftError::Raft(err.to_string()))?;
-                    self.raw.store().set_conf_state(cs)?;
-                }
-            }
-        }
-        if let Some(last) = entries.last().map(|e| e.index) {
-            // Published before the apply thread can answer for these entries: a client whose
-            // write was acknowledged must not then read an older raft index (Status) than the
-            // applied one. `publish` only runs after this whole Ready.
-            self.shared.commit.fetch_max(last, Ordering::AcqRel);
-            self.shared.last_index.fetch_max(last, Ordering::AcqRel);
-        }
-        self.apply_tx.send(entries).map_err(|_| RaftError::Stopped)
-    }
-
-    /// Handles Readies until raft has nothing more, so no leftover work waits for a tick.
-    fn drain_ready(&mut self) -> Result<(), RaftError> {
-        loop {
-            self.issue_reads();
-            self.on_ready()?;
-            self.publish();
-            if !self.raw.has_ready() {
-                return Ok(());
-            }
-        }
-    }
-
-    fn fail_inflight_reads(&mut self) {
-        for (_, waiters) in self.inflight_reads.drain() {
-            for tx in waiters {
-                let _ = tx.send(Err(RaftError::NoLeader));
-            }
-        }
-    }
-
-    fn publish(&mut self) {
-        let term = self.raw.raft.term;
-        let leader = self.raw.raft.leader_id;
-        let leader_changed = self.shared.leader.swap(leader, Ordering::AcqRel) != leader;
-        if (term != self.last_term && self.last_term != 0) || leader_changed {
-            // raft-rs drops its read queue when leadership moves (a CheckQuorum step-down
-            // keeps the term): reads in flight may never be answered.
-            self.fail_inflight_reads();
-        }
-        self.last_term = term;
-        if leader_changed {
-            tracing::info!(term, leader, id = self.shared.id, "raft leader changed");
-        }
-        let raft = &self.raw.raft;
-        self.shared.term.store(term, Ordering::Release);
-        self.shared
-            .commit
-            .store(raft.raft_log.committed, Ordering::Release);
-        self.shared
-            .last_index
-            .store(raft.raft_log.last_index(), Ordering::Release);
-        let applied = *self.shared.applied.borrow();
-        let trim_to = applied.saturating_sub(CATCH_UP_ENTRIES);
-        if trim_to >= self.trimmed_below + TRIM_STEP {
-            match self.raw.store().trim_memory(trim_to) {
-                Ok(()) => self.trimmed_below = trim_to,
-                Err(e) => tracing::warn!(error = %e, trim_to, "cannot trim the in-memory raft log"),
-            }
-        }
-    }
-}
-
-fn apply_loop(
-    shared: Arc<Shared>,
-    mut sm: Box<dyn StateMachine>,
-    rx: Receiver<Vec<Entry>>,
-    raft_tx: Sender<Input>,
-) {
-    let mut durable = sm.durable_index();
-    while let Ok(mut entries) = rx.recv() {
-        // Coalesce what is queued into one call: fewer engine batches under load.
-        while let Ok(more) = rx.try_recv() {
-            entries.extend(more);
-        }
-        let Some(last) = entries.last().map(|e| e.index) else {
-            continue;
-        };
-        let normal: Vec<CommittedEntry> = entries
-            .into_iter()
-            .filter(|e| e.get_entry_type() == EntryType::EntryNormal && !e.data.is_empty())
-            .map(|e| CommittedEntry {
-                index: e.index,
-                term: e.term,
-                data: e.data,
-            })
-            .collect();
-        if !normal.is_empty() {
-            if let Err(e) = sm.apply(normal) {
-                tracing::error!(error = %e, "state machine failed; stopping this member");
-                *shared.failure.lock() = Some(RaftError::StateMachine(e));
-                shared.stopped.store(true, Ordering::Release);
-                shared.applied.send_modify(|_| {});
-                return;
-            }
-        }
-        shared.applied.send_replace(last);
-        let now_durable = sm.durable_index();
-        if now_durable > durable {
-            durable = now_durable;
-            let _ = raft_tx.send(Input::Compact(durable));
         }
     }
 }

@@ -189,11 +189,16 @@ impl WalStorage {
     /// Compacts the log below `index`, which the state machine now holds durably: records the
     /// snapshot point (term and membership) and the hard state in the WAL, then deletes the WAL
     /// segments entirely at or below it.
-    pub fn compact_log(&self, index: u64) -> Result<usize, RaftError> {
-        let term = self
-            .mem
-            .term(index)
-            .map_err(|e| RaftError::Raft(e.to_string()))?;
+    /// `term` is the term of `index` when the caller knows it: the in-memory log may have
+    /// trimmed that entry already.
+    pub fn compact_log(&self, index: u64, term: Option<u64>) -> Result<usize, RaftError> {
+        let term = match term {
+            Some(t) => t,
+            None => self
+                .mem
+                .term(index)
+                .map_err(|e| RaftError::Raft(e.to_string()))?,
+        };
         let state = self
             .mem
             .initial_state()

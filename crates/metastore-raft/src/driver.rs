@@ -1,0 +1,348 @@
+//! The raft thread: the raft-rs Ready loop, ReadIndex rounds, log trimming and compaction.
+
+use crate::{Input, RaftError, Shared, Transport, WalStorage};
+use flume::{Receiver, RecvTimeoutError, Sender};
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeV2, EntryType};
+use raft::prelude::Entry;
+use raft::{RawNode, StateRole};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+pub(crate) struct Driver {
+    raw: RawNode<WalStorage>,
+    shared: Arc<Shared>,
+    rx: Receiver<Input>,
+    transport: Arc<dyn Transport>,
+    apply_tx: Sender<Vec<Entry>>,
+    tick_interval: Duration,
+    pending_reads: Vec<oneshot::Sender<Result<u64, RaftError>>>,
+    inflight_reads: HashMap<Vec<u8>, InflightRead>,
+    read_seq: u64,
+    last_term: u64,
+    last_term_published: u64,
+    trimmed_below: u64,
+}
+
+/// A ReadIndex round issued to raft and not answered yet.
+struct InflightRead {
+    waiters: Vec<oneshot::Sender<Result<u64, RaftError>>>,
+    sent_at: Instant,
+}
+
+/// raft-rs drops a ReadIndex silently (a follower whose request to the leader was lost, a
+/// leader that has not committed in its term): issue it again after this long, as etcd does.
+const READ_INDEX_RETRY: Duration = Duration::from_millis(500);
+
+/// Applied entries kept in memory for lagging followers before the in-memory log is trimmed.
+const CATCH_UP_ENTRIES: u64 = 10_000;
+/// Trim in steps, not on every Ready.
+const TRIM_STEP: u64 = 1_000;
+
+impl Driver {
+    pub(crate) fn new(
+        raw: RawNode<WalStorage>,
+        shared: Arc<Shared>,
+        rx: Receiver<Input>,
+        transport: Arc<dyn Transport>,
+        apply_tx: Sender<Vec<Entry>>,
+        tick_interval: Duration,
+    ) -> Self {
+        Self {
+            raw,
+            shared,
+            rx,
+            transport,
+            apply_tx,
+            tick_interval,
+            pending_reads: Vec::new(),
+            inflight_reads: HashMap::new(),
+            read_seq: 0,
+            last_term: 0,
+            last_term_published: 0,
+            trimmed_below: 0,
+        }
+    }
+
+    pub(crate) fn run(&mut self) {
+        let mut next_tick = Instant::now() + self.tick_interval;
+        // A campaign started before the loop is processed now, not a tick later.
+        if let Err(e) = self.drain_ready() {
+            tracing::error!(error = %e, "raft loop failed at start; stopping this member");
+            *self.shared.failure.lock() = Some(e);
+            self.shared.stopped.store(true, Ordering::Release);
+            self.shared.applied.send_modify(|_| {});
+            return;
+        }
+        loop {
+            let timeout = next_tick.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(timeout) {
+                Ok(Input::Shutdown) => break,
+                Ok(input) => {
+                    if !self.handle(input) {
+                        break;
+                    }
+                    // Take everything already queued: all of it shares the next Ready, and so
+                    // one WAL fsync.
+                    let mut stop = false;
+                    while let Ok(input) = self.rx.try_recv() {
+                        if matches!(input, Input::Shutdown) || !self.handle(input) {
+                            stop = true;
+                            break;
+                        }
+                    }
+                    if stop {
+                        break;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if Instant::now() >= next_tick {
+                self.raw.tick();
+                self.retry_reads();
+                next_tick += self.tick_interval;
+                if next_tick < Instant::now() {
+                    next_tick = Instant::now() + self.tick_interval;
+                }
+            }
+            if self.shared.stopped.load(Ordering::Acquire) {
+                // The apply loop failed: going on would acknowledge nothing.
+                break;
+            }
+            if let Err(e) = self.drain_ready() {
+                tracing::error!(error = %e, "raft loop failed; stopping this member");
+                *self.shared.failure.lock() = Some(e);
+                break;
+            }
+        }
+        self.shared.stopped.store(true, Ordering::Release);
+        // Wake every reader waiting on the applied index: they fail now, not at their timeout.
+        self.shared.applied.send_modify(|_| {});
+        let err = self
+            .shared
+            .failure
+            .lock()
+            .clone()
+            .unwrap_or(RaftError::Stopped);
+        for tx in self.pending_reads.drain(..) {
+            let _ = tx.send(Err(err.clone()));
+        }
+        for (_, read) in self.inflight_reads.drain() {
+            for tx in read.waiters {
+                let _ = tx.send(Err(err.clone()));
+            }
+        }
+    }
+
+    /// Returns false when the loop must stop.
+    fn handle(&mut self, input: Input) -> bool {
+        match input {
+            Input::Propose(data, reply) => {
+                let result = match self.raw.propose(vec![], data) {
+                    Ok(()) => Ok(()),
+                    Err(raft::Error::ProposalDropped)
+                        if self.raw.raft.leader_id == raft::INVALID_ID =>
+                    {
+                        Err(RaftError::NoLeader)
+                    }
+                    Err(raft::Error::ProposalDropped) => Err(RaftError::ProposalDropped),
+                    Err(e) => Err(RaftError::Raft(e.to_string())),
+                };
+                let _ = reply.send(result);
+            }
+            Input::ReadIndex(reply) => self.pending_reads.push(reply),
+            Input::Step(msg) => {
+                if let Err(e) = self.raw.step(*msg) {
+                    tracing::debug!(error = %e, "raft step rejected a message");
+                }
+            }
+            Input::Compact { index, term } => match self.raw.store().compact_log(index, term) {
+                Ok(removed) => {
+                    tracing::debug!(index, removed, "raft log compacted");
+                }
+                Err(e) => tracing::warn!(index, error = %e, "cannot compact the raft log"),
+            },
+            Input::Unreachable(peer) => self.raw.report_unreachable(peer),
+            Input::Shutdown => return false,
+        }
+        true
+    }
+
+    /// Starts one ReadIndex round for every read waiting now, once a leader that has
+    /// committed in its term exists (raft-rs drops read requests before that).
+    fn issue_reads(&mut self) {
+        if self.pending_reads.is_empty() || self.raw.raft.leader_id == raft::INVALID_ID {
+            return;
+        }
+        if self.raw.raft.state == StateRole::Leader && !self.raw.raft.commit_to_current_term() {
+            return;
+        }
+        self.read_seq += 1;
+        let ctx = self.read_seq.to_be_bytes().to_vec();
+        self.raw.read_index(ctx.clone());
+        let waiters = std::mem::take(&mut self.pending_reads);
+        self.inflight_reads.insert(
+            ctx,
+            InflightRead {
+                waiters,
+                sent_at: Instant::now(),
+            },
+        );
+    }
+
+    /// Issues again every ReadIndex round unanswered for `READ_INDEX_RETRY`, under its own
+    /// context: an answer to any of the sends completes it.
+    fn retry_reads(&mut self) {
+        if self.raw.raft.leader_id == raft::INVALID_ID {
+            return;
+        }
+        let now = Instant::now();
+        let stale: Vec<Vec<u8>> = self
+            .inflight_reads
+            .iter()
+            .filter(|(_, r)| now.duration_since(r.sent_at) >= READ_INDEX_RETRY)
+            .map(|(ctx, _)| ctx.clone())
+            .collect();
+        for ctx in stale {
+            self.raw.read_index(ctx.clone());
+            if let Some(read) = self.inflight_reads.get_mut(&ctx) {
+                read.sent_at = now;
+            }
+        }
+    }
+
+    fn on_ready(&mut self) -> Result<(), RaftError> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.raw.ready();
+        if !ready.messages().is_empty() {
+            self.transport.send(ready.take_messages());
+        }
+        if !ready.snapshot().is_empty() {
+            return Err(RaftError::Raft(
+                "installing a snapshot from the leader is not supported yet".into(),
+            ));
+        }
+        self.handle_committed(ready.take_committed_entries())?;
+        let store = self.raw.store().clone();
+        store.persist(ready.entries(), ready.hs(), ready.must_sync())?;
+        if !ready.persisted_messages().is_empty() {
+            self.transport.send(ready.take_persisted_messages());
+        }
+        for rs in ready.take_read_states() {
+            if let Some(read) = self.inflight_reads.remove(&rs.request_ctx) {
+                for tx in read.waiters {
+                    let _ = tx.send(Ok(rs.index));
+                }
+            }
+        }
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            store.set_commit(commit);
+        }
+        self.transport.send(light.take_messages());
+        self.handle_committed(light.take_committed_entries())?;
+        self.raw.advance_apply();
+        Ok(())
+    }
+
+    fn handle_committed(&mut self, entries: Vec<Entry>) -> Result<(), RaftError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        for e in &entries {
+            match e.get_entry_type() {
+                EntryType::EntryNormal => {}
+                EntryType::EntryConfChange => {
+                    let mut cc = ConfChange::default();
+                    cc.merge_from_bytes(&e.data)
+                        .map_err(|err| RaftError::Raft(err.to_string()))?;
+                    let cs = self
+                        .raw
+                        .apply_conf_change(&cc)
+                        .map_err(|err| RaftError::Raft(err.to_string()))?;
+                    self.raw.store().set_conf_state(cs)?;
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let mut cc = ConfChangeV2::default();
+                    cc.merge_from_bytes(&e.data)
+                        .map_err(|err| RaftError::Raft(err.to_string()))?;
+                    let cs = self
+                        .raw
+                        .apply_conf_change(&cc)
+                        .map_err(|err| RaftError::Raft(err.to_string()))?;
+                    self.raw.store().set_conf_state(cs)?;
+                }
+            }
+        }
+        if let Some(last) = entries.last().map(|e| e.index) {
+            // Published before the apply thread can answer for these entries: a client whose
+            // write was acknowledged must not then read an older raft index (Status) than the
+            // applied one. `publish` only runs after this whole Ready.
+            self.shared.commit.fetch_max(last, Ordering::AcqRel);
+            self.shared.last_index.fetch_max(last, Ordering::AcqRel);
+        }
+        self.apply_tx.send(entries).map_err(|_| RaftError::Stopped)
+    }
+
+    /// Handles Readies until raft has nothing more, so no leftover work waits for a tick.
+    fn drain_ready(&mut self) -> Result<(), RaftError> {
+        loop {
+            self.issue_reads();
+            self.on_ready()?;
+            self.publish();
+            if !self.raw.has_ready() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn fail_inflight_reads(&mut self) {
+        for (_, read) in self.inflight_reads.drain() {
+            for tx in read.waiters {
+                let _ = tx.send(Err(RaftError::NoLeader));
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        let term = self.raw.raft.term;
+        let leader = self.raw.raft.leader_id;
+        let leader_changed = self.shared.leader.swap(leader, Ordering::AcqRel) != leader;
+        if (term != self.last_term && self.last_term != 0) || leader_changed {
+            // raft-rs drops its read queue when leadership moves (a CheckQuorum step-down
+            // keeps the term): reads in flight may never be answered.
+            self.fail_inflight_reads();
+        }
+        self.last_term = term;
+        if leader_changed {
+            tracing::info!(term, leader, id = self.shared.id, "raft leader changed");
+        }
+        if leader_changed || term != self.last_term_published {
+            self.last_term_published = term;
+            self.shared.term.store(term, Ordering::Release);
+            self.shared.leadership.send_replace((term, leader));
+        }
+        let raft = &self.raw.raft;
+        self.shared.term.store(term, Ordering::Release);
+        self.shared
+            .commit
+            .store(raft.raft_log.committed, Ordering::Release);
+        self.shared
+            .last_index
+            .store(raft.raft_log.last_index(), Ordering::Release);
+        let applied = *self.shared.applied.borrow();
+        let trim_to = applied.saturating_sub(CATCH_UP_ENTRIES);
+        if trim_to >= self.trimmed_below + TRIM_STEP {
+            match self.raw.store().trim_memory(trim_to) {
+                Ok(()) => self.trimmed_below = trim_to,
+                Err(e) => tracing::warn!(error = %e, trim_to, "cannot trim the in-memory raft log"),
+            }
+        }
+    }
+}
