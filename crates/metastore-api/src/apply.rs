@@ -174,16 +174,16 @@ impl<E: Engine> ApplyDriver<E> {
 impl<E: Engine> StateMachine for ApplyDriver<E> {
     fn apply(&mut self, entries: Vec<CommittedEntry>) -> Result<(), String> {
         for entry in entries {
-            // The WAL's CRC rules out damage, so an entry that does not decode does so on every
-            // member alike: skipping it keeps members identical, while stopping would brick
-            // them all, again at every replay.
-            let batch = match decode_batch_shared(entry.data) {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::error!(index = entry.index, error = %e, "skipping an undecodable raft entry");
-                    continue;
-                }
-            };
+            // The WAL's CRC rules out damage, so an entry that does not decode was written by a
+            // newer member (a frame layout the cluster version should have kept back) or by a
+            // bug. Skipping it would let this member diverge from those that applied it: stop,
+            // loudly, and let the operator upgrade this binary; the entry stays in the log.
+            let batch = decode_batch_shared(entry.data).map_err(|e| {
+                format!(
+                    "raft entry {} cannot be decoded by this version ({e}); was it written by a newer MetaStore? Upgrade this member",
+                    entry.index
+                )
+            })?;
             let completer = self.completer.0.get().filter(|c| c.is_waiting(batch.id));
             let total = batch.commands.len();
             let mut delivered = 0;
@@ -221,5 +221,71 @@ impl ProposalSink for RaftSink {
     fn propose(&self, frame: Vec<u8>) -> BoxFuture<'static, Result<(), String>> {
         let node = self.0.clone();
         Box::pin(async move { node.propose(frame).await.map_err(|e| e.to_string()) })
+    }
+
+    fn term(&self) -> u64 {
+        self.0.term()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metastore_codec::{encode_batch, Batch, CodecOptions, Command, Op};
+    use metastore_memory::MemoryEngine;
+    use metastore_proto::etcdserverpb::PutRequest;
+
+    fn driver() -> (Arc<Store<MemoryEngine>>, ApplyDriver<MemoryEngine>) {
+        let store = Arc::new(Store::open(Arc::new(MemoryEngine::new())).expect("open"));
+        let driver = ApplyDriver::new(
+            store.clone(),
+            CompleterSlot::default(),
+            Durability::Flush { every: u64::MAX },
+            0,
+            32,
+        );
+        (store, driver)
+    }
+
+    fn put_frame() -> bytes::Bytes {
+        let batch = Batch {
+            id: 1,
+            commands: vec![Command {
+                op: Some(Op::Put(PutRequest {
+                    key: "k".into(),
+                    value: "v".into(),
+                    ..Default::default()
+                })),
+            }],
+        };
+        encode_batch(&batch, &CodecOptions::default())
+    }
+
+    fn entry(index: u64, data: bytes::Bytes) -> CommittedEntry {
+        CommittedEntry {
+            index,
+            term: 1,
+            data,
+        }
+    }
+
+    #[test]
+    fn an_entry_from_a_newer_frame_layout_stops_the_member_instead_of_being_skipped() {
+        let (store, mut driver) = driver();
+        driver
+            .apply(vec![entry(1, put_frame())])
+            .expect("a frame of this version applies");
+        let mut newer = put_frame().to_vec();
+        newer[0] = (newer[0] & 0x0f) | (2 << 4);
+        let err = driver
+            .apply(vec![entry(2, newer.into()), entry(3, put_frame())])
+            .expect_err("an undecodable entry must stop the member");
+        assert!(err.contains("raft entry 2 cannot be decoded"), "{err}");
+        assert!(err.contains("unsupported frame version 2"), "{err}");
+        assert_eq!(
+            store.applied_index(),
+            1,
+            "nothing after it is applied either"
+        );
     }
 }

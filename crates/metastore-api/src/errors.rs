@@ -54,6 +54,9 @@ pub fn no_leader() -> Status {
 pub fn timeout() -> Status {
     Status::unavailable("etcdserver: request timed out")
 }
+pub fn leader_changed() -> Status {
+    Status::unavailable("etcdserver: leader changed")
+}
 pub fn stopped() -> Status {
     Status::unavailable("etcdserver: server stopped")
 }
@@ -66,9 +69,10 @@ pub fn from_mvcc(e: MvccError) -> Status {
         MvccError::KeyNotFound => key_not_found(),
         MvccError::LeaseExists => lease_exists(),
         MvccError::NoSpace => no_space(),
-        MvccError::Engine(_) | MvccError::Corrupt(..) => {
-            Status::internal(format!("etcdserver: {e}"))
-        }
+        MvccError::Engine(_)
+        | MvccError::Corrupt(..)
+        | MvccError::Downgrade { .. }
+        | MvccError::UnknownCommand(_) => Status::internal(format!("etcdserver: {e}")),
     }
 }
 
@@ -85,6 +89,7 @@ pub fn from_batch(e: BatchError) -> Status {
     match e {
         BatchError::Timeout => timeout(),
         BatchError::Stopped => stopped(),
+        BatchError::LeaderChanged => leader_changed(),
         BatchError::Rejected(reason) if reason == RaftError::NoLeader.to_string() => no_leader(),
         BatchError::Rejected(reason) => Status::unavailable(format!("etcdserver: {reason}")),
     }

@@ -6,6 +6,7 @@
 
 pub mod apply;
 mod batch;
+pub mod cluster_version;
 mod concurrency;
 pub mod errors;
 pub mod lease;
@@ -120,8 +121,23 @@ impl<E: Engine> EtcdServer<E> {
         cluster: ClusterInfo,
         services: ServiceConfig,
     ) -> Arc<Self> {
-        let proposer = BatchProposer::start(batch, Arc::new(apply::RaftSink(raft.clone())));
+        let proposer = BatchProposer::start_on_member(
+            batch,
+            Arc::new(apply::RaftSink(raft.clone())),
+            cluster.member_id,
+        );
         completer_slot.set(proposer.completer());
+        // A write whose term ended fails at once with `etcdserver: leader changed` (it may
+        // still commit under the next leader), instead of holding its slot until the request
+        // timeout: writes resume as soon as a new leader is elected.
+        let mut leadership = raft.leadership();
+        let completer = proposer.completer();
+        tokio::spawn(async move {
+            while leadership.changed().await.is_ok() {
+                let (term, leader) = *leadership.borrow_and_update();
+                completer.fail_stale(term, leader == 0);
+            }
+        });
         let server = Arc::new(Self {
             store,
             raft,
@@ -133,6 +149,7 @@ impl<E: Engine> EtcdServer<E> {
             lease_clock: lease::LeaseClock::default(),
         });
         lease::spawn_lease_clock(Arc::downgrade(&server), services.election_timeout);
+        cluster_version::spawn_cluster_version_monitor(Arc::downgrade(&server));
         server
     }
 

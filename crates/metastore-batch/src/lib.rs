@@ -29,12 +29,22 @@ pub enum BatchError {
     Timeout,
     #[error("batch proposer stopped")]
     Stopped,
+    /// The term the batch was proposed in ended before it was applied: it may or may not
+    /// still be committed by the next leader (etcd's `ErrLeaderChanged`).
+    #[error("leader changed")]
+    LeaderChanged,
 }
 
 /// Where encoded batches go: the raft node.
 pub trait ProposalSink: Send + Sync + 'static {
     /// Proposes one frame. Resolves once it is in the log (not when committed).
     fn propose(&self, frame: Vec<u8>) -> BoxFuture<'static, Result<(), String>>;
+
+    /// The raft term a proposal made now belongs to, so that its waiters can be failed at
+    /// once when that term ends (`Completer::fail_stale`). 0 for sinks without terms.
+    fn term(&self) -> u64 {
+        0
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -86,6 +96,7 @@ struct InFlight<R> {
     replies: Vec<Reply<R>>,
     _permit: OwnedSemaphorePermit,
     proposed_at: Instant,
+    term: u64,
 }
 
 struct Waiters<R> {
@@ -140,6 +151,26 @@ impl<R> Completer<R> {
         }
     }
 
+    /// Answers `etcdserver: leader changed` to every batch proposed in a term before
+    /// `term` (and in `term` itself when it has no leader any more), and frees their slots,
+    /// instead of leaving them to the request timeout: writes resume as soon as a new leader
+    /// is there.
+    pub fn fail_stale(&self, term: u64, leaderless: bool) {
+        let mut batches = self.waiters.batches.lock();
+        let stale: Vec<u64> = batches
+            .iter()
+            .filter(|(_, b)| b.term < term || (leaderless && b.term == term))
+            .map(|(id, _)| *id)
+            .collect();
+        let failed: Vec<InFlight<R>> = stale.iter().filter_map(|id| batches.remove(id)).collect();
+        drop(batches);
+        for batch in failed {
+            for reply in batch.replies {
+                let _ = reply.send(Err(BatchError::LeaderChanged));
+            }
+        }
+    }
+
     /// Whether a batch id is waited for on this member.
     pub fn is_waiting(&self, id: u64) -> bool {
         self.waiters.batches.lock().contains_key(&id)
@@ -163,13 +194,25 @@ pub struct BatchProposer<R> {
 impl<R: Send + 'static> BatchProposer<R> {
     /// Starts the proposer task on the current tokio runtime.
     pub fn start(config: BatchConfig, sink: Arc<dyn ProposalSink>) -> Self {
+        Self::start_on_member(config, sink, 0)
+    }
+
+    /// Like `start`, with batch ids that carry 16 bits of `member_id` above a 48-bit counter
+    /// (as etcd's request ids): members applying each other's batches never mistake another
+    /// member's batch for one of their own.
+    pub fn start_on_member(
+        config: BatchConfig,
+        sink: Arc<dyn ProposalSink>,
+        member_id: u64,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let waiters = Arc::new(Waiters {
             batches: Mutex::new(HashMap::new()),
         });
         let stats = Arc::new(BatchStats::default());
         let timeout = config.request_timeout;
-        tokio::spawn(run(config, sink, rx, waiters.clone(), stats.clone()));
+        let ids = BatchIds::new(member_id);
+        tokio::spawn(run(config, sink, rx, waiters.clone(), stats.clone(), ids));
         Self {
             tx,
             completer: Completer { waiters },
@@ -206,10 +249,9 @@ async fn run<R: Send + 'static>(
     mut rx: mpsc::UnboundedReceiver<(Command, Reply<R>)>,
     waiters: Arc<Waiters<R>>,
     stats: Arc<BatchStats>,
+    mut ids: BatchIds,
 ) {
     let slots = Arc::new(Semaphore::new(config.max_inflight_batches.max(1)));
-    // Random start: ids must not repeat those of batches a previous run left in the log.
-    let mut next_id: u64 = rand::random::<u64>() >> 1;
     let mut carry: Option<(Command, Reply<R>)> = None;
     loop {
         let first = match carry.take() {
@@ -248,8 +290,7 @@ async fn run<R: Send + 'static>(
                 Err(_) => break,
             }
         }
-        next_id = next_id.wrapping_add(1);
-        let id = next_id;
+        let id = ids.next();
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats
             .commands
@@ -261,6 +302,7 @@ async fn run<R: Send + 'static>(
                 replies,
                 _permit: permit,
                 proposed_at: Instant::now(),
+                term: sink.term(),
             },
         );
         if let Err(reason) = sink.propose(frame).await {
@@ -270,6 +312,30 @@ async fn run<R: Send + 'static>(
                 }
             }
         }
+    }
+}
+
+/// Batch ids: the member's 16 bits above a 48-bit counter that starts at a random point, so
+/// that ids do not repeat those of batches a previous run left in the log.
+struct BatchIds {
+    prefix: u64,
+    counter: u64,
+}
+
+const COUNTER_BITS: u32 = 48;
+const COUNTER_MASK: u64 = (1 << COUNTER_BITS) - 1;
+
+impl BatchIds {
+    fn new(member_id: u64) -> Self {
+        Self {
+            prefix: (member_id & 0xffff) << COUNTER_BITS,
+            counter: rand::random::<u64>() & COUNTER_MASK,
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        self.counter = (self.counter + 1) & COUNTER_MASK;
+        self.prefix | self.counter
     }
 }
 
@@ -437,6 +503,74 @@ mod tests {
         // The lost batch's slot is reclaimed: later requests are proposed (and time out) too
         // instead of hanging forever.
         assert_eq!(p.submit(cmd(2)).await, Err(BatchError::Timeout));
+    }
+
+    /// A black hole that says which term each proposal belongs to.
+    struct TermSink(AtomicU64);
+    impl ProposalSink for TermSink {
+        fn propose(&self, _frame: Vec<u8>) -> BoxFuture<'static, Result<(), String>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn term(&self) -> u64 {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_term_that_ends_fails_its_batches_at_once_and_frees_their_slots() {
+        let config = BatchConfig {
+            request_timeout: Duration::from_secs(60),
+            max_inflight_batches: 1,
+            ..Default::default()
+        };
+        let sink = Arc::new(TermSink(AtomicU64::new(3)));
+        let p: Arc<BatchProposer<usize>> = Arc::new(BatchProposer::start(config, sink.clone()));
+        let completer = p.completer();
+        let lost = {
+            let p = p.clone();
+            tokio::spawn(async move { p.submit(cmd(1)).await })
+        };
+        while completer.waiters.batches.lock().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        // Still term 3 with a leader: nothing to fail.
+        completer.fail_stale(3, false);
+        assert_eq!(completer.waiters.batches.lock().len(), 1);
+        // Term 3 lost its leader: the batch fails now, not after 60 s.
+        completer.fail_stale(3, true);
+        let answer = tokio::time::timeout(Duration::from_secs(5), lost).await;
+        assert_eq!(
+            answer.expect("answered at once").expect("join"),
+            Err(BatchError::LeaderChanged)
+        );
+        // Its slot is free: the next request is proposed, in the new term, and a later
+        // change to term 5 fails it too.
+        sink.0.store(4, Ordering::SeqCst);
+        let next = {
+            let p = p.clone();
+            tokio::spawn(async move { p.submit(cmd(2)).await })
+        };
+        while completer.waiters.batches.lock().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        completer.fail_stale(5, false);
+        assert_eq!(next.await.expect("join"), Err(BatchError::LeaderChanged));
+    }
+
+    #[test]
+    fn batch_ids_carry_the_member_and_count_below_it() {
+        let mut ids = BatchIds::new(0xabcd_1234_5678_9ef0);
+        let first = ids.next();
+        assert_eq!(first >> COUNTER_BITS, 0x9ef0);
+        let second = ids.next();
+        assert_eq!(second >> COUNTER_BITS, 0x9ef0);
+        assert_eq!((first + 1) & COUNTER_MASK, second & COUNTER_MASK);
+        ids.counter = COUNTER_MASK;
+        assert_eq!(
+            ids.next(),
+            0x9ef0 << COUNTER_BITS,
+            "the counter wraps inside its bits"
+        );
     }
 
     /// Keeps every proposed frame for the test to complete by hand.

@@ -17,7 +17,7 @@ pub mod watch;
 
 pub use keyindex::{IndexRev, Revision};
 pub use lease::{LeaseInfo, MAX_LEASE_TTL};
-pub use store::{adds_data, ApplyResponse, Store};
+pub use store::{adds_data, ApplyResponse, ClusterVersion, Store};
 pub use watch::{StreamReceiver, WatchHub, WatchSpec, INVALID_WATCH_ID};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -38,6 +38,11 @@ pub enum MvccError {
     Engine(String),
     #[error("corrupt record at revision {0}: {1}")]
     Corrupt(i64, String),
+    /// etcd stops a member the same way ("invalid downgrade").
+    #[error("invalid downgrade; this member's version {member} is lower than the cluster version {cluster}: upgrade this member")]
+    Downgrade { cluster: String, member: String },
+    #[error("raft entry {0} holds an operation this version cannot read (proposed by a newer member?): upgrade this member")]
+    UnknownCommand(u64),
 }
 
 impl From<metastore_engine::EngineError> for MvccError {

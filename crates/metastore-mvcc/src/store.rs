@@ -26,6 +26,9 @@ use std::ops::Bound;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
+mod cluster_version;
+pub use cluster_version::ClusterVersion;
+
 type Result<T> = std::result::Result<T, MvccError>;
 
 const META_APPLIED: &[u8] = b"applied_index";
@@ -44,6 +47,8 @@ pub enum ApplyResponse {
     LeaseRevoke(LeaseRevokeResponse),
     LeaseCheckpoint(LeaseCheckpointResponse),
     Alarm(AlarmResponse),
+    /// The cluster version after a `ClusterVersionSet` (never lower than before).
+    ClusterVersion(Option<ClusterVersion>),
 }
 
 const ALARM_META_PREFIX: &[u8] = b"alarm/";
@@ -69,6 +74,8 @@ pub struct Store<E: Engine> {
     leases: Lessor,
     /// Raised alarms (member, alarm type), replicated like etcd's.
     alarms: parking_lot::RwLock<BTreeSet<(u64, i32)>>,
+    /// Set by the leader through raft; see `cluster_version`.
+    cluster_version: parking_lot::RwLock<Option<ClusterVersion>>,
     /// A snapshot capture is reading MVCC records: physical compaction defers its deletes.
     snapshot_scan: Arc<std::sync::atomic::AtomicBool>,
     /// MVCC records compaction dropped from the index while a capture was reading the engine;
@@ -185,6 +192,7 @@ impl<E: Engine> Store<E> {
             .max(max_rev);
         let compact = read_meta_i64(engine.as_ref(), META_COMPACT)?.unwrap_or(-1);
         let applied = read_meta_i64(engine.as_ref(), META_APPLIED)?.unwrap_or(0) as u64;
+        let cluster_version = cluster_version::load(engine.as_ref(), ClusterVersion::this_build())?;
         let store = Self {
             engine,
             index,
@@ -195,6 +203,7 @@ impl<E: Engine> Store<E> {
             hub: WatchHub::new(revision),
             leases: Lessor::default(),
             alarms: parking_lot::RwLock::new(BTreeSet::new()),
+            cluster_version: parking_lot::RwLock::new(cluster_version),
             snapshot_scan: Arc::default(),
             deferred_deletes: Mutex::new(Vec::new()),
         };
@@ -498,10 +507,14 @@ impl<E: Engine> Store<E> {
                     .lease_checkpoint(c, &mut ctx)
                     .map(ApplyResponse::LeaseCheckpoint),
                 Some(Op::Alarm(a)) => Ok(ApplyResponse::Alarm(self.alarm(a, &mut ctx))),
-                None => Err(MvccError::Corrupt(
-                    ctx.rev,
-                    "command without operation".into(),
+                // Fails the whole entry: a member older than the cluster stops here.
+                Some(Op::ClusterVersionSet(c)) => Ok(ApplyResponse::ClusterVersion(
+                    self.set_cluster_version(&c.version, &mut ctx)?,
                 )),
+                // An operation this build does not know (prost drops unknown oneof fields): a
+                // newer member proposed it. Skipping it would let this member diverge from
+                // the ones that applied it, so the whole entry fails and the member stops.
+                None => return Err(MvccError::UnknownCommand(raft_index)),
             };
             ctx.end();
             results.push(result);

@@ -423,8 +423,12 @@ impl Model {
                         }))
                     }
                 }
-                Op::LeaseGrant(_) | Op::LeaseRevoke(_) | Op::LeaseCheckpoint(_) | Op::Alarm(_) => {
-                    unreachable!("the model generates no lease or alarm commands")
+                Op::LeaseGrant(_)
+                | Op::LeaseRevoke(_)
+                | Op::LeaseCheckpoint(_)
+                | Op::Alarm(_)
+                | Op::ClusterVersionSet(_) => {
+                    unreachable!("the model generates no lease, alarm or cluster version commands")
                 }
             },
         )

@@ -763,10 +763,6 @@ fn put_errors_and_ignore_flags() {
             prev_kv: None
         }
     );
-    assert_eq!(
-        apply1(&s, Command { op: None }).map(|_| ()),
-        Err(MvccError::Corrupt(6, "command without operation".into()))
-    );
     assert_eq!(s.current_revision(), 6);
 }
 

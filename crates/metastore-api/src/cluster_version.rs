@@ -1,0 +1,78 @@
+//! The leader's half of the version gate (etcd's `monitorClusterVersions`): it sets the
+//! replicated cluster version to the lowest version among the members, so that nothing newer
+//! than every member can read is ever proposed.
+//!
+//! Today every member's version is known only for this member: peers report theirs once the
+//! peer transport exists, and `member_versions` then lists them all.
+
+use crate::EtcdServer;
+use metastore_engine::Engine;
+use metastore_mvcc::ClusterVersion;
+use metastore_proto::internal::{command::Op, ClusterVersionSet};
+use std::sync::Weak;
+use std::time::Duration;
+
+/// How often the leader checks (etcd: every 4 s).
+const CHECK_INTERVAL: Duration = Duration::from_secs(4);
+/// How soon it tries again while the version is below what the members allow.
+const RETRY_INTERVAL: Duration = Duration::from_millis(500);
+
+impl<E: Engine> EtcdServer<E> {
+    /// The versions the members run, as far as this member knows them.
+    pub fn member_versions(&self) -> Vec<ClusterVersion> {
+        vec![ClusterVersion::this_build()]
+    }
+
+    /// Proposes the cluster version the members allow, if it is above the current one.
+    /// Returns what was proposed.
+    pub async fn update_cluster_version(&self) -> Option<ClusterVersion> {
+        let target = ClusterVersion::decide(&self.member_versions())?;
+        if self.store.cluster_version().is_some_and(|c| c >= target) {
+            return None;
+        }
+        let op = Op::ClusterVersionSet(ClusterVersionSet {
+            version: target.to_string(),
+        });
+        match self.submit(op).await {
+            Ok(_) => Some(target),
+            Err(e) => {
+                tracing::debug!(error = %e, %target, "cannot set the cluster version yet");
+                None
+            }
+        }
+    }
+}
+
+pub fn spawn_cluster_version_monitor<E: Engine>(server: Weak<EtcdServer<E>>) {
+    tokio::spawn(async move {
+        let raft = match server.upgrade() {
+            Some(s) => s.raft.clone(),
+            None => return,
+        };
+        // The stored version is only current once the log present at start is re-applied.
+        if raft.wait_replayed().await.is_err() {
+            return;
+        }
+        drop(raft);
+        let mut wait = Duration::ZERO;
+        loop {
+            tokio::time::sleep(wait).await;
+            let Some(server) = server.upgrade() else {
+                return;
+            };
+            if server.raft.is_stopped() {
+                return;
+            }
+            if server.raft.status().is_leader {
+                server.update_cluster_version().await;
+            }
+            let target = ClusterVersion::decide(&server.member_versions());
+            // Until the version is set (a new cluster, a new leader), check often.
+            wait = if server.store.cluster_version() >= target {
+                CHECK_INTERVAL
+            } else {
+                RETRY_INTERVAL
+            };
+        }
+    });
+}
