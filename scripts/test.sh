@@ -14,3 +14,7 @@ target_dir="${CARGO_TARGET_DIR:-target}"
 for script in tests/e2e/*.sh; do
   METASTORE_BIN="$target_dir/debug/metastore" bash "$script"
 done
+# The release artefact operators deploy: lean, answers --version, serves. The same package
+# selection as `cargo xtask bench` (which `cargo test` ran above), so this rebuilds nothing.
+cargo build --release -p metastore-server -p metastore-bench
+METASTORE_BIN="$target_dir/release/metastore" bash tests/release/release_binary.sh

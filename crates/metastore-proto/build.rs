@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         etcd.join("v3lockpb/v3lock.proto"),
         ours.join("internal.proto"),
         ours.join("batch.proto"),
+        ours.join("peer.proto"),
     ];
     println!("cargo:rerun-if-changed={}", root.display());
     tonic_prost_build::configure()

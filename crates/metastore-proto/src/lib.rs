@@ -29,5 +29,9 @@ pub mod metastore {
     pub mod v1 {
         tonic::include_proto!("metastore.v1");
     }
+    /// Raft traffic between members (`metastore.peer.RaftPeer`, on the peer port).
+    pub mod peer {
+        tonic::include_proto!("metastore.peer");
+    }
 }
 pub use metastore::internal;

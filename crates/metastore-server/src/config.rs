@@ -1,5 +1,6 @@
 //! Configuration: `configs/config.yaml`-style file, overridden by etcd-style flags.
 
+use crate::logging::LogFormat;
 use clap::Parser;
 use metastore_api::{LeaseConfig, Limits};
 use metastore_batch::BatchConfig;
@@ -70,6 +71,10 @@ pub struct Config {
     pub initial_cluster_token: String,
     pub storage: StorageKind,
     pub log_level: String,
+    /// `text` (etcd's `console`) or `json`.
+    pub log_format: LogFormat,
+    /// Comma-separated: `default` (stderr), `stderr`, `stdout`, or file paths (appended to).
+    pub log_outputs: String,
     #[serde(flatten)]
     pub limits: Limits,
     /// Applied entries between two state-machine snapshots (memory engine) or flushes
@@ -99,6 +104,8 @@ impl Default for Config {
             initial_cluster_token: "etcd-cluster".into(),
             storage: StorageKind::Memory,
             log_level: "info".into(),
+            log_format: LogFormat::Text,
+            log_outputs: "default".into(),
             limits: Limits::default(),
             snapshot_count: 10_000,
             snapshot_retention: 3,
@@ -112,13 +119,33 @@ impl Default for Config {
     }
 }
 
-/// Command-line flags; names follow etcd's. Every flag overrides the config file.
-#[derive(Parser, Debug, Default)]
+/// The `metastore` command line: the server's flags, or a tool subcommand.
+#[derive(Parser, Debug)]
 #[command(
     name = "metastore",
-    version,
-    about = "MetaStore: an etcd v3 compatible metadata store"
+    about = "MetaStore: an etcd v3 compatible metadata store",
+    // `--version` prints etcd's multi-line layout (crate::version), not clap's one line.
+    disable_version_flag = true,
+    args_conflicts_with_subcommands = true
 )]
+pub struct Cli {
+    /// Print the version and exit.
+    #[arg(long)]
+    pub version: bool,
+    #[command(flatten)]
+    pub flags: Flags,
+    #[command(subcommand)]
+    pub command: Option<Subcommand>,
+}
+
+#[derive(clap::Subcommand, Debug, PartialEq, Eq)]
+pub enum Subcommand {
+    /// Print the version and exit (the same as --version).
+    Version,
+}
+
+/// Server flags; names follow etcd's. Every flag overrides the config file.
+#[derive(clap::Args, Debug, Default)]
 pub struct Flags {
     /// YAML config file (see configs/config.yaml for every knob).
     #[arg(long)]
@@ -162,6 +189,12 @@ pub struct Flags {
     /// Log level (error, warn, info, debug, trace).
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Log line format.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Where logs go: comma-separated `default` (stderr), `stderr`, `stdout` or file paths.
+    #[arg(long)]
+    pub log_outputs: Option<String>,
     /// How often the leader checkpoints remaining lease TTLs through raft, ms.
     #[arg(long)]
     pub lease_checkpoint_interval_ms: Option<u64>,
@@ -196,7 +229,9 @@ impl Config {
             initial_cluster,
             initial_cluster_token,
             storage,
-            log_level
+            log_level,
+            log_format,
+            log_outputs
         );
         if let Some(v) = flags.max_request_bytes {
             cfg.limits.max_request_bytes = v;
@@ -232,6 +267,10 @@ impl Config {
 
     pub fn client_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
         split(&self.listen_client_urls).map(parse_url).collect()
+    }
+
+    pub fn peer_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+        split(&self.listen_peer_urls).map(parse_url).collect()
     }
 
     pub fn advertise_client_urls(&self) -> Vec<String> {
@@ -326,6 +365,38 @@ mod tests {
         assert_eq!(cfg.limits.max_txn_ops, 4);
         assert_eq!(cfg.raft.election_tick, 10);
         assert_eq!(cfg.grpc.max_concurrent_streams, 2048);
+    }
+
+    #[test]
+    fn the_example_cluster_config_parses() {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/example.yaml");
+        let cfg = Config::load(Flags {
+            config_file: Some(path),
+            ..Default::default()
+        })
+        .expect("load");
+        assert_eq!(cfg.initial_members().expect("members").len(), 3);
+        assert_eq!(cfg.storage, StorageKind::Rocksdb);
+    }
+
+    #[test]
+    fn version_is_a_flag_and_a_subcommand() {
+        let cli = Cli::try_parse_from(["metastore", "--version"]).expect("parse");
+        assert!(cli.version && cli.command.is_none());
+        let cli = Cli::try_parse_from(["metastore", "version"]).expect("parse");
+        assert_eq!(cli.command, Some(Subcommand::Version));
+        let cli = Cli::try_parse_from([
+            "metastore",
+            "--log-format",
+            "json",
+            "--log-outputs",
+            "stdout,/tmp/ms.log",
+        ])
+        .expect("parse");
+        let cfg = Config::load(cli.flags).expect("load");
+        assert_eq!(cfg.log_format, LogFormat::Json);
+        assert_eq!(cfg.log_outputs, "stdout,/tmp/ms.log");
+        assert!(Cli::try_parse_from(["metastore", "--log-format", "xml"]).is_err());
     }
 
     #[test]

@@ -2,16 +2,21 @@
 //! here: configuration in, services out.
 
 pub mod config;
+mod identity;
+pub mod logging;
+pub mod version;
 
 use config::{Config, ConfigError, StorageKind};
+use identity::identity;
 use metastore_api::apply::{ApplyDriver, CompleterSlot, Durability};
 use metastore_api::{ClusterInfo, EtcdServer, MemberInfo, ServiceConfig};
 use metastore_engine::Engine;
 use metastore_memory::MemoryEngine;
 use metastore_mvcc::Store;
-use metastore_raft::{NoPeers, RaftNode};
+use metastore_raft::{NoPeers, RaftNode, Transport};
 use metastore_rocksdb::RocksDbEngine;
-use std::path::{Path, PathBuf};
+use metastore_transport::{PeerService, PeerTransport, TransportConfig};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,65 +42,8 @@ pub enum ServerError {
     Bind(std::net::SocketAddr, std::io::Error),
     #[error("the raft member stopped: {0}")]
     MemberStopped(String),
-}
-
-/// FNV-1a: stable across builds and platforms, unlike std's hasher, so IDs computed from the
-/// same configuration never change.
-fn fnv1a(parts: &[&str]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for b in part.bytes().chain(std::iter::once(0)) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    h.max(1)
-}
-
-fn member_id(peer_urls: &[String], token: &str) -> u64 {
-    let mut urls: Vec<&str> = peer_urls.iter().map(String::as_str).collect();
-    urls.sort_unstable();
-    urls.push(token);
-    fnv1a(&urls)
-}
-
-/// The member and cluster IDs, fixed at first start and kept in the data dir.
-fn identity(
-    dir: &Path,
-    cfg: &Config,
-    members: &[(String, Vec<String>)],
-) -> Result<(u64, u64), ServerError> {
-    let path = dir.join("identity");
-    let err = |e| ServerError::DataDir(path.clone(), e);
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        let ids: Vec<u64> = text
-            .split_whitespace()
-            .filter_map(|w| u64::from_str_radix(w, 16).ok())
-            .collect();
-        return match ids.as_slice() {
-            [member, cluster] => Ok((*member, *cluster)),
-            _ => Err(ServerError::Identity(
-                path,
-                format!("unreadable identity file {text:?}"),
-            )),
-        };
-    }
-    let mut ids: Vec<u64> = members
-        .iter()
-        .map(|(_, urls)| member_id(urls, &cfg.initial_cluster_token))
-        .collect();
-    let me = members
-        .iter()
-        .position(|(n, _)| *n == cfg.name)
-        .map(|i| ids[i])
-        .unwrap_or_default();
-    ids.sort_unstable();
-    let id_strings: Vec<String> = ids.iter().map(|i| format!("{i:x}")).collect();
-    let mut parts: Vec<&str> = id_strings.iter().map(String::as_str).collect();
-    parts.push(&cfg.initial_cluster_token);
-    let cluster = fnv1a(&parts);
-    std::fs::write(&path, format!("{me:x} {cluster:x}\n")).map_err(err)?;
-    Ok((me, cluster))
+    #[error("peer transport: {0}")]
+    Transport(String),
 }
 
 /// A started member: the shared server state and its client listeners' addresses.
@@ -166,16 +114,45 @@ pub fn start<E: Engine>(
     durable: Option<u64>,
 ) -> Result<Member<E>, ServerError> {
     let members = cfg.initial_members()?;
-    if members.len() != 1 {
-        return Err(ConfigError::Unsupported(format!(
-            "--initial-cluster names {} members; this build runs single-member clusters only (peer transport is not implemented yet)",
-            members.len()
-        ))
-        .into());
-    }
     let member_dir = member_dir(&cfg)?;
-    let (member_id, cluster_id) = identity(&member_dir, &cfg, &members)?;
-
+    let identity = identity(&member_dir, &cfg, &members)?;
+    let (member_id, cluster_id) = (identity.member_id, identity.cluster_id);
+    let cluster_members: Vec<MemberInfo> = identity
+        .members
+        .iter()
+        .map(|m| MemberInfo {
+            id: m.id,
+            name: m.name.clone(),
+            peer_urls: m.peer_urls.clone(),
+            client_urls: if m.id == member_id {
+                cfg.advertise_client_urls()
+            } else {
+                Vec::new()
+            },
+        })
+        .collect();
+    if !cluster_members.iter().any(|m| m.id == member_id) {
+        return Err(ServerError::Identity(
+            member_dir.join("identity"),
+            format!(
+                "member id {member_id:x} is not in --initial-cluster {}",
+                cfg.initial_cluster
+            ),
+        ));
+    }
+    let transport: Arc<dyn Transport> = if cluster_members.len() == 1 {
+        Arc::new(NoPeers)
+    } else {
+        let peers = cluster_members
+            .iter()
+            .filter(|m| m.id != member_id)
+            .filter_map(|m| m.peer_urls.first().map(|url| (m.id, url.clone())))
+            .collect();
+        Arc::new(
+            PeerTransport::new(member_id, cluster_id, peers, TransportConfig::default())
+                .map_err(|e| ServerError::Transport(e.to_string()))?,
+        )
+    };
     let store = Arc::new(Store::open(engine)?);
     store.spawn_watch_sync().map_err(ServerError::Thread)?;
     let slot = CompleterSlot::default();
@@ -187,23 +164,19 @@ pub fn start<E: Engine>(
         durable,
         cfg.batch.apply_part_len,
     );
+    let voters = cluster_members.iter().map(|m| m.id).collect();
     let raft = RaftNode::start(
         member_id,
-        vec![member_id],
+        voters,
         member_dir.join("wal"),
         cfg.raft.clone(),
-        Arc::new(NoPeers),
+        transport,
         Box::new(driver),
     )?;
     let cluster = ClusterInfo {
         cluster_id,
         member_id,
-        members: vec![MemberInfo {
-            id: member_id,
-            name: cfg.name.clone(),
-            peer_urls: cfg.peer_urls(),
-            client_urls: cfg.advertise_client_urls(),
-        }],
+        members: cluster_members,
     };
     let server = EtcdServer::new(
         store,
@@ -232,6 +205,34 @@ pub async fn serve<E: Engine>(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let addrs = member.config.client_addrs()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    // Peers first: replaying the log needs nobody, but the other members may need this one
+    // to elect a leader meanwhile.
+    if member.server.cluster.members.len() > 1 {
+        for addr in member.config.peer_addrs()? {
+            let service = PeerService::new(
+                member.server.cluster.cluster_id,
+                member.server.cluster.member_id,
+                member.server.raft.clone(),
+            );
+            let incoming = tonic::transport::server::TcpIncoming::bind(addr)
+                .map_err(|e| ServerError::Bind(addr, e))?
+                .with_nodelay(Some(true));
+            let mut stop = stop_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                tonic::transport::Server::builder()
+                    .tcp_nodelay(true)
+                    .add_service(service.into_server())
+                    .serve_with_incoming_shutdown(incoming, async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await
+                    .map_err(|e| ServerError::Serve(addr, e))
+            }));
+            tracing::info!(%addr, "ready to serve peer traffic");
+        }
+    }
     // Serve nothing older than what was acknowledged before a restart.
     let started = std::time::Instant::now();
     member.server.raft.wait_replayed().await?;
@@ -241,8 +242,6 @@ pub async fn serve<E: Engine>(
         "log replayed"
     );
     let grpc = &member.config.grpc;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut tasks = Vec::new();
     for addr in addrs {
         let routes = metastore_api::routes(member.server.clone());
         let mut stop = stop_rx.clone();
@@ -272,6 +271,12 @@ pub async fn serve<E: Engine>(
         }));
         tracing::info!(%addr, "ready to serve client requests");
     }
+    // Under systemd (`Type=notify`, configs/metastore.service) the unit turns active only now,
+    // with the log replayed and every listener bound, as etcd signals it. Outside systemd
+    // (no NOTIFY_SOCKET) this does nothing.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot notify systemd that the member is ready");
+    }
     // A member whose raft or apply loop stopped can acknowledge nothing: exit so that a
     // supervisor restarts it, instead of answering every request with a timeout.
     let raft = member.server.raft.clone();
@@ -291,6 +296,7 @@ pub async fn serve<E: Engine>(
             result = Err(ServerError::MemberStopped(format!("{:?}", member.server.raft.status())));
         }
     }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
     for t in tasks {
         if let Ok(Err(e)) = t.await {

@@ -1,7 +1,7 @@
 use clap::Parser;
-use metastore_server::config::{Config, Flags};
+use metastore_server::config::{Cli, Config, Subcommand};
+use metastore_server::{logging, version};
 use std::process::ExitCode;
-use tracing_subscriber::EnvFilter;
 
 // glibc's malloc/free took ~10 % of the server's CPU under load (perf, 256 clients); mimalloc's
 // thread-local free lists suit the many small short-lived buffers of gRPC and apply.
@@ -10,19 +10,31 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = match Config::load(Flags::parse()) {
+    let cli = Cli::parse();
+    if cli.version || cli.command == Some(Subcommand::Version) {
+        print!("{}", version::version_text());
+        return ExitCode::SUCCESS;
+    }
+    let config = match Config::load(cli.flags) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("metastore: {e}");
             return ExitCode::from(2);
         }
     };
-    let filter = EnvFilter::try_from_env("METASTORE_LOG")
-        .unwrap_or_else(|_| EnvFilter::new(&config.log_level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .init();
+    if let Err(e) = logging::init(config.log_format, &config.log_outputs, &config.log_level) {
+        eprintln!("metastore: {e}");
+        return ExitCode::from(2);
+    }
+    tracing::info!(
+        version = version::VERSION,
+        git_sha = version::GIT_SHA,
+        rust_version = version::RUST_VERSION,
+        os = std::env::consts::OS,
+        arch = std::env::consts::ARCH,
+        api_version = version::API_VERSION,
+        "metastore version"
+    );
     tracing::info!(name = %config.name, data_dir = %config.data_dir, storage = ?config.storage, "starting metastore");
     match metastore_server::run(config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -33,24 +45,32 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves at SIGINT or SIGTERM. The handlers are installed here, at once, not at the future's
+/// first poll: the server polls it only once it serves, and a SIGTERM that arrived before would
+/// otherwise kill the process without a clean stop.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    #[cfg(unix)]
+    let int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
+    async move {
+        #[cfg(unix)]
+        {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
                 }
             }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -1,0 +1,330 @@
+//! A static 3-member cluster of real `metastore` processes on loopback: any member serves
+//! writes and reads, a `kill -9` of the leader under write load elects a new one and loses no
+//! acknowledged write, and the killed member catches up from the log when it comes back.
+
+use etcd_client::{Client, ConnectOptions, GetOptions};
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    data_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+struct Cluster {
+    _root: tempfile::TempDir,
+    members: Vec<Member>,
+    initial_cluster: String,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl Cluster {
+    fn start(size: usize) -> Cluster {
+        let root = tempfile::Builder::new()
+            .prefix("metastore-cluster-")
+            .tempdir()
+            .expect("tempdir");
+        let mut ports = Vec::new();
+        while ports.len() < size * 2 {
+            let p = free_port();
+            if !ports.contains(&p) {
+                ports.push(p);
+            }
+        }
+        let members: Vec<Member> = (0..size)
+            .map(|i| Member {
+                name: format!("m{}", i + 1),
+                client_port: ports[2 * i],
+                peer_port: ports[2 * i + 1],
+                data_dir: root.path().join(format!("m{}", i + 1)),
+                log: root.path().join(format!("m{}.log", i + 1)),
+                child: None,
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Cluster {
+            _root: root,
+            members,
+            initial_cluster,
+        };
+        for i in 0..size {
+            cluster.spawn(i);
+        }
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let ic = self.initial_cluster.clone();
+        let m = &mut self.members[i];
+        assert!(m.child.is_none());
+        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&m.log)
+            .expect("log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_metastore"));
+        cmd.args(["--name", &m.name])
+            .arg("--data-dir")
+            .arg(&m.data_dir)
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &ic])
+            .args(["--initial-cluster-token", "cluster-test"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        if let Ok(storage) = std::env::var("METASTORE_TEST_STORAGE") {
+            cmd.args(["--storage", &storage]);
+        }
+        m.child = Some(cmd.spawn().expect("spawn metastore"));
+    }
+
+    fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn endpoint(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.members[i].client_port)
+    }
+
+    async fn client(&self, i: usize) -> Client {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5));
+        Client::connect([self.endpoint(i)], Some(opts))
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.endpoint(i)))
+    }
+
+    /// The member that reports itself leader, once every running member agrees on it.
+    async fn leader(&self, within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut seen = Vec::new();
+            for (i, m) in self.members.iter().enumerate() {
+                if m.child.is_none() {
+                    continue;
+                }
+                let status = async {
+                    let mut c = self.client(i).await;
+                    c.status().await
+                };
+                match tokio::time::timeout(Duration::from_secs(2), status).await {
+                    Ok(Ok(s)) => seen.push((i, s.header().map(|h| h.member_id()), s.leader())),
+                    _ => seen.push((i, None, 0)),
+                }
+            }
+            let leaders: Vec<u64> = seen.iter().map(|(_, _, l)| *l).collect();
+            if leaders[0] != 0 && leaders.iter().all(|l| *l == leaders[0]) {
+                if let Some((i, _, _)) = seen.iter().find(|(_, id, _)| *id == Some(leaders[0])) {
+                    return *i;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no agreed leader within {within:?}: {seen:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for m in &self.members {
+            let text = std::fs::read_to_string(&m.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(30);
+            out.push_str(&format!(
+                "---- {} ----\n{}\n",
+                m.name,
+                lines[from..].join("\n")
+            ));
+        }
+        out
+    }
+
+    /// Every key and value of member `i`, read from it alone (serializable); None while it
+    /// does not answer yet (a restarted member serves once its log is replayed).
+    async fn contents(&self, i: usize) -> Option<BTreeMap<String, String>> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5));
+        let mut c = Client::connect([self.endpoint(i)], Some(opts)).await.ok()?;
+        let resp = c
+            .get(
+                "",
+                Some(GetOptions::new().with_all_keys().with_serializable()),
+            )
+            .await
+            .ok()?;
+        Some(
+            resp.kvs()
+                .iter()
+                .map(|kv| {
+                    (
+                        String::from_utf8_lossy(kv.key()).into_owned(),
+                        String::from_utf8_lossy(kv.value()).into_owned(),
+                    )
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("cluster logs at failure:\n{}", self.logs());
+        }
+        for i in 0..self.members.len() {
+            self.kill9(i);
+        }
+    }
+}
+
+fn data_dir_exists(p: &Path) -> bool {
+    p.join("member").exists()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_serve_fail_over_and_catch_up() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.leader(Duration::from_secs(30)).await;
+    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+
+    // Any member serves: a write through a follower, a linearizable read on the other one.
+    let mut a = cluster.client(followers[0]).await;
+    a.put("via-follower", "1", None)
+        .await
+        .expect("put through a follower");
+    let mut b = cluster.client(followers[1]).await;
+    let got = b.get("via-follower", None).await.expect("linearizable get");
+    assert_eq!(got.kvs()[0].value_str().expect("utf-8"), "1");
+    let members = b.member_list().await.expect("member list");
+    assert_eq!(members.members().len(), 3);
+    for m in members.members() {
+        assert_eq!(m.peer_urls().len(), 1, "{m:?}");
+    }
+
+    // A steady write load through one follower; the leader is killed in the middle of it.
+    let acknowledged = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let acknowledged = acknowledged.clone();
+        let stop = stop.clone();
+        let mut c = cluster.client(followers[0]).await;
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                i += 1;
+                let (k, v) = (format!("load/{i:06}"), format!("v{i}"));
+                match c.put(k.clone(), v.clone(), None).await {
+                    Ok(_) => acknowledged.lock().expect("lock").push((k, v)),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            errors
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let before_kill = acknowledged.lock().expect("lock").len();
+    assert!(before_kill > 0, "writes flow before the kill");
+    let killed_at = Instant::now();
+    cluster.kill9(leader);
+    // Writes resume under a new leader: the writer gets acknowledgements again.
+    let resumed = loop {
+        let n = acknowledged.lock().expect("lock").len();
+        if n > before_kill + 20 {
+            break killed_at.elapsed();
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(20),
+            "writes did not resume after the leader was killed\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("writes resumed {resumed:?} after kill -9 of the leader");
+    let new_leader = cluster.leader(Duration::from_secs(20)).await;
+    assert_ne!(new_leader, leader);
+
+    // The killed member comes back on its data dir and catches up from the leader's log.
+    assert!(data_dir_exists(&cluster.members[leader].data_dir));
+    cluster.spawn(leader);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    let errors = writer.await.expect("writer");
+    // Failed writes are allowed only with etcd's retryable texts.
+    for e in &errors {
+        assert!(
+            e.contains("leader changed")
+                || e.contains("no leader")
+                || e.contains("request timed out")
+                || e.contains("timeout"),
+            "unexpected write error: {e}"
+        );
+    }
+    let acknowledged = acknowledged.lock().expect("lock").clone();
+    // A last write through the new leader orders everything before it on every member.
+    let mut c = cluster.client(new_leader).await;
+    c.put("last", "x", None)
+        .await
+        .expect("put through the new leader");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let contents = loop {
+        let mut contents = Vec::new();
+        for i in 0..3 {
+            contents.push(cluster.contents(i).await.unwrap_or_default());
+        }
+        if contents.iter().all(|c| c.contains_key("last"))
+            && contents[0] == contents[1]
+            && contents[1] == contents[2]
+        {
+            break contents;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "members did not converge: sizes {:?}\n{}",
+            contents.iter().map(|c| c.len()).collect::<Vec<_>>(),
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // No acknowledged write lost, on any member.
+    for (k, v) in &acknowledged {
+        assert_eq!(contents[0].get(k), Some(v), "acknowledged {k} lost");
+    }
+    assert_eq!(
+        contents[0].get("via-follower").map(String::as_str),
+        Some("1")
+    );
+}

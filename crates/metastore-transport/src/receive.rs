@@ -1,0 +1,76 @@
+//! The receiving side: the `RaftPeer` service on the peer port.
+
+use crate::{decode_message, CLUSTER_ID_MISMATCH};
+use metastore_proto::metastore::peer::raft_peer_server::{RaftPeer, RaftPeerServer};
+use metastore_proto::metastore::peer::{MessageBatch, StreamEnd};
+use metastore_raft::RaftNode;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Steps every message that arrives from a peer of this cluster into the local raft node.
+pub struct PeerService {
+    cluster_id: u64,
+    local_id: u64,
+    node: RaftNode,
+}
+
+impl PeerService {
+    pub fn new(cluster_id: u64, local_id: u64, node: RaftNode) -> Self {
+        Self {
+            cluster_id,
+            local_id,
+            node,
+        }
+    }
+
+    pub fn into_server(self) -> RaftPeerServer<Self> {
+        RaftPeerServer::new(self)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    fn check(&self, batch: &MessageBatch) -> Result<(), Status> {
+        if batch.cluster_id != self.cluster_id {
+            tracing::warn!(
+                from = format_args!("{:x}", batch.from),
+                remote_cluster = format_args!("{:x}", batch.cluster_id),
+                local_cluster = format_args!("{:x}", self.cluster_id),
+                "refusing a peer of another cluster"
+            );
+            return Err(Status::failed_precondition(CLUSTER_ID_MISMATCH));
+        }
+        if batch.to != self.local_id {
+            return Err(Status::failed_precondition(format!(
+                "etcdserver: member ID mismatch: the batch is for {:x}, this member is {:x}",
+                batch.to, self.local_id
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl RaftPeer for PeerService {
+    async fn stream(
+        &self,
+        request: Request<Streaming<MessageBatch>>,
+    ) -> Result<Response<StreamEnd>, Status> {
+        let mut stream = request.into_inner();
+        while let Some(batch) = stream.message().await? {
+            self.check(&batch)?;
+            for frame in &batch.messages {
+                let msg =
+                    decode_message(frame).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                if msg.to != self.local_id {
+                    return Err(Status::invalid_argument(format!(
+                        "raft message for member {:x} on member {:x}",
+                        msg.to, self.local_id
+                    )));
+                }
+                if self.node.step(msg).is_err() {
+                    return Err(Status::unavailable("etcdserver: server stopped"));
+                }
+            }
+        }
+        Ok(Response::new(StreamEnd {}))
+    }
+}

@@ -1,0 +1,241 @@
+//! The sending side: a bounded queue pair and a sender task per peer.
+
+use crate::{encode_message, is_control, TransportConfig, TransportError, CLUSTER_ID_MISMATCH};
+use metastore_proto::metastore::peer::raft_peer_client::RaftPeerClient;
+use metastore_proto::metastore::peer::MessageBatch;
+use metastore_raft::eraftpb::Message;
+use metastore_raft::{PeerFeedback, Transport};
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tonic::transport::{Channel, Endpoint};
+
+struct PeerQueues {
+    control: mpsc::Sender<Message>,
+    data: mpsc::Sender<Message>,
+}
+
+/// Raft messages to every peer. `send` runs on the raft thread and never blocks it.
+pub struct PeerTransport {
+    peers: HashMap<u64, PeerQueues>,
+    feedback: Arc<OnceLock<PeerFeedback>>,
+}
+
+/// What one sender task knows.
+struct Peer {
+    id: u64,
+    url: String,
+    from: u64,
+    cluster_id: u64,
+    config: TransportConfig,
+    feedback: Arc<OnceLock<PeerFeedback>>,
+}
+
+impl Peer {
+    fn unreachable(&self) {
+        if let Some(f) = self.feedback.get() {
+            f.unreachable(self.id);
+        }
+    }
+}
+
+impl PeerTransport {
+    /// Starts one sender task per peer (`id → peer URL`, this member excluded) on the current
+    /// tokio runtime.
+    pub fn new(
+        local_id: u64,
+        cluster_id: u64,
+        peers: HashMap<u64, String>,
+        config: TransportConfig,
+    ) -> Result<Self, TransportError> {
+        let feedback = Arc::new(OnceLock::new());
+        let mut queues = HashMap::new();
+        for (id, url) in peers {
+            if id == local_id {
+                continue;
+            }
+            Endpoint::from_shared(url.clone())
+                .map_err(|e| TransportError::Url(id, url.clone(), e.to_string()))?;
+            let (control, control_rx) = mpsc::channel(config.control_queue.max(1));
+            let (data, data_rx) = mpsc::channel(config.data_queue.max(1));
+            let peer = Peer {
+                id,
+                url,
+                from: local_id,
+                cluster_id,
+                config: config.clone(),
+                feedback: feedback.clone(),
+            };
+            tokio::spawn(run_peer(peer, control_rx, data_rx));
+            queues.insert(id, PeerQueues { control, data });
+        }
+        Ok(Self {
+            peers: queues,
+            feedback,
+        })
+    }
+}
+
+impl Transport for PeerTransport {
+    fn send(&self, msgs: Vec<Message>) {
+        for msg in msgs {
+            let to = msg.to;
+            let Some(queues) = self.peers.get(&to) else {
+                tracing::debug!(to, "raft message to an unknown member dropped");
+                continue;
+            };
+            let queue = if is_control(&msg) {
+                &queues.control
+            } else {
+                &queues.data
+            };
+            match queue.try_send(msg) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) | Err(TrySendError::Closed(_)) => {
+                    if let Some(f) = self.feedback.get() {
+                        f.unreachable(to);
+                    }
+                }
+            }
+        }
+    }
+
+    fn bind(&self, feedback: PeerFeedback) {
+        let _ = self.feedback.set(feedback);
+    }
+}
+
+async fn connect(peer: &Peer) -> Result<Channel, tonic::transport::Error> {
+    Endpoint::from_shared(peer.url.clone())?
+        .connect_timeout(peer.config.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(std::time::Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+}
+
+/// Drops whatever is queued while the peer cannot be reached; true if anything was.
+fn drain(control: &mut mpsc::Receiver<Message>, data: &mut mpsc::Receiver<Message>) -> bool {
+    let mut dropped = false;
+    while control.try_recv().is_ok() || data.try_recv().is_ok() {
+        dropped = true;
+    }
+    dropped
+}
+
+async fn run_peer(
+    peer: Peer,
+    mut control: mpsc::Receiver<Message>,
+    mut data: mpsc::Receiver<Message>,
+) {
+    let mut backoff = peer.config.min_backoff;
+    loop {
+        let channel = match connect(&peer).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(peer = peer.id, url = %peer.url, error = %e, "cannot reach peer");
+                if drain(&mut control, &mut data) {
+                    peer.unreachable();
+                }
+                if control.is_closed() && data.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(peer.config.max_backoff);
+                continue;
+            }
+        };
+        match stream_until_broken(&peer, channel, &mut control, &mut data).await {
+            StreamEnd::TransportGone => return,
+            StreamEnd::Broken(status) => {
+                if status.message().contains(CLUSTER_ID_MISMATCH) {
+                    tracing::error!(peer = peer.id, url = %peer.url, "peer belongs to another cluster: {}", status.message());
+                } else {
+                    tracing::debug!(peer = peer.id, error = %status, "peer stream ended");
+                }
+                peer.unreachable();
+                // A stream that worked resets the backoff; one refused at once keeps growing it.
+                if status.code() == tonic::Code::Ok {
+                    backoff = peer.config.min_backoff;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(peer.config.max_backoff);
+            }
+            StreamEnd::Healthy => backoff = peer.config.min_backoff,
+        }
+    }
+}
+
+enum StreamEnd {
+    /// Both queues are closed: the transport was dropped.
+    TransportGone,
+    /// The stream failed; reconnect after a backoff.
+    Broken(tonic::Status),
+    /// The stream ran and ended without an error; reconnect at once.
+    Healthy,
+}
+
+async fn stream_until_broken(
+    peer: &Peer,
+    channel: Channel,
+    control: &mut mpsc::Receiver<Message>,
+    data: &mut mpsc::Receiver<Message>,
+) -> StreamEnd {
+    let (tx, rx) = mpsc::channel::<MessageBatch>(4);
+    let mut client = RaftPeerClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    let mut call = tokio::spawn(async move {
+        client
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    loop {
+        let first = tokio::select! {
+            biased;
+            ended = &mut call => {
+                return match ended {
+                    Ok(Ok(_)) => StreamEnd::Healthy,
+                    Ok(Err(status)) => StreamEnd::Broken(status),
+                    Err(join) => StreamEnd::Broken(tonic::Status::internal(join.to_string())),
+                };
+            }
+            Some(msg) = control.recv() => msg,
+            Some(msg) = data.recv() => msg,
+            else => {
+                call.abort();
+                return StreamEnd::TransportGone;
+            }
+        };
+        let mut batch = MessageBatch {
+            cluster_id: peer.cluster_id,
+            from: peer.from,
+            to: peer.id,
+            messages: Vec::new(),
+        };
+        let mut bytes = 0;
+        let mut next = Some(first);
+        // Control first, then appends, up to the batch limits.
+        while let Some(msg) = next.take() {
+            if let Some(frame) = encode_message(&msg, peer.config.compress_above) {
+                bytes += frame.len();
+                batch.messages.push(frame);
+            }
+            if batch.messages.len() >= peer.config.max_batch_messages
+                || bytes >= peer.config.max_batch_bytes
+            {
+                break;
+            }
+            next = control.try_recv().ok().or_else(|| data.try_recv().ok());
+        }
+        if tx.send(batch).await.is_err() {
+            // The call ended; its result says why.
+            return match call.await {
+                Ok(Ok(_)) => StreamEnd::Healthy,
+                Ok(Err(status)) => StreamEnd::Broken(status),
+                Err(join) => StreamEnd::Broken(tonic::Status::internal(join.to_string())),
+            };
+        }
+    }
+}
