@@ -47,6 +47,7 @@ impl<E: Engine> Clone for Svc<E> {
 /// All services in one route table, with an `Unimplemented` fallback for everything else.
 pub fn routes<E: Engine>(server: Arc<EtcdServer<E>>) -> tonic::service::Routes {
     let limit = server.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let raft = server.raft.clone();
     let svc = Svc(server);
     let router = tonic::service::Routes::new(
         KvServer::new(svc.clone())
@@ -73,8 +74,29 @@ pub fn routes<E: Engine>(server: Arc<EtcdServer<E>>) -> tonic::service::Routes {
             .max_encoding_message_size(usize::MAX),
     )
     .into_axum_router()
-    .fallback(unimplemented_fallback);
+    .fallback(unimplemented_fallback)
+    .layer(axum::middleware::from_fn_with_state(
+        raft,
+        require_leader_if_asked,
+    ));
     tonic::service::Routes::from(router)
+}
+
+/// etcd's `hasleader` metadata (clientv3's `WithRequireLeader`): a request that carries it
+/// fails with `etcdserver: no leader` while this member knows no leader, instead of waiting.
+async fn require_leader_if_asked(
+    axum::extract::State(raft): axum::extract::State<metastore_raft::RaftNode>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let asked = request
+        .headers()
+        .get("hasleader")
+        .is_some_and(|v| v.as_bytes() == b"true");
+    if asked && raft.status().leader_id == 0 {
+        return errors::no_leader().into_http();
+    }
+    next.run(request).await
 }
 
 async fn unimplemented_fallback(uri: http::Uri) -> axum::response::Response {
@@ -224,6 +246,8 @@ impl<E: Engine> Maintenance for Svc<E> {
     ) -> Result<Response<StatusResponse>, Status> {
         let raft = self.0.raft.status();
         let db_size = self.0.store.engine().size_bytes() as i64;
+        // As etcd: a member without a leader still answers Status, and says so.
+        let no_leader = (raft.leader_id == 0).then(|| errors::no_leader().message().to_string());
         Ok(Response::new(StatusResponse {
             header: Some(self.0.header(self.0.store.current_revision())),
             version: ETCD_API_VERSION.to_string(),
@@ -243,6 +267,7 @@ impl<E: Engine> Maintenance for Svc<E> {
                         .unwrap_or_else(|_| a.alarm.to_string());
                     format!("memberID:{} alarm:{name} ", a.member_id)
                 })
+                .chain(no_leader)
                 .collect(),
             db_size_in_use: db_size,
             is_learner: false,

@@ -328,3 +328,76 @@ async fn three_members_serve_fail_over_and_catch_up() {
         Some("1")
     );
 }
+
+/// A member cut off from the majority (here: the other two killed) steps down (CheckQuorum),
+/// reports `etcdserver: no leader` in Status, fails requests that require a leader at once,
+/// and commits nothing; the cluster recovers when a majority is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_alone_has_no_leader_and_says_so() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.leader(Duration::from_secs(30)).await;
+    let survivor = leader;
+    for i in (0..3).filter(|&i| i != survivor) {
+        cluster.kill9(i);
+    }
+    // CheckQuorum: the leader steps down within about an election timeout.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        let mut c = cluster.client(survivor).await;
+        let status = c.status().await.expect("status answers without a leader");
+        if status.leader() == 0 {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lone leader never stepped down"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        status.errors().iter().any(|e| e == "etcdserver: no leader"),
+        "{:?}",
+        status.errors()
+    );
+    let opts = ConnectOptions::new()
+        .with_require_leader(true)
+        .with_timeout(Duration::from_secs(5));
+    let mut c = Client::connect([cluster.endpoint(survivor)], Some(opts))
+        .await
+        .expect("connect");
+    let started = Instant::now();
+    let err = c
+        .put("k", "v", None)
+        .await
+        .expect_err("no leader, no write");
+    assert!(err.to_string().contains("etcdserver: no leader"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2), "failed at once");
+    // A serializable read needs no leader, unless the client requires one (`hasleader`).
+    let serializable = || Some(GetOptions::new().with_serializable());
+    let err = c
+        .get("k", serializable())
+        .await
+        .expect_err("hasleader without a leader");
+    assert!(err.to_string().contains("etcdserver: no leader"), "{err}");
+    let mut plain = cluster.client(survivor).await;
+    plain
+        .get("k", serializable())
+        .await
+        .expect("a serializable read is served without a leader");
+    // A majority again: the cluster elects and writes go through.
+    let back = (0..3).find(|&i| i != survivor).expect("another member");
+    cluster.spawn(back);
+    cluster.leader(Duration::from_secs(30)).await;
+    let mut c = cluster.client(survivor).await;
+    let put = async {
+        loop {
+            match c.put("after", "1", None).await {
+                Ok(_) => return,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), put)
+        .await
+        .expect("writes resume with a majority");
+}
