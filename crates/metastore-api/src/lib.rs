@@ -10,6 +10,7 @@ pub mod cluster_version;
 mod concurrency;
 pub mod errors;
 pub mod lease;
+mod members;
 mod services;
 pub mod validate;
 mod watch;
@@ -150,6 +151,7 @@ impl<E: Engine> EtcdServer<E> {
         });
         lease::spawn_lease_clock(Arc::downgrade(&server), services.election_timeout);
         cluster_version::spawn_cluster_version_monitor(Arc::downgrade(&server));
+        members::spawn_attr_publisher(Arc::downgrade(&server));
         server
     }
 

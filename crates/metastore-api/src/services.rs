@@ -384,7 +384,7 @@ impl<E: Engine> Cluster for Svc<E> {
                 id: m.id,
                 name: m.name.clone(),
                 peer_ur_ls: m.peer_urls.clone(),
-                client_ur_ls: m.client_urls.clone(),
+                client_ur_ls: self.0.client_urls_of(m),
                 is_learner: false,
             })
             .collect();

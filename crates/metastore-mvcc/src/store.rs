@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 mod cluster_version;
+mod members;
 pub use cluster_version::ClusterVersion;
 
 type Result<T> = std::result::Result<T, MvccError>;
@@ -49,6 +50,8 @@ pub enum ApplyResponse {
     Alarm(AlarmResponse),
     /// The cluster version after a `ClusterVersionSet` (never lower than before).
     ClusterVersion(Option<ClusterVersion>),
+    /// A member's published attributes were stored.
+    MemberAttrSet,
 }
 
 const ALARM_META_PREFIX: &[u8] = b"alarm/";
@@ -76,6 +79,10 @@ pub struct Store<E: Engine> {
     alarms: parking_lot::RwLock<BTreeSet<(u64, i32)>>,
     /// Set by the leader through raft; see `cluster_version`.
     cluster_version: parking_lot::RwLock<Option<ClusterVersion>>,
+    /// Published member attributes; see `member_attrs`.
+    member_attrs: parking_lot::RwLock<
+        std::collections::BTreeMap<u64, metastore_proto::internal::MemberAttrSet>,
+    >,
     /// A snapshot capture is reading MVCC records: physical compaction defers its deletes.
     snapshot_scan: Arc<std::sync::atomic::AtomicBool>,
     /// MVCC records compaction dropped from the index while a capture was reading the engine;
@@ -193,6 +200,7 @@ impl<E: Engine> Store<E> {
         let compact = read_meta_i64(engine.as_ref(), META_COMPACT)?.unwrap_or(-1);
         let applied = read_meta_i64(engine.as_ref(), META_APPLIED)?.unwrap_or(0) as u64;
         let cluster_version = cluster_version::load(engine.as_ref(), ClusterVersion::this_build())?;
+        let member_attrs = members::load(engine.as_ref())?;
         let store = Self {
             engine,
             index,
@@ -204,6 +212,7 @@ impl<E: Engine> Store<E> {
             leases: Lessor::default(),
             alarms: parking_lot::RwLock::new(BTreeSet::new()),
             cluster_version: parking_lot::RwLock::new(cluster_version),
+            member_attrs: parking_lot::RwLock::new(member_attrs),
             snapshot_scan: Arc::default(),
             deferred_deletes: Mutex::new(Vec::new()),
         };
@@ -511,6 +520,10 @@ impl<E: Engine> Store<E> {
                 Some(Op::ClusterVersionSet(c)) => Ok(ApplyResponse::ClusterVersion(
                     self.set_cluster_version(&c.version, &mut ctx)?,
                 )),
+                Some(Op::MemberAttrSet(m)) => {
+                    self.set_member_attrs(m, &mut ctx);
+                    Ok(ApplyResponse::MemberAttrSet)
+                }
                 // An operation this build does not know (prost drops unknown oneof fields): a
                 // newer member proposed it. Skipping it would let this member diverge from
                 // the ones that applied it, so the whole entry fails and the member stops.

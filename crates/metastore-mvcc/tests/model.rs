@@ -427,7 +427,8 @@ impl Model {
                 | Op::LeaseRevoke(_)
                 | Op::LeaseCheckpoint(_)
                 | Op::Alarm(_)
-                | Op::ClusterVersionSet(_) => {
+                | Op::ClusterVersionSet(_)
+                | Op::MemberAttrSet(_) => {
                     unreachable!("the model generates no lease, alarm or cluster version commands")
                 }
             },

@@ -227,10 +227,26 @@ async fn three_members_serve_fail_over_and_catch_up() {
     let mut b = cluster.client(followers[1]).await;
     let got = b.get("via-follower", None).await.expect("linearizable get");
     assert_eq!(got.kvs()[0].value_str().expect("utf-8"), "1");
-    let members = b.member_list().await.expect("member list");
-    assert_eq!(members.members().len(), 3);
-    for m in members.members() {
-        assert_eq!(m.peer_urls().len(), 1, "{m:?}");
+    // Every member publishes its client URLs through raft: each MemberList names them all.
+    let want: BTreeMap<String, Vec<String>> = (0..3)
+        .map(|i| (cluster.members[i].name.clone(), vec![cluster.endpoint(i)]))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for i in 0..3 {
+        loop {
+            let mut c = cluster.client(i).await;
+            let list = c.member_list().await.expect("member list");
+            let got: BTreeMap<String, Vec<String>> = list
+                .members()
+                .iter()
+                .map(|m| (m.name().to_string(), m.client_urls().to_vec()))
+                .collect();
+            if got == want {
+                break;
+            }
+            assert!(Instant::now() < deadline, "member {i} lists {got:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     // A steady write load through one follower; the leader is killed in the middle of it.

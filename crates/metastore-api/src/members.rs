@@ -1,0 +1,76 @@
+//! Each member publishes its name and client URLs through raft once it serves (etcd's
+//! `publishV3`), so that every member's MemberList names every member's client URLs.
+
+use crate::{EtcdServer, MemberInfo};
+use metastore_engine::Engine;
+use metastore_proto::internal::{command::Op, MemberAttrSet};
+use std::sync::Weak;
+use std::time::Duration;
+
+/// How soon a publication that failed (no leader yet) is tried again.
+const RETRY_INTERVAL: Duration = Duration::from_millis(500);
+
+impl<E: Engine> EtcdServer<E> {
+    fn own_attrs(&self) -> Option<MemberAttrSet> {
+        let me = self
+            .cluster
+            .members
+            .iter()
+            .find(|m| m.id == self.cluster.member_id)?;
+        Some(MemberAttrSet {
+            member_id: me.id,
+            name: me.name.clone(),
+            client_urls: me.client_urls.clone(),
+        })
+    }
+
+    /// Publishes this member's attributes unless the replicated ones are already the same.
+    /// True once they are.
+    pub async fn publish_attrs(&self) -> bool {
+        let Some(own) = self.own_attrs() else {
+            return true;
+        };
+        if self.store.member_attrs().get(&own.member_id) == Some(&own) {
+            return true;
+        }
+        match self.submit(Op::MemberAttrSet(own)).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot publish this member's attributes yet");
+                false
+            }
+        }
+    }
+
+    /// The client URLs MemberList shows for `member`: what it published, else what this
+    /// member was started with.
+    pub fn client_urls_of(&self, member: &MemberInfo) -> Vec<String> {
+        match self.store.member_attrs().get(&member.id) {
+            Some(published) => published.client_urls.clone(),
+            None => member.client_urls.clone(),
+        }
+    }
+}
+
+pub fn spawn_attr_publisher<E: Engine>(server: Weak<EtcdServer<E>>) {
+    tokio::spawn(async move {
+        let raft = match server.upgrade() {
+            Some(s) => s.raft.clone(),
+            None => return,
+        };
+        if raft.wait_replayed().await.is_err() {
+            return;
+        }
+        drop(raft);
+        loop {
+            let Some(server) = server.upgrade() else {
+                return;
+            };
+            if server.raft.is_stopped() || server.publish_attrs().await {
+                return;
+            }
+            drop(server);
+            tokio::time::sleep(RETRY_INTERVAL).await;
+        }
+    });
+}
