@@ -44,16 +44,7 @@ impl<E: Engine> EtcdServer<E> {
 }
 
 pub fn spawn_cluster_version_monitor<E: Engine>(server: Weak<EtcdServer<E>>) {
-    tokio::spawn(async move {
-        let raft = match server.upgrade() {
-            Some(s) => s.raft.clone(),
-            None => return,
-        };
-        // The stored version is only current once the log present at start is re-applied.
-        if raft.wait_replayed().await.is_err() {
-            return;
-        }
-        drop(raft);
+    crate::spawn_after_replay(server, |server| async move {
         let mut wait = Duration::ZERO;
         loop {
             tokio::time::sleep(wait).await;

@@ -99,18 +99,10 @@ impl LeaseClock {
 
 /// Runs the leader's lease clock until the server is dropped.
 pub fn spawn_lease_clock<E: Engine>(server: Weak<EtcdServer<E>>, election_timeout: Duration) {
-    tokio::spawn(async move {
-        // Deadlines come from the replicated lease state, which is only current once the log
-        // present at start has been re-applied: a lease renewed just before a crash must not be
-        // timed from an older checkpoint.
-        let raft = match server.upgrade() {
-            Some(s) => s.raft.clone(),
-            None => return,
-        };
-        if raft.wait_replayed().await.is_err() {
-            return;
-        }
-        drop(raft);
+    // Deadlines come from the replicated lease state, which is only current once the log
+    // present at start has been re-applied: a lease renewed just before a crash must not be
+    // timed from an older checkpoint.
+    crate::spawn_after_replay(server, move |server| async move {
         let mut ticker = tokio::time::interval(TICK);
         let mut next_checkpoint = Instant::now();
         loop {

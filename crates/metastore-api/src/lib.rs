@@ -99,6 +99,27 @@ impl Default for ServiceConfig {
     }
 }
 
+/// Runs `task` once the log present at start has been re-applied (state derived from the
+/// replicated log is only current then), holding the server weakly so the task ends with it.
+pub(crate) fn spawn_after_replay<E, F, Fut>(server: std::sync::Weak<EtcdServer<E>>, task: F)
+where
+    E: Engine,
+    F: FnOnce(std::sync::Weak<EtcdServer<E>>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let raft = match server.upgrade() {
+            Some(s) => s.raft.clone(),
+            None => return,
+        };
+        if raft.wait_replayed().await.is_err() {
+            return;
+        }
+        drop(raft);
+        task(server).await;
+    });
+}
+
 /// Everything the services share.
 pub struct EtcdServer<E: Engine> {
     pub store: Arc<Store<E>>,

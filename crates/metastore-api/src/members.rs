@@ -53,15 +53,7 @@ impl<E: Engine> EtcdServer<E> {
 }
 
 pub fn spawn_attr_publisher<E: Engine>(server: Weak<EtcdServer<E>>) {
-    tokio::spawn(async move {
-        let raft = match server.upgrade() {
-            Some(s) => s.raft.clone(),
-            None => return,
-        };
-        if raft.wait_replayed().await.is_err() {
-            return;
-        }
-        drop(raft);
+    crate::spawn_after_replay(server, |server| async move {
         loop {
             let Some(server) = server.upgrade() else {
                 return;

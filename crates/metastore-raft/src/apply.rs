@@ -32,8 +32,10 @@ impl Drop for StopOnExit {
             }
         }
         self.shared.stopped.store(true, Ordering::Release);
-        // Wake every reader waiting on the applied index: they fail now.
+        // Wake every reader waiting on the applied index and every proposal or ReadIndex
+        // waiting for an answer: they fail now.
         self.shared.applied.send_modify(|_| {});
+        self.shared.stop_notify.notify_waiters();
     }
 }
 

@@ -195,6 +195,8 @@ struct Shared {
     last_index: AtomicU64,
     stopped: AtomicBool,
     applied: watch::Sender<u64>,
+    /// Woken once when the member stops (after `stopped` is set).
+    stop_notify: tokio::sync::Notify,
     /// (term, leader id), published when either changes; 0 = no leader.
     leadership: watch::Sender<(u64, u64)>,
     /// Last log index found at start: what a restarted member re-applies before serving.
@@ -279,6 +281,7 @@ impl RaftNode {
             stopped: AtomicBool::new(false),
             applied: applied_tx,
             leadership: watch::channel((0, 0)).0,
+            stop_notify: tokio::sync::Notify::new(),
             replay_target,
             failure: Mutex::new(None),
         });
@@ -304,7 +307,7 @@ impl RaftNode {
         };
         let raft_thread = {
             let shared = shared.clone();
-            let mut driver = Driver::new(
+            let driver = Driver::new(
                 raw,
                 shared.clone(),
                 rx,
@@ -319,6 +322,9 @@ impl RaftNode {
                         shared,
                         thread: "raft",
                     };
+                    // Declared after the guard, so dropped before it: the input queue is gone
+                    // by the time the member reports itself stopped.
+                    let mut driver = driver;
                     driver.run()
                 })
                 .map_err(|e| RaftError::Raft(e.to_string()))?
@@ -345,7 +351,23 @@ impl RaftNode {
         self.tx
             .send(Input::Propose(data, tx))
             .map_err(|_| self.stopped_error())?;
-        rx.await.map_err(|_| self.stopped_error())?
+        self.reply(rx).await
+    }
+
+    /// Waits for the raft thread's answer, or for the member to stop: an input queued just as
+    /// the raft thread died is never answered, and its reply sender stays in the queue for as
+    /// long as any handle can still send.
+    async fn reply<T>(&self, rx: oneshot::Receiver<Result<T, RaftError>>) -> Result<T, RaftError> {
+        let stopped = self.shared.stop_notify.notified();
+        tokio::pin!(stopped);
+        stopped.as_mut().enable();
+        tokio::select! {
+            biased;
+            answer = rx => answer.map_err(|_| self.stopped_error())?,
+            _ = stopped => Err(self.stopped_error()),
+            // Stopped before the notification could be awaited.
+            _ = std::future::ready(()), if self.is_stopped() => Err(self.stopped_error()),
+        }
     }
 
     /// Confirms leadership with a ReadIndex round shared by every read waiting now; returns
@@ -355,7 +377,7 @@ impl RaftNode {
         self.tx
             .send(Input::ReadIndex(tx))
             .map_err(|_| self.stopped_error())?;
-        rx.await.map_err(|_| self.stopped_error())?
+        self.reply(rx).await
     }
 
     /// Waits until the state machine has applied `index`; fails at once if the member stops.
