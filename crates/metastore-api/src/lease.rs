@@ -231,7 +231,8 @@ impl<E: Engine> EtcdServer<E> {
 
     async fn renew(&self, id: i64) -> Result<i64, Status> {
         if !self.raft.status().is_leader {
-            return Err(Status::unavailable("etcdserver: not leader"));
+            // Only the leader keeps lease time: a follower sends the renewal on.
+            return self.renew_on_leader(id).await;
         }
         let Some(lease) = self.store.lease(id, false) else {
             // etcd answers a keep-alive for an unknown lease with TTL 0.

@@ -9,6 +9,7 @@ mod batch;
 pub mod cluster_version;
 mod concurrency;
 pub mod errors;
+mod forward;
 pub mod lease;
 mod members;
 mod services;
@@ -130,6 +131,7 @@ pub struct EtcdServer<E: Engine> {
     pub lease_config: LeaseConfig,
     pub watch_progress_interval: Duration,
     lease_clock: lease::LeaseClock,
+    leader_channel: forward::LeaderChannel,
 }
 
 impl<E: Engine> EtcdServer<E> {
@@ -169,6 +171,7 @@ impl<E: Engine> EtcdServer<E> {
             lease_config: services.lease.clone(),
             watch_progress_interval: services.watch_progress_interval,
             lease_clock: lease::LeaseClock::default(),
+            leader_channel: forward::LeaderChannel::default(),
         });
         lease::spawn_lease_clock(Arc::downgrade(&server), services.election_timeout);
         cluster_version::spawn_cluster_version_monitor(Arc::downgrade(&server));

@@ -417,3 +417,73 @@ async fn a_member_alone_has_no_leader_and_says_so() {
         .await
         .expect("writes resume with a majority");
 }
+
+/// Leases through a follower: granted there, kept alive there (the follower sends each
+/// renewal on to the leader, which alone keeps lease time), expired by the leader once the
+/// keep-alives stop, with the attached key gone on every member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_kept_alive_through_a_follower_live_and_expire_by_the_leader() {
+    let cluster = Cluster::start(3);
+    let leader = cluster.leader(Duration::from_secs(30)).await;
+    let follower = (0..3).find(|&i| i != leader).expect("a follower");
+    // The follower forwards to the leader's published client URL: wait until it knows it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut c = cluster.client(follower).await;
+        let list = c.member_list().await.expect("member list");
+        if list.members().iter().all(|m| !m.client_urls().is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "client URLs never published");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut c = cluster.client(follower).await;
+    let ttl = 3;
+    let lease = c.lease_grant(ttl, None).await.expect("grant").id();
+    c.put(
+        "leased",
+        "v",
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .expect("put with lease");
+    let (mut keeper, mut responses) = c.lease_keep_alive(lease).await.expect("keep-alive stream");
+    // Twice the TTL of keep-alives through the follower: the lease lives.
+    let until = Instant::now() + Duration::from_secs(2 * ttl as u64);
+    while Instant::now() < until {
+        keeper.keep_alive().await.expect("send keep-alive");
+        let resp = responses
+            .message()
+            .await
+            .expect("keep-alive answered")
+            .expect("a response");
+        assert_eq!(resp.ttl(), ttl, "the leader renewed it to its full TTL");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let got = c.get("leased", None).await.expect("get");
+    assert_eq!(
+        got.kvs().len(),
+        1,
+        "the lease outlived its TTL while kept alive"
+    );
+    drop(keeper);
+    drop(responses);
+    // No more keep-alives: the leader revokes it, and the key goes on every member.
+    let deadline = Instant::now() + Duration::from_secs(4 * ttl as u64 + 10);
+    for i in 0..3 {
+        loop {
+            let gone = cluster
+                .contents(i)
+                .await
+                .is_some_and(|c| !c.contains_key("leased"));
+            if gone {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the lease never expired on member {i}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
