@@ -2,8 +2,8 @@
 //! replicated cluster version to the lowest version among the members, so that nothing newer
 //! than every member can read is ever proposed.
 //!
-//! Today every member's version is known only for this member: peers report theirs once the
-//! peer transport exists, and `member_versions` then lists them all.
+//! Peers announce their version on every batch of raft messages (`metastore-transport`); a
+//! member not heard from yet leaves the version undecided, as in etcd.
 
 use crate::EtcdServer;
 use metastore_engine::Engine;
@@ -18,15 +18,33 @@ const CHECK_INTERVAL: Duration = Duration::from_secs(4);
 const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 
 impl<E: Engine> EtcdServer<E> {
-    /// The versions the members run, as far as this member knows them.
-    pub fn member_versions(&self) -> Vec<ClusterVersion> {
-        vec![ClusterVersion::this_build()]
+    /// The versions the members run, as far as this member knows them: None for a member
+    /// that has not announced a readable one.
+    pub fn member_versions(&self) -> Vec<Option<ClusterVersion>> {
+        self.cluster
+            .members
+            .iter()
+            .map(|m| {
+                if m.id == self.cluster.member_id {
+                    Some(ClusterVersion::this_build())
+                } else {
+                    (self.peer_versions.0)(m.id).and_then(|v| ClusterVersion::parse(&v))
+                }
+            })
+            .collect()
+    }
+
+    /// The cluster version the members allow: the lowest of theirs, once every member's is
+    /// known.
+    fn target_cluster_version(&self) -> Option<ClusterVersion> {
+        let known: Option<Vec<ClusterVersion>> = self.member_versions().into_iter().collect();
+        ClusterVersion::decide(&known?)
     }
 
     /// Proposes the cluster version the members allow, if it is above the current one.
     /// Returns what was proposed.
     pub async fn update_cluster_version(&self) -> Option<ClusterVersion> {
-        let target = ClusterVersion::decide(&self.member_versions())?;
+        let target = self.target_cluster_version()?;
         if self.store.cluster_version().is_some_and(|c| c >= target) {
             return None;
         }
@@ -57,7 +75,7 @@ pub fn spawn_cluster_version_monitor<E: Engine>(server: Weak<EtcdServer<E>>) {
             if server.raft.status().is_leader {
                 server.update_cluster_version().await;
             }
-            let target = ClusterVersion::decide(&server.member_versions());
+            let target = server.target_cluster_version();
             // Until the version is set (a new cluster, a new leader), check often.
             wait = if server.store.cluster_version() >= target {
                 CHECK_INTERVAL

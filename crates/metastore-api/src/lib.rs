@@ -80,6 +80,22 @@ pub struct ClusterInfo {
     pub members: Vec<MemberInfo>,
 }
 
+/// Where the version a peer announced comes from (the peer transport); None: not heard yet.
+#[derive(Clone)]
+pub struct PeerVersionSource(pub Arc<dyn Fn(u64) -> Option<String> + Send + Sync>);
+
+impl std::fmt::Debug for PeerVersionSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerVersionSource")
+    }
+}
+
+impl Default for PeerVersionSource {
+    fn default() -> Self {
+        Self(Arc::new(|_| None))
+    }
+}
+
 /// Service settings beyond etcd's request limits.
 #[derive(Clone, Debug)]
 pub struct ServiceConfig {
@@ -88,6 +104,8 @@ pub struct ServiceConfig {
     pub watch_progress_interval: Duration,
     /// Raft election timeout: a new leader extends every lease by it, as etcd does.
     pub election_timeout: Duration,
+    /// The versions peers announced, for the cluster version.
+    pub peer_versions: PeerVersionSource,
 }
 
 impl Default for ServiceConfig {
@@ -96,6 +114,7 @@ impl Default for ServiceConfig {
             lease: LeaseConfig::default(),
             watch_progress_interval: Duration::from_secs(600),
             election_timeout: Duration::from_secs(1),
+            peer_versions: PeerVersionSource::default(),
         }
     }
 }
@@ -132,6 +151,7 @@ pub struct EtcdServer<E: Engine> {
     pub watch_progress_interval: Duration,
     lease_clock: lease::LeaseClock,
     leader_channel: forward::LeaderChannel,
+    peer_versions: PeerVersionSource,
 }
 
 impl<E: Engine> EtcdServer<E> {
@@ -172,6 +192,7 @@ impl<E: Engine> EtcdServer<E> {
             watch_progress_interval: services.watch_progress_interval,
             lease_clock: lease::LeaseClock::default(),
             leader_channel: forward::LeaderChannel::default(),
+            peer_versions: services.peer_versions.clone(),
         });
         lease::spawn_lease_clock(Arc::downgrade(&server), services.election_timeout);
         cluster_version::spawn_cluster_version_monitor(Arc::downgrade(&server));

@@ -9,13 +9,13 @@ pub mod version;
 use config::{Config, ConfigError, StorageKind};
 use identity::identity;
 use metastore_api::apply::{ApplyDriver, CompleterSlot, Durability};
-use metastore_api::{ClusterInfo, EtcdServer, MemberInfo, ServiceConfig};
+use metastore_api::{ClusterInfo, EtcdServer, MemberInfo, PeerVersionSource, ServiceConfig};
 use metastore_engine::Engine;
 use metastore_memory::MemoryEngine;
 use metastore_mvcc::Store;
 use metastore_raft::{NoPeers, RaftNode, Transport};
 use metastore_rocksdb::RocksDbEngine;
-use metastore_transport::{PeerService, PeerTransport, TransportConfig};
+use metastore_transport::{PeerService, PeerTransport, PeerVersions, TransportConfig};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +50,8 @@ pub enum ServerError {
 pub struct Member<E: Engine> {
     pub server: Arc<EtcdServer<E>>,
     pub config: Config,
+    /// Filled by the peer service with what each peer announces.
+    peer_versions: PeerVersions,
 }
 
 /// Starts a member on the configured engine and serves clients until `shutdown` resolves.
@@ -164,6 +166,7 @@ pub fn start<E: Engine>(
         durable,
         cfg.batch.apply_part_len,
     );
+    let peer_versions = PeerVersions::default();
     let voters = cluster_members.iter().map(|m| m.id).collect();
     let raft = RaftNode::start(
         member_id,
@@ -191,11 +194,16 @@ pub fn start<E: Engine>(
                 cfg.watch_progress_notify_interval_ms.max(1),
             ),
             election_timeout: cfg.raft.tick_interval * cfg.raft.election_tick as u32,
+            peer_versions: {
+                let versions = peer_versions.clone();
+                PeerVersionSource(Arc::new(move |id| versions.get(id)))
+            },
         },
     );
     Ok(Member {
         server,
         config: cfg,
+        peer_versions,
     })
 }
 
@@ -215,6 +223,7 @@ pub async fn serve<E: Engine>(
                 member.server.cluster.cluster_id,
                 member.server.cluster.member_id,
                 member.server.raft.clone(),
+                member.peer_versions.clone(),
             );
             let incoming = tonic::transport::server::TcpIncoming::bind(addr)
                 .map_err(|e| ServerError::Bind(addr, e))?

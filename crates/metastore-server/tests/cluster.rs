@@ -35,6 +35,15 @@ fn free_port() -> u16 {
 
 impl Cluster {
     fn start(size: usize) -> Cluster {
+        let mut cluster = Cluster::create(size);
+        for i in 0..size {
+            cluster.spawn(i);
+        }
+        cluster
+    }
+
+    /// The members' ports, data dirs and flags; no process started yet.
+    fn create(size: usize) -> Cluster {
         let root = tempfile::Builder::new()
             .prefix("metastore-cluster-")
             .tempdir()
@@ -61,15 +70,15 @@ impl Cluster {
             .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
             .collect::<Vec<_>>()
             .join(",");
-        let mut cluster = Cluster {
+        Cluster {
             _root: root,
             members,
             initial_cluster,
-        };
-        for i in 0..size {
-            cluster.spawn(i);
         }
-        cluster
+    }
+
+    fn log_of(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.members[i].log).unwrap_or_default()
     }
 
     fn spawn(&mut self, i: usize) {
@@ -484,6 +493,40 @@ async fn leases_kept_alive_through_a_follower_live_and_expire_by_the_leader() {
                 "the lease never expired on member {i}"
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The leader sets the cluster version only once every member has announced its version on
+/// the peer streams: with one member never started, nothing newer than what it might run is
+/// enabled; it is set when that member joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_version_waits_for_every_member() {
+    let mut cluster = Cluster::create(3);
+    cluster.spawn(0);
+    cluster.spawn(1);
+    let leader = cluster.leader(Duration::from_secs(30)).await;
+    let mut c = cluster.client(leader).await;
+    c.put("k", "v", None).await.expect("a quorum serves");
+    // The monitor retries every 500 ms while undecided: give it several rounds.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 0..2 {
+        assert!(
+            !cluster.log_of(i).contains("cluster version set"),
+            "set without member 3's version:\n{}",
+            cluster.log_of(i)
+        );
+    }
+    cluster.spawn(2);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0..3 {
+        while !cluster.log_of(i).contains("cluster version set") {
+            assert!(
+                Instant::now() < deadline,
+                "member {i} never applied the cluster version\n{}",
+                cluster.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }

@@ -9,6 +9,29 @@ mod send;
 pub use receive::PeerService;
 pub use send::PeerTransport;
 
+/// The version each peer announced on its stream, by member id: what the leader needs to
+/// decide the cluster version. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct PeerVersions(
+    std::sync::Arc<parking_lot::RwLock<std::collections::HashMap<u64, String>>>,
+);
+
+impl PeerVersions {
+    pub fn get(&self, member: u64) -> Option<String> {
+        self.0.read().get(&member).cloned()
+    }
+
+    fn record(&self, member: u64, version: &str) {
+        if version.is_empty() || self.0.read().get(&member).is_some_and(|v| v == version) {
+            return;
+        }
+        self.0.write().insert(member, version.to_string());
+    }
+}
+
+/// This build's version, announced to peers.
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 use bytes::{BufMut, Bytes, BytesMut};
 use metastore_raft::eraftpb::{Message, MessageType};
 use protobuf::Message as _;

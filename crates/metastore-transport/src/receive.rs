@@ -1,6 +1,6 @@
 //! The receiving side: the `RaftPeer` service on the peer port.
 
-use crate::{decode_message, CLUSTER_ID_MISMATCH};
+use crate::{decode_message, PeerVersions, CLUSTER_ID_MISMATCH};
 use metastore_proto::metastore::peer::raft_peer_server::{RaftPeer, RaftPeerServer};
 use metastore_proto::metastore::peer::{MessageBatch, StreamEnd};
 use metastore_raft::RaftNode;
@@ -11,14 +11,17 @@ pub struct PeerService {
     cluster_id: u64,
     local_id: u64,
     node: RaftNode,
+    versions: PeerVersions,
 }
 
 impl PeerService {
-    pub fn new(cluster_id: u64, local_id: u64, node: RaftNode) -> Self {
+    /// `versions` records the version each peer announces.
+    pub fn new(cluster_id: u64, local_id: u64, node: RaftNode, versions: PeerVersions) -> Self {
         Self {
             cluster_id,
             local_id,
             node,
+            versions,
         }
     }
 
@@ -57,6 +60,7 @@ impl RaftPeer for PeerService {
         let mut stream = request.into_inner();
         while let Some(batch) = stream.message().await? {
             self.check(&batch)?;
+            self.versions.record(batch.from, &batch.version);
             for frame in &batch.messages {
                 let msg =
                     decode_message(frame).map_err(|e| Status::invalid_argument(e.to_string()))?;

@@ -213,6 +213,7 @@ async fn stream_until_broken(
             from: peer.from,
             to: peer.id,
             messages: Vec::new(),
+            version: crate::VERSION.to_string(),
         };
         let mut bytes = 0;
         let mut next = Some(first);
