@@ -155,10 +155,9 @@ async fn run_peer(
                     tracing::debug!(peer = peer.id, error = %status, "peer stream ended");
                 }
                 peer.unreachable();
-                // A stream that worked resets the backoff; one refused at once keeps growing it.
-                if status.code() == tonic::Code::Ok {
-                    backoff = peer.config.min_backoff;
-                }
+                // A broken stream keeps growing the backoff (a peer that refuses every stream,
+                // e.g. of another cluster, is not retried ten times a second); only a stream
+                // that ended cleanly resets it.
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(peer.config.max_backoff);
             }
