@@ -209,6 +209,69 @@ impl<E: Engine> StateMachine for ApplyDriver<E> {
         self.durable.load(Ordering::Acquire)
     }
 
+    /// The same capture as the persist thread's: the file format is the memory engine's
+    /// snapshot, whatever the engine, so a follower on either engine can install it (a RocksDB
+    /// checkpoint would tie both ends to RocksDB's files). The write is paced like a persist.
+    fn capture_snapshot(&mut self) -> Result<(u64, metastore_raft::SnapshotWriter), String> {
+        let index = self.store.applied_index();
+        let capture = self
+            .store
+            .capture_snapshot()
+            .map_err(|e| e.to_string())?
+            .with_pace(SNAPSHOT_CPU_SHARE);
+        let store = self.store.clone();
+        Ok((
+            index,
+            Box::new(move |path: &std::path::Path| {
+                capture
+                    .write_file(store.engine().as_ref(), path, 1)
+                    .map_err(|e| e.to_string())
+            }),
+        ))
+    }
+
+    fn install_snapshot(&mut self, path: &std::path::Path, index: u64) -> Result<(), String> {
+        // A persist running on the old state must not record its index as durable after the
+        // new state is in: wait for it.
+        while self.persisting.load(Ordering::Acquire) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if let Durability::Snapshots { dir, retention, .. } = &self.durability {
+            // The memory engine's durable state is its newest snapshot file: this one, linked
+            // into place before the engine changes, so a crash from here on restarts from it.
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let target = metastore_mvcc::snapshot::snapshot_path(dir, index);
+            let _ = std::fs::remove_file(&target);
+            std::fs::hard_link(path, &target)
+                .or_else(|_| std::fs::copy(path, &target).map(|_| ()))
+                .map_err(|e| format!("{}: {e}", target.display()))?;
+            std::fs::File::open(&target)
+                .and_then(|f| f.sync_all())
+                .and_then(|()| std::fs::File::open(dir))
+                .and_then(|d| d.sync_all())
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+            for (old_index, old) in metastore_mvcc::snapshot::list_snapshots(dir) {
+                // Newer files than the leader's state belong to a history this member no
+                // longer follows; older ones beyond the retention are not needed.
+                if old_index > index {
+                    let _ = std::fs::remove_file(&old);
+                }
+            }
+            for (_, old) in metastore_mvcc::snapshot::list_snapshots(dir)
+                .into_iter()
+                .skip((*retention).max(1))
+            {
+                let _ = std::fs::remove_file(&old);
+            }
+        }
+        self.store
+            .install_snapshot(path, index)
+            .map_err(|e| format!("installing the snapshot at index {index}: {e}"))?;
+        // The persistent engine flushed the new state in the install.
+        self.durable.store(index, Ordering::Release);
+        Ok(())
+    }
+
     fn applied_index(&self) -> u64 {
         self.store.applied_index()
     }

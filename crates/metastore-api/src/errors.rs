@@ -72,7 +72,8 @@ pub fn from_mvcc(e: MvccError) -> Status {
         MvccError::Engine(_)
         | MvccError::Corrupt(..)
         | MvccError::Downgrade { .. }
-        | MvccError::UnknownCommand(_) => Status::internal(format!("etcdserver: {e}")),
+        | MvccError::UnknownCommand(_)
+        | MvccError::InstallInterrupted(_) => Status::internal(format!("etcdserver: {e}")),
     }
 }
 

@@ -300,19 +300,34 @@ impl<E: Engine> Maintenance for Svc<E> {
         }))
     }
 
+    /// Served from this member's state, as etcd serves it (no raft round).
     async fn hash(&self, _request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        Err(Status::unimplemented(
-            "metastore: Maintenance.Hash is not implemented yet",
-        ))
+        let store = self.0.store.clone();
+        let (hash, revision) = tokio::task::spawn_blocking(move || store.hash_all())
+            .await
+            .map_err(|e| Status::internal(format!("etcdserver: hash: {e}")))?
+            .map_err(errors::from_mvcc)?;
+        Ok(Response::new(HashResponse {
+            header: Some(self.0.header(revision)),
+            hash,
+        }))
     }
 
     async fn hash_kv(
         &self,
-        _request: Request<HashKvRequest>,
+        request: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
-        Err(Status::unimplemented(
-            "metastore: Maintenance.HashKV is not implemented yet",
-        ))
+        let revision = request.into_inner().revision;
+        let store = self.0.store.clone();
+        let hashed = tokio::task::spawn_blocking(move || store.hash_kv(revision))
+            .await
+            .map_err(|e| Status::internal(format!("etcdserver: hash: {e}")))?
+            .map_err(errors::from_mvcc)?;
+        Ok(Response::new(HashKvResponse {
+            header: Some(self.0.header(hashed.current_revision)),
+            hash: hashed.hash,
+            compact_revision: hashed.compact_revision,
+        }))
     }
 
     type SnapshotStream = BoxStream<'static, Result<SnapshotResponse, Status>>;

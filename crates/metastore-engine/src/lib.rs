@@ -124,6 +124,40 @@ pub trait Engine: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Deletes every key of `space` except `keep`, in bounded batches (memory stays bounded
+    /// whatever the space holds). Not atomic: callers that need a crash to leave a known state
+    /// mark the operation themselves (see the MVCC store's snapshot install).
+    fn clear_space(&self, space: Space, keep: &[&[u8]]) -> Result<()> {
+        const CHUNK: usize = 10_000;
+        let mut after: Option<Bytes> = None;
+        loop {
+            let mut keys: Vec<Bytes> = Vec::with_capacity(CHUNK);
+            let lower = match &after {
+                Some(k) => Bound::Excluded(&k[..]),
+                None => Bound::Unbounded,
+            };
+            self.scan(space, (lower, Bound::Unbounded), &mut |k, _| {
+                keys.push(Bytes::copy_from_slice(k));
+                keys.len() < CHUNK
+            })?;
+            let Some(last) = keys.last().cloned() else {
+                return Ok(());
+            };
+            let full = keys.len() == CHUNK;
+            let mut batch = WriteBatch::new();
+            for k in keys {
+                if !keep.contains(&&k[..]) {
+                    batch.delete(space, k);
+                }
+            }
+            self.write(batch)?;
+            if !full {
+                return Ok(());
+            }
+            after = Some(last);
+        }
+    }
+
     /// Reclaims space (etcd's Defragment). Returns false when the engine has nothing to do.
     fn defragment(&self) -> Result<bool> {
         Ok(false)

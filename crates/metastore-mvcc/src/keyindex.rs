@@ -224,6 +224,13 @@ impl KeyIndex {
         dropped
     }
 
+    /// Forgets every key (the state is being replaced by a snapshot). Only the single writer
+    /// may call this.
+    pub fn clear(&self) {
+        self.keys.clear();
+        self.points.clear();
+    }
+
     /// Number of keys with any history (live or not).
     pub fn len(&self) -> usize {
         self.keys.len()

@@ -41,6 +41,11 @@ pub(crate) fn lease_meta_key(id: i64) -> Vec<u8> {
 pub(crate) const LEASE_META_PREFIX: &[u8] = b"lease/";
 
 impl Lessor {
+    /// Forgets every lease (the state is being replaced by a snapshot).
+    pub fn clear(&self) {
+        self.leases.write().clear();
+    }
+
     pub fn exists(&self, id: i64) -> bool {
         self.leases.read().contains_key(&id)
     }

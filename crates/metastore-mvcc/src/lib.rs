@@ -17,7 +17,10 @@ pub mod watch;
 
 pub use keyindex::{IndexRev, Revision};
 pub use lease::{LeaseInfo, MAX_LEASE_TTL};
-pub use store::{adds_data, ApplyResponse, ClusterVersion, Store};
+pub use store::{
+    adds_data, interrupted_install, replace_engine_contents, ApplyResponse, ClusterVersion, KvHash,
+    Store,
+};
 pub use watch::{StreamReceiver, WatchHub, WatchSpec, INVALID_WATCH_ID};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -41,6 +44,10 @@ pub enum MvccError {
     /// etcd stops a member the same way ("invalid downgrade").
     #[error("invalid downgrade; this member's version {member} is lower than the cluster version {cluster}: upgrade this member")]
     Downgrade { cluster: String, member: String },
+    /// A snapshot install from the leader stopped half-way (a crash): the engine holds a mix
+    /// of two states until the install is finished from the received file.
+    #[error("the install of the leader's snapshot at raft index {0} was interrupted; the engine must be restored from that snapshot")]
+    InstallInterrupted(u64),
     #[error("raft entry {0} holds an operation this version cannot read (proposed by a newer member?): upgrade this member")]
     UnknownCommand(u64),
 }

@@ -68,12 +68,20 @@ pub fn write_snapshot(
     capture(engine, None, None)?.write(engine, dir, index, level, retention)
 }
 
-/// Clears the store's "snapshot scan running" flag when the capture is done with the engine.
-pub(crate) struct ScanHold(pub(crate) std::sync::Arc<std::sync::atomic::AtomicBool>);
+/// Counts one reader of MVCC records (a snapshot capture, a hash) for as long as it lives:
+/// physical compaction defers its deletes while any is counted.
+pub(crate) struct ScanHold(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl ScanHold {
+    pub(crate) fn new(count: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(count)
+    }
+}
 
 impl Drop for ScanHold {
     fn drop(&mut self) {
-        self.0.store(false, std::sync::atomic::Ordering::Release);
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -147,11 +155,27 @@ impl SnapshotCapture {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let path = snapshot_path(dir, index);
         let tmp = path.with_extension("tmp");
-        let file = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+        self.write_file(engine, &tmp, level)?;
+        std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err(dir, e))?;
+        for (_, old) in list_snapshots(dir).into_iter().skip(retention.max(1)) {
+            if let Err(e) = std::fs::remove_file(&old) {
+                tracing::warn!(file = %old.display(), error = %e, "cannot remove an old snapshot");
+            }
+        }
+        Ok(path)
+    }
+
+    /// Writes the captured state to the file at `path` (created or truncated) and fsyncs it.
+    pub fn write_file(self, engine: &dyn Engine, path: &Path, level: i32) -> Result<(), MvccError> {
+        let tmp = path;
+        let file = std::fs::File::create(tmp).map_err(|e| io_err(tmp, e))?;
         let mut out = std::io::BufWriter::new(file);
-        out.write_all(MAGIC).map_err(|e| io_err(&tmp, e))?;
+        out.write_all(MAGIC).map_err(|e| io_err(tmp, e))?;
         let mut crc = crc32fast::Hasher::new();
-        let mut enc = zstd::Encoder::new(out, level).map_err(|e| io_err(&tmp, e))?;
+        let mut enc = zstd::Encoder::new(out, level).map_err(|e| io_err(tmp, e))?;
         let mut failure = None;
         let mut put = |space: Space, k: &[u8], v: &[u8]| {
             let mut rec = Vec::with_capacity(9 + k.len() + v.len());
@@ -193,68 +217,100 @@ impl SnapshotCapture {
             }
         }
         if let Some(e) = failure {
-            return Err(io_err(&tmp, e));
+            return Err(io_err(tmp, e));
         }
         // The engine is no longer read: compaction may go on while the file is finished.
         drop(self);
-        let mut out = enc.finish().map_err(|e| io_err(&tmp, e))?;
+        let mut out = enc.finish().map_err(|e| io_err(tmp, e))?;
         out.write_all(&crc.finalize().to_le_bytes())
-            .map_err(|e| io_err(&tmp, e))?;
-        let file = out.into_inner().map_err(|e| io_err(&tmp, e.error()))?;
-        file.sync_all().map_err(|e| io_err(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_err(dir, e))?;
-        for (_, old) in list_snapshots(dir).into_iter().skip(retention.max(1)) {
-            if let Err(e) = std::fs::remove_file(&old) {
-                tracing::warn!(file = %old.display(), error = %e, "cannot remove an old snapshot");
-            }
-        }
-        Ok(path)
+            .map_err(|e| io_err(tmp, e))?;
+        let file = out.into_inner().map_err(|e| io_err(tmp, e.error()))?;
+        file.sync_all().map_err(|e| io_err(tmp, e))?;
+        Ok(())
     }
 }
 
-/// Loads a snapshot into an empty engine. A damaged file is an error naming it: a snapshot is
-/// never half-loaded nor silently skipped.
+/// Largest key or value a snapshot record may hold: far above any request limit, low enough
+/// that a damaged length cannot make the loader allocate without bound.
+const MAX_RECORD_PART: usize = 256 * 1024 * 1024;
+
+/// Records or bytes written to the engine in one batch while loading.
+const LOAD_BATCH_RECORDS: usize = 10_000;
+const LOAD_BATCH_BYTES: usize = 16 * 1024 * 1024;
+
+/// Loads a snapshot into an empty engine, streaming: memory stays bounded by one write batch
+/// whatever the snapshot's size. A damaged file is an error naming it: a snapshot is never
+/// silently skipped. The checksum covers the whole file and is only known at its end, so a
+/// damaged file may have loaded part of its records into the engine before the error: callers
+/// that must not see that verify the file first (a received snapshot's transfer checksum) or
+/// discard the engine on error (a restart).
 pub fn load_snapshot(engine: &dyn Engine, path: &Path) -> Result<(), MvccError> {
-    let data = std::fs::read(path).map_err(|e| io_err(path, e))?;
-    if data.len() < MAGIC.len() + 4 || &data[..MAGIC.len()] != MAGIC {
+    let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+    let len = file.metadata().map_err(|e| io_err(path, e))?.len();
+    let body_len = len
+        .checked_sub((MAGIC.len() + 4) as u64)
+        .ok_or_else(|| io_err(path, "not a MetaStore snapshot"))?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut magic = [0u8; 8];
+    reader.read_exact(&mut magic).map_err(|e| io_err(path, e))?;
+    if &magic != MAGIC {
         return Err(io_err(path, "not a MetaStore snapshot"));
     }
-    let (body, tail) = data[MAGIC.len()..].split_at(data.len() - MAGIC.len() - 4);
-    let want = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]);
-    let mut raw = Vec::new();
-    zstd::Decoder::new(body)
-        .and_then(|mut d| d.read_to_end(&mut raw))
-        .map_err(|e| io_err(path, format!("decompression failed: {e}")))?;
-    if crc32fast::hash(&raw) != want {
-        return Err(io_err(path, "checksum mismatch"));
-    }
+    let mut decoder =
+        zstd::Decoder::with_buffer(std::io::BufReader::new((&mut reader).take(body_len)))
+            .map_err(|e| io_err(path, format!("decompression failed: {e}")))?;
+    let mut crc = crc32fast::Hasher::new();
     let mut batch = WriteBatch::new();
-    let mut at = 0usize;
-    let take = |at: &mut usize, n: usize| -> Result<&[u8], MvccError> {
-        let end = at
-            .checked_add(n)
-            .filter(|e| *e <= raw.len())
-            .ok_or_else(|| io_err(path, "truncated record"))?;
-        let s = &raw[*at..end];
-        *at = end;
-        Ok(s)
-    };
-    let len = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
-    while at < raw.len() {
-        let space =
-            space_of(take(&mut at, 1)?[0]).ok_or_else(|| io_err(path, "unknown key space"))?;
-        let klen = len(take(&mut at, 4)?);
-        let key = take(&mut at, klen)?.to_vec();
-        let vlen = len(take(&mut at, 4)?);
-        let value = take(&mut at, vlen)?.to_vec();
-        batch.put(space, key, value);
-        if batch.len() >= 10_000 {
-            engine.write(std::mem::take(&mut batch))?;
+    let mut batch_bytes = 0usize;
+    let damaged = |e: std::io::Error| io_err(path, format!("damaged or truncated: {e}"));
+    loop {
+        let mut head = [0u8; 5];
+        // A clean end of the stream may only fall between records.
+        match decoder.read(&mut head[..1]) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => return Err(damaged(e)),
         }
+        decoder.read_exact(&mut head[1..]).map_err(damaged)?;
+        let space = space_of(head[0]).ok_or_else(|| io_err(path, "unknown key space"))?;
+        let key = read_part(
+            &mut decoder,
+            u32::from_le_bytes([head[1], head[2], head[3], head[4]]),
+        )
+        .map_err(damaged)?;
+        let mut vlen = [0u8; 4];
+        decoder.read_exact(&mut vlen).map_err(damaged)?;
+        let value = read_part(&mut decoder, u32::from_le_bytes(vlen)).map_err(damaged)?;
+        crc.update(&head);
+        crc.update(&key);
+        crc.update(&vlen);
+        crc.update(&value);
+        batch_bytes += key.len() + value.len();
+        batch.put(space, key, value);
+        if batch.len() >= LOAD_BATCH_RECORDS || batch_bytes >= LOAD_BATCH_BYTES {
+            engine.write(std::mem::take(&mut batch))?;
+            batch_bytes = 0;
+        }
+    }
+    drop(decoder);
+    let mut tail = [0u8; 4];
+    reader.read_exact(&mut tail).map_err(damaged)?;
+    if crc.finalize() != u32::from_le_bytes(tail) {
+        return Err(io_err(path, "checksum mismatch"));
     }
     engine.write(batch)?;
     Ok(())
+}
+
+fn read_part(from: &mut impl Read, len: u32) -> std::io::Result<Vec<u8>> {
+    let len = len as usize;
+    if len > MAX_RECORD_PART {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a record part of {len} bytes"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    from.read_exact(&mut buf)?;
+    Ok(buf)
 }

@@ -27,8 +27,12 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 mod cluster_version;
+mod hash;
+mod install;
 mod members;
 pub use cluster_version::ClusterVersion;
+pub use hash::KvHash;
+pub use install::{interrupted_install, replace_engine_contents};
 
 type Result<T> = std::result::Result<T, MvccError>;
 
@@ -83,11 +87,15 @@ pub struct Store<E: Engine> {
     member_attrs: parking_lot::RwLock<
         std::collections::BTreeMap<u64, metastore_proto::internal::MemberAttrSet>,
     >,
-    /// A snapshot capture is reading MVCC records: physical compaction defers its deletes.
-    snapshot_scan: Arc<std::sync::atomic::AtomicBool>,
+    /// Number of snapshot captures or hashes reading MVCC records: while any is, physical
+    /// compaction defers its deletes.
+    snapshot_scan: Arc<std::sync::atomic::AtomicUsize>,
     /// MVCC records compaction dropped from the index while a capture was reading the engine;
     /// deleted by the next write once the capture is done.
     deferred_deletes: Mutex<Vec<Bytes>>,
+    /// Readers hold it shared; installing a snapshot from the leader holds it exclusively, so
+    /// that no read ever sees the half-replaced state.
+    install_gate: parking_lot::RwLock<()>,
 }
 
 fn rev_key(rev: Revision, tombstone: bool) -> Bytes {
@@ -159,41 +167,50 @@ fn header(revision: i64) -> Option<ResponseHeader> {
     })
 }
 
+/// Fills `index` from every MVCC record the engine holds; returns the highest main revision.
+fn rebuild_index(engine: &dyn Engine, index: &KeyIndex) -> Result<i64> {
+    let mut max_rev = 1i64;
+    let mut err = None;
+    engine.scan(
+        Space::Kv,
+        (Bound::Unbounded, Bound::Unbounded),
+        &mut |k, v| {
+            let Some((rev, tombstone)) = parse_rev_key(k) else {
+                err = Some(MvccError::Corrupt(0, format!("bad revision key {k:?}")));
+                return false;
+            };
+            match KeyValue::decode(v.clone()) {
+                Ok(kv) => {
+                    let entry = if tombstone {
+                        IndexRev::tombstone(rev)
+                    } else {
+                        IndexRev::live(rev, kv.create_revision, kv.version, kv.lease)
+                    };
+                    index.push(&kv.key, entry);
+                    max_rev = max_rev.max(rev.main);
+                    true
+                }
+                Err(e) => {
+                    err = Some(MvccError::Corrupt(rev.main, e.to_string()));
+                    false
+                }
+            }
+        },
+    )?;
+    match err {
+        Some(e) => Err(e),
+        None => Ok(max_rev),
+    }
+}
+
 impl<E: Engine> Store<E> {
     /// Opens the store over an engine, rebuilding the key index from what the engine holds.
     pub fn open(engine: Arc<E>) -> Result<Self> {
-        let index = KeyIndex::new();
-        let mut max_rev = 1i64;
-        let mut err = None;
-        engine.scan(
-            Space::Kv,
-            (Bound::Unbounded, Bound::Unbounded),
-            &mut |k, v| {
-                let Some((rev, tombstone)) = parse_rev_key(k) else {
-                    err = Some(MvccError::Corrupt(0, format!("bad revision key {k:?}")));
-                    return false;
-                };
-                match KeyValue::decode(v.clone()) {
-                    Ok(kv) => {
-                        let entry = if tombstone {
-                            IndexRev::tombstone(rev)
-                        } else {
-                            IndexRev::live(rev, kv.create_revision, kv.version, kv.lease)
-                        };
-                        index.push(&kv.key, entry);
-                        max_rev = max_rev.max(rev.main);
-                        true
-                    }
-                    Err(e) => {
-                        err = Some(MvccError::Corrupt(rev.main, e.to_string()));
-                        false
-                    }
-                }
-            },
-        )?;
-        if let Some(e) = err {
-            return Err(e);
+        if let Some(index) = install::interrupted_install(engine.as_ref())? {
+            return Err(MvccError::InstallInterrupted(index));
         }
+        let index = KeyIndex::new();
+        let max_rev = rebuild_index(engine.as_ref(), &index)?;
         let revision = read_meta_i64(engine.as_ref(), META_REVISION)?
             .unwrap_or(1)
             .max(max_rev);
@@ -215,6 +232,7 @@ impl<E: Engine> Store<E> {
             member_attrs: parking_lot::RwLock::new(member_attrs),
             snapshot_scan: Arc::default(),
             deferred_deletes: Mutex::new(Vec::new()),
+            install_gate: parking_lot::RwLock::new(()),
         };
         store.load_alarms()?;
         if compact >= 0 {
@@ -333,6 +351,7 @@ impl<E: Engine> Store<E> {
 
     /// A serializable read at the current (or requested) revision.
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse> {
+        let _gate = self.install_gate.read();
         at_current(req.revision <= 0, || {
             self.range_in(req, &View::at(self.current_revision()))
         })
@@ -341,10 +360,12 @@ impl<E: Engine> Store<E> {
     // ---- leases (read side) --------------------------------------------------------------------
 
     pub fn lease(&self, id: i64, with_keys: bool) -> Option<LeaseInfo> {
+        let _gate = self.install_gate.read();
         self.leases.get(id, with_keys)
     }
 
     pub fn leases(&self) -> Vec<LeaseInfo> {
+        let _gate = self.install_gate.read();
         self.leases.list()
     }
 
@@ -387,6 +408,7 @@ impl<E: Engine> Store<E> {
 
     /// Every event with a revision in `from..=to`, in order, each with its previous value.
     fn history(&self, from: i64, to: i64) -> Result<History> {
+        let _gate = self.install_gate.read();
         let lo = rev_key(Revision { main: from, sub: 0 }, false);
         let hi = rev_key(
             Revision {
@@ -592,8 +614,7 @@ impl<E: Engine> Store<E> {
         // Deletes deferred during the previous capture go first: the new capture must hold
         // exactly the applied state.
         self.flush_deferred_deletes()?;
-        self.snapshot_scan.store(true, Ordering::Release);
-        let hold = crate::snapshot::ScanHold(self.snapshot_scan.clone());
+        let hold = crate::snapshot::ScanHold::new(self.snapshot_scan.clone());
         crate::snapshot::capture(
             self.engine.as_ref(),
             Some(self.current_rev.load(Ordering::Acquire)),
@@ -604,7 +625,7 @@ impl<E: Engine> Store<E> {
     /// Deletes the records compaction deferred, unless a capture is still reading them.
     /// Callers hold the writer lock.
     fn flush_deferred_deletes(&self) -> Result<()> {
-        if self.snapshot_scan.load(Ordering::Acquire) {
+        if self.snapshot_scan.load(Ordering::Acquire) > 0 {
             return Ok(());
         }
         let keys = std::mem::take(&mut *self.deferred_deletes.lock());
@@ -630,7 +651,7 @@ impl<E: Engine> Store<E> {
             .into_iter()
             .map(|d| rev_key(d.rev, d.tombstone))
             .collect();
-        if self.snapshot_scan.load(Ordering::Acquire) {
+        if self.snapshot_scan.load(Ordering::Acquire) > 0 {
             // A snapshot capture is still reading the records of its state: leave them until
             // it is done (readers never reach them: the index no longer points to them).
             self.deferred_deletes.lock().extend(dropped);
@@ -1054,6 +1075,7 @@ impl<E: Engine> Store<E> {
 
     /// Runs a read-only txn locally (serializable view at the current revision).
     pub fn read_txn(&self, t: &TxnRequest) -> Result<TxnResponse> {
+        let _gate = self.install_gate.read();
         at_current(true, || {
             let view = View::at(self.current_revision());
             let mut path = Vec::new();

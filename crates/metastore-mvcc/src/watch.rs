@@ -392,6 +392,28 @@ impl WatchHub {
         Some(watch_id)
     }
 
+    /// The store's state was replaced (a snapshot from the leader) at `current_rev`: every
+    /// watcher is caught up from the new state's history, from the revision it expects next,
+    /// as etcd moves every watcher to its unsynced set after a restore. A watcher whose next
+    /// revision the new state has compacted away is canceled by the catch-up loop.
+    pub fn resync_all(&self, current_rev: i64) {
+        let mut inner = self.inner.lock();
+        // A synced watcher has had everything up to the dispatched revision (its own next
+        // revision is only kept while it is unsynced).
+        let resume = inner.dispatched_rev + 1;
+        let synced: Vec<u64> = inner
+            .watchers
+            .iter()
+            .filter(|(_, w)| w.synced)
+            .map(|(h, _)| *h)
+            .collect();
+        for handle in synced {
+            inner.desync(handle, resume);
+        }
+        inner.dispatched_rev = current_rev;
+        self.wake.notify_one();
+    }
+
     /// Cancels a watcher; answers with etcd's canceled response if it existed.
     pub fn cancel(&self, stream: u64, watch_id: i64) {
         let mut inner = self.inner.lock();

@@ -1,12 +1,29 @@
 //! The apply thread: committed entries to the state machine, durability back to the raft
 //! thread; and the guard that marks the member stopped when either thread ends.
 
-use crate::{CommittedEntry, Input, RaftError, Shared, StateMachine};
+use crate::{CommittedEntry, Input, RaftError, Shared, StateMachine, WalStorage};
 use flume::{Receiver, Sender};
-use raft::eraftpb::EntryType;
+use raft::eraftpb::{EntryType, Snapshot};
 use raft::prelude::Entry;
+use raft::Storage;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+
+/// What the raft thread hands the apply thread, in log order.
+pub(crate) enum ApplyInput {
+    Entries(Vec<Entry>),
+    /// A follower needs a snapshot: capture the state now, write it on another thread.
+    BuildSnapshot,
+    /// Replace the state with the leader's snapshot in `path`; answer on `reply` once it is
+    /// durable.
+    Install {
+        path: PathBuf,
+        index: u64,
+        term: u64,
+        reply: Sender<Result<(), RaftError>>,
+    },
+}
 
 /// Marks the member stopped when the raft or the apply thread ends for any reason, a panic
 /// included: a member whose loops are gone can acknowledge nothing and must not look alive
@@ -42,15 +59,59 @@ impl Drop for StopOnExit {
 pub(crate) fn apply_loop(
     shared: Arc<Shared>,
     mut sm: Box<dyn StateMachine>,
-    rx: Receiver<Vec<Entry>>,
+    rx: Receiver<ApplyInput>,
     raft_tx: Sender<Input>,
+    storage: WalStorage,
 ) {
     let mut durable = sm.durable_index();
     let mut terms = TermStarts::default();
-    while let Ok(mut entries) = rx.recv() {
-        // Coalesce what is queued into one call: fewer engine batches under load.
+    let mut next: Option<ApplyInput> = None;
+    loop {
+        let input = match next.take() {
+            Some(input) => input,
+            None => match rx.recv() {
+                Ok(input) => input,
+                Err(_) => return,
+            },
+        };
+        let mut entries = match input {
+            ApplyInput::Entries(entries) => entries,
+            ApplyInput::BuildSnapshot => {
+                build_snapshot(sm.as_mut(), &storage, &terms);
+                continue;
+            }
+            ApplyInput::Install {
+                path,
+                index,
+                term,
+                reply,
+            } => {
+                let result = sm.install_snapshot(&path, index);
+                if let Err(e) = &result {
+                    tracing::error!(index, error = %e, "cannot install the leader's snapshot; stopping this member");
+                    *shared.failure.lock() = Some(RaftError::StateMachine(e.clone()));
+                    shared.stopped.store(true, Ordering::Release);
+                    shared.applied.send_modify(|_| {});
+                    let _ = reply.send(Err(RaftError::StateMachine(e.clone())));
+                    return;
+                }
+                terms = TermStarts::default();
+                terms.record(index, term);
+                shared.applied.send_replace(index);
+                durable = durable.max(sm.durable_index());
+                let _ = reply.send(Ok(()));
+                continue;
+            }
+        };
+        // Coalesce the entries queued behind into one call: fewer engine batches under load.
         while let Ok(more) = rx.try_recv() {
-            entries.extend(more);
+            match more {
+                ApplyInput::Entries(more) => entries.extend(more),
+                other => {
+                    next = Some(other);
+                    break;
+                }
+            }
         }
         let Some(last) = entries.last().map(|e| e.index) else {
             continue;
@@ -86,6 +147,83 @@ pub(crate) fn apply_loop(
             });
             terms.forget_below(durable);
         }
+    }
+}
+
+/// Captures the state machine for a follower and writes it on a thread of its own; the raft
+/// storage offers it once the file is complete.
+fn build_snapshot(sm: &mut dyn StateMachine, storage: &WalStorage, terms: &TermStarts) {
+    let transfers = storage.transfers().clone();
+    let (index, writer) = match sm.capture_snapshot() {
+        Ok(captured) => captured,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot capture a snapshot for a follower");
+            transfers.build_failed();
+            return;
+        }
+    };
+    let term = match terms
+        .term_at(index)
+        .map(Ok)
+        .unwrap_or_else(|| storage.term(index))
+    {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::warn!(index, error = %e, "no term for the snapshot's index");
+            transfers.build_failed();
+            return;
+        }
+    };
+    let conf_state = match storage.initial_state() {
+        Ok(state) => state.conf_state,
+        Err(e) => {
+            tracing::warn!(error = %e, "no membership for the snapshot");
+            transfers.build_failed();
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("snapshot-send".into())
+        .spawn(move || {
+            let started = std::time::Instant::now();
+            let path = transfers.send_path(index);
+            let tmp = path.with_extension("tmp");
+            let written = std::fs::create_dir_all(transfers.send_dir())
+                .map_err(|e| e.to_string())
+                .and_then(|()| writer(&tmp))
+                .and_then(|()| crate::SnapshotFile::of(&tmp).map_err(|e| e.to_string()))
+                .and_then(|file| {
+                    std::fs::rename(&tmp, &path)
+                        .map(|()| file)
+                        .map_err(|e| e.to_string())
+                });
+            match written {
+                Ok(file) => {
+                    let mut snap = Snapshot::default();
+                    snap.set_data(file.encode().into());
+                    let meta = snap.mut_metadata();
+                    meta.index = index;
+                    meta.term = term;
+                    meta.set_conf_state(conf_state);
+                    tracing::info!(
+                        index,
+                        term,
+                        bytes = file.size,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "snapshot for followers written"
+                    );
+                    transfers.built(snap, path);
+                }
+                Err(e) => {
+                    tracing::warn!(index, error = %e, "cannot write a snapshot for a follower");
+                    let _ = std::fs::remove_file(&tmp);
+                    transfers.build_failed();
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the snapshot thread");
+        storage.transfers().build_failed();
     }
 }
 

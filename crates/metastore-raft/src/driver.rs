@@ -1,11 +1,12 @@
 //! The raft thread: the raft-rs Ready loop, ReadIndex rounds, log trimming and compaction.
 
+use crate::apply::ApplyInput;
 use crate::{Input, RaftError, Shared, Transport, WalStorage};
 use flume::{Receiver, RecvTimeoutError, Sender};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeV2, EntryType};
 use raft::prelude::Entry;
-use raft::{RawNode, StateRole};
+use raft::{RawNode, SnapshotStatus, StateRole};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,8 +18,9 @@ pub(crate) struct Driver {
     shared: Arc<Shared>,
     rx: Receiver<Input>,
     transport: Arc<dyn Transport>,
-    apply_tx: Sender<Vec<Entry>>,
+    apply_tx: Sender<ApplyInput>,
     tick_interval: Duration,
+    catch_up_entries: u64,
     pending_reads: Vec<oneshot::Sender<Result<u64, RaftError>>>,
     inflight_reads: HashMap<Vec<u8>, InflightRead>,
     read_seq: u64,
@@ -37,8 +39,6 @@ struct InflightRead {
 /// leader that has not committed in its term): issue it again after this long, as etcd does.
 const READ_INDEX_RETRY: Duration = Duration::from_millis(500);
 
-/// Applied entries kept in memory for lagging followers before the in-memory log is trimmed.
-const CATCH_UP_ENTRIES: u64 = 10_000;
 /// Trim in steps, not on every Ready.
 const TRIM_STEP: u64 = 1_000;
 
@@ -48,8 +48,9 @@ impl Driver {
         shared: Arc<Shared>,
         rx: Receiver<Input>,
         transport: Arc<dyn Transport>,
-        apply_tx: Sender<Vec<Entry>>,
+        apply_tx: Sender<ApplyInput>,
         tick_interval: Duration,
+        catch_up_entries: u64,
     ) -> Self {
         Self {
             raw,
@@ -58,6 +59,7 @@ impl Driver {
             transport,
             apply_tx,
             tick_interval,
+            catch_up_entries,
             pending_reads: Vec::new(),
             inflight_reads: HashMap::new(),
             read_seq: 0,
@@ -167,6 +169,17 @@ impl Driver {
                 Err(e) => tracing::warn!(index, error = %e, "cannot compact the raft log"),
             },
             Input::Unreachable(peer) => self.raw.report_unreachable(peer),
+            Input::SnapshotStatus(peer, ok) => {
+                let status = if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    // raft-rs then probes the follower again, which asks for a snapshot anew.
+                    self.raw.report_unreachable(peer);
+                    SnapshotStatus::Failure
+                };
+                tracing::info!(peer = format_args!("{peer:x}"), ok, "snapshot send ended");
+                self.raw.report_snapshot(peer, status);
+            }
             Input::Shutdown => return false,
         }
         true
@@ -224,9 +237,8 @@ impl Driver {
             self.transport.send(ready.take_messages());
         }
         if !ready.snapshot().is_empty() {
-            return Err(RaftError::Raft(
-                "installing a snapshot from the leader is not supported yet".into(),
-            ));
+            let snap = ready.snapshot().clone();
+            self.install_snapshot(&snap)?;
         }
         self.handle_committed(ready.take_committed_entries())?;
         let store = self.raw.store().clone();
@@ -248,6 +260,40 @@ impl Driver {
         self.transport.send(light.take_messages());
         self.handle_committed(light.take_committed_entries())?;
         self.raw.advance_apply();
+        Ok(())
+    }
+
+    /// A snapshot from the leader: the apply thread installs it (after every entry queued
+    /// before it), and only once the state machine holds it durably is it recorded in the
+    /// WAL, so that a crash in between restarts from the old, consistent log. The raft thread
+    /// waits meanwhile: this member has nothing to acknowledge until it holds the new state.
+    fn install_snapshot(&mut self, snap: &raft::eraftpb::Snapshot) -> Result<(), RaftError> {
+        let meta = snap.get_metadata();
+        let (index, term) = (meta.index, meta.term);
+        let transfers = self.raw.store().transfers().clone();
+        let path = transfers.recv_path(index);
+        tracing::info!(index, term, file = %path.display(), "installing the leader's snapshot");
+        let started = Instant::now();
+        let (reply_tx, reply_rx) = flume::bounded(1);
+        self.apply_tx
+            .send(ApplyInput::Install {
+                path: path.clone(),
+                index,
+                term,
+                reply: reply_tx,
+            })
+            .map_err(|_| RaftError::Stopped)?;
+        reply_rx.recv().map_err(|_| RaftError::Stopped)??;
+        self.raw.store().apply_snapshot(snap)?;
+        transfers.clean_received(None);
+        self.trimmed_below = index;
+        self.shared.commit.fetch_max(index, Ordering::AcqRel);
+        self.shared.last_index.fetch_max(index, Ordering::AcqRel);
+        tracing::info!(
+            index,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "the leader's snapshot is installed"
+        );
         Ok(())
     }
 
@@ -287,7 +333,9 @@ impl Driver {
             self.shared.commit.fetch_max(last, Ordering::AcqRel);
             self.shared.last_index.fetch_max(last, Ordering::AcqRel);
         }
-        self.apply_tx.send(entries).map_err(|_| RaftError::Stopped)
+        self.apply_tx
+            .send(ApplyInput::Entries(entries))
+            .map_err(|_| RaftError::Stopped)
     }
 
     /// Handles Readies until raft has nothing more, so no leftover work waits for a tick.
@@ -296,6 +344,11 @@ impl Driver {
             self.issue_reads();
             self.on_ready()?;
             self.publish();
+            if self.raw.store().transfers().take_request() {
+                self.apply_tx
+                    .send(ApplyInput::BuildSnapshot)
+                    .map_err(|_| RaftError::Stopped)?;
+            }
             if !self.raw.has_ready() {
                 return Ok(());
             }
@@ -337,8 +390,8 @@ impl Driver {
             .last_index
             .store(raft.raft_log.last_index(), Ordering::Release);
         let applied = *self.shared.applied.borrow();
-        let trim_to = applied.saturating_sub(CATCH_UP_ENTRIES);
-        if trim_to >= self.trimmed_below + TRIM_STEP {
+        let trim_to = applied.saturating_sub(self.catch_up_entries);
+        if trim_to >= self.trimmed_below + TRIM_STEP.min(self.catch_up_entries.max(1)) {
             match self.raw.store().trim_memory(trim_to) {
                 Ok(()) => self.trimmed_below = trim_to,
                 Err(e) => tracing::warn!(error = %e, trim_to, "cannot trim the in-memory raft log"),

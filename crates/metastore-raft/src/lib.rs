@@ -11,6 +11,7 @@
 mod apply;
 mod driver;
 mod storage;
+mod transfer;
 
 use apply::{apply_loop, StopOnExit};
 use driver::Driver;
@@ -20,7 +21,7 @@ use parking_lot::Mutex;
 use raft::eraftpb::Message;
 use raft::RawNode;
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -29,6 +30,8 @@ use tokio::sync::{oneshot, watch};
 
 pub use raft::eraftpb;
 pub use storage::WalStorage;
+use transfer::Transfers;
+pub use transfer::{received_snapshot_path, transfer_dir, SnapshotFile};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RaftError {
@@ -68,6 +71,9 @@ pub struct RaftConfig {
     pub wal_sync: bool,
     /// Zero-fill WAL segments in advance (see `metastore_wal::WalOptions::preallocate`).
     pub wal_preallocate: bool,
+    /// Applied entries the leader keeps in memory for slow followers (etcd's
+    /// `--experimental-snapshot-catchup-entries`); a follower further behind gets a snapshot.
+    pub snapshot_catch_up_entries: u64,
 }
 
 impl Default for RaftConfig {
@@ -85,6 +91,7 @@ impl Default for RaftConfig {
             wal_segment_size: 64 * 1024 * 1024,
             wal_sync: true,
             wal_preallocate: true,
+            snapshot_catch_up_entries: 10_000,
         }
     }
 }
@@ -114,6 +121,7 @@ pub trait Transport: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct PeerFeedback {
     tx: Sender<Input>,
+    transfers: Arc<Transfers>,
 }
 
 impl PeerFeedback {
@@ -121,6 +129,17 @@ impl PeerFeedback {
     /// follower back to probing (`report_unreachable`).
     pub fn unreachable(&self, peer: u64) {
         let _ = self.tx.send(Input::Unreachable(peer));
+    }
+
+    /// The file that travels with a `MsgSnapshot` this member sends, and what it must be.
+    pub fn snapshot_file(&self, msg: &Message) -> Option<(PathBuf, SnapshotFile)> {
+        self.transfers.file_to_send(msg.get_snapshot())
+    }
+
+    /// The snapshot sent to `peer` arrived and was handed to its raft node (`ok`), or could
+    /// not be sent: raft-rs resumes replicating to it (`report_snapshot`).
+    pub fn snapshot_sent(&self, peer: u64, ok: bool) {
+        let _ = self.tx.send(Input::SnapshotStatus(peer, ok));
     }
 }
 
@@ -159,7 +178,25 @@ pub trait StateMachine: Send + 'static {
     fn durable_index(&self) -> u64 {
         0
     }
+
+    /// Captures the state as of the last applied entry for a follower that is too far behind
+    /// the leader's log; returns the captured state's applied index and the job that writes it
+    /// to a file (run on another thread while applying goes on).
+    fn capture_snapshot(&mut self) -> Result<(u64, SnapshotWriter), String> {
+        Err("this state machine cannot send snapshots".into())
+    }
+
+    /// Replaces the whole state with the snapshot file at `path`, taken at raft `index` by the
+    /// leader's `capture_snapshot`. On success the state must be durable at `index`: the raft
+    /// log before it is discarded next.
+    fn install_snapshot(&mut self, _path: &Path, _index: u64) -> Result<(), String> {
+        Err("this state machine cannot install snapshots".into())
+    }
 }
+
+/// Writes a captured state to the file at the path given (the whole file; the caller renames
+/// it into place once complete).
+pub type SnapshotWriter = Box<dyn FnOnce(&Path) -> Result<(), String> + Send>;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RaftStatus {
@@ -184,6 +221,8 @@ enum Input {
     },
     /// The transport dropped messages to this peer.
     Unreachable(u64),
+    /// A snapshot send to this peer ended: delivered (true) or failed.
+    SnapshotStatus(u64, bool),
     Shutdown,
 }
 
@@ -208,6 +247,7 @@ struct Shared {
 #[derive(Clone)]
 pub struct RaftNode {
     shared: Arc<Shared>,
+    wal_dir: Arc<PathBuf>,
     tx: Sender<Input>,
     threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
@@ -223,7 +263,14 @@ impl RaftNode {
         transport: Arc<dyn Transport>,
         state_machine: Box<dyn StateMachine>,
     ) -> Result<RaftNode, RaftError> {
-        let storage = WalStorage::open(wal_dir.into(), &config, &voters)?;
+        let wal_dir: PathBuf = wal_dir.into();
+        let transfers = Arc::new(Transfers::new(&wal_dir));
+        // Snapshots in transit do not outlive a restart: the state machine has installed what
+        // it needed already (a persistent engine finishes an interrupted install before this),
+        // and the leader asks for, or this member builds, new ones.
+        transfers.clean_received(None);
+        let _ = std::fs::remove_dir_all(transfers.send_dir());
+        let storage = WalStorage::open(wal_dir.clone(), &config, &voters, transfers.clone())?;
         if state_machine.applied_index() < storage.snapshot_index() {
             // The WAL below that point is gone: starting would silently skip those entries.
             return Err(RaftError::Wal(format!(
@@ -290,10 +337,14 @@ impl RaftNode {
         // whichever thread is runnable and costs a context switch each time.
         let (tx, rx) = flume::unbounded();
         let (apply_tx, apply_rx) = flume::unbounded();
-        transport.bind(PeerFeedback { tx: tx.clone() });
+        transport.bind(PeerFeedback {
+            tx: tx.clone(),
+            transfers: transfers.clone(),
+        });
         let apply_thread = {
             let shared = shared.clone();
             let raft_tx = tx.clone();
+            let storage = raw.store().clone();
             std::thread::Builder::new()
                 .name("raft-apply".into())
                 .spawn(move || {
@@ -301,7 +352,7 @@ impl RaftNode {
                         shared: shared.clone(),
                         thread: "raft-apply",
                     };
-                    apply_loop(shared, state_machine, apply_rx, raft_tx)
+                    apply_loop(shared, state_machine, apply_rx, raft_tx, storage)
                 })
                 .map_err(|e| RaftError::Raft(e.to_string()))?
         };
@@ -314,6 +365,7 @@ impl RaftNode {
                 transport,
                 apply_tx,
                 config.tick_interval,
+                config.snapshot_catch_up_entries,
             );
             std::thread::Builder::new()
                 .name("raft".into())
@@ -331,6 +383,7 @@ impl RaftNode {
         };
         Ok(RaftNode {
             shared,
+            wal_dir: Arc::new(wal_dir),
             tx,
             threads: Arc::new(Mutex::new(vec![raft_thread, apply_thread])),
         })
@@ -426,6 +479,12 @@ impl RaftNode {
             last_index: self.shared.last_index.load(Ordering::Acquire),
             is_leader: leader_id == self.shared.id,
         }
+    }
+
+    /// Where a snapshot from the leader for raft `index` is written before it is stepped
+    /// into this node (the transport's receiving side).
+    pub fn received_snapshot_path(&self, index: u64) -> PathBuf {
+        received_snapshot_path(&self.wal_dir, index)
     }
 
     pub fn term(&self) -> u64 {

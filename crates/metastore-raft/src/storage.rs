@@ -2,6 +2,7 @@
 //! durability. Everything raft-rs must find after a restart (entries, hard state, membership)
 //! is written to the WAL before the Ready that produced it is advanced.
 
+use crate::transfer::Transfers;
 use crate::{RaftConfig, RaftError};
 use metastore_wal::{Wal, WalOptions};
 use protobuf::Message as _;
@@ -17,12 +18,17 @@ const REC_CONF_STATE: u8 = 3;
 /// The log was compacted up to this index (the state machine holds it durably): replay starts
 /// after it. Carries the term of that index and the membership then.
 const REC_SNAPSHOT: u8 = 4;
+/// A snapshot from the leader was installed at this index: the whole log before this record
+/// (entries past the index included, which the leader's log replaced) is gone. Carries the
+/// snapshot's metadata.
+const REC_INSTALLED: u8 = 5;
 
 /// Raft storage whose appends are made durable in a group-commit WAL.
 #[derive(Clone)]
 pub struct WalStorage {
     mem: MemStorage,
     wal: Arc<Wal>,
+    transfers: Arc<Transfers>,
 }
 
 fn wal_err(e: impl std::fmt::Display) -> RaftError {
@@ -31,7 +37,12 @@ fn wal_err(e: impl std::fmt::Display) -> RaftError {
 
 impl WalStorage {
     /// Opens the WAL in `dir` and rebuilds the log from it. A new WAL starts with `voters`.
-    pub fn open(dir: PathBuf, config: &RaftConfig, voters: &[u64]) -> Result<Self, RaftError> {
+    pub(crate) fn open(
+        dir: PathBuf,
+        config: &RaftConfig,
+        voters: &[u64],
+        transfers: Arc<Transfers>,
+    ) -> Result<Self, RaftError> {
         let (wal, records) = Wal::open(
             &dir,
             WalOptions {
@@ -43,7 +54,11 @@ impl WalStorage {
         .map_err(wal_err)?;
         let wal = Arc::new(wal);
         let mem = MemStorage::new();
-        let storage = WalStorage { mem, wal };
+        let storage = WalStorage {
+            mem,
+            wal,
+            transfers,
+        };
         if records.is_empty() {
             let cs = ConfState {
                 voters: voters.to_vec(),
@@ -82,6 +97,14 @@ impl WalStorage {
                     cs.merge_from_bytes(&rec.payload)
                         .map_err(|err| corrupt(&dir, "conf state", err))?;
                     conf_state = Some(cs);
+                }
+                REC_INSTALLED => {
+                    let mut meta = SnapshotMetadata::default();
+                    meta.merge_from_bytes(&rec.payload)
+                        .map_err(|err| corrupt(&dir, "installed snapshot", err))?;
+                    conf_state = Some(meta.get_conf_state().clone());
+                    pending.clear();
+                    snapshot = Some(meta);
                 }
                 REC_SNAPSHOT => {
                     let mut meta = SnapshotMetadata::default();
@@ -224,6 +247,42 @@ impl WalStorage {
         self.wal.purge_below(index + 1).map_err(wal_err)
     }
 
+    /// Records a snapshot from the leader that the state machine has installed (and holds
+    /// durably): the log restarts after it. Then the WAL before it is purged.
+    pub(crate) fn apply_snapshot(&self, snap: &Snapshot) -> Result<(), RaftError> {
+        let meta = snap.get_metadata();
+        let meta_bytes = meta.write_to_bytes().map_err(wal_err)?;
+        let mut hs = self
+            .mem
+            .initial_state()
+            .map_err(|e| RaftError::Raft(e.to_string()))?
+            .hard_state;
+        hs.commit = hs.commit.max(meta.index);
+        hs.term = hs.term.max(meta.term);
+        let hs_bytes = hs.write_to_bytes().map_err(wal_err)?;
+        let lsn = self
+            .wal
+            .append(&[
+                (REC_INSTALLED, meta.index, &meta_bytes[..]),
+                (REC_HARD_STATE, meta.index, &hs_bytes[..]),
+            ])
+            .map_err(wal_err)?;
+        self.wal.sync_to(lsn).map_err(wal_err)?;
+        self.mem
+            .wl()
+            .apply_snapshot(snap.clone())
+            .map_err(|e| RaftError::Raft(e.to_string()))?;
+        if let Err(e) = self.wal.purge_below(meta.index + 1) {
+            // Only disk space is at stake: replay skips everything before the record.
+            tracing::warn!(index = meta.index, error = %e, "cannot purge the WAL below an installed snapshot");
+        }
+        Ok(())
+    }
+
+    pub(crate) fn transfers(&self) -> &Arc<Transfers> {
+        &self.transfers
+    }
+
     pub fn set_commit(&self, commit: u64) {
         self.mem.wl().mut_hard_state().commit = commit;
     }
@@ -294,7 +353,16 @@ impl Storage for WalStorage {
         self.mem.last_index()
     }
 
-    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        self.mem.snapshot(request_index, to)
+    /// A follower needs entries this log no longer holds: offer the newest state-machine
+    /// snapshot it can continue from, or have one built and answer "not yet" (raft-rs asks
+    /// again on the follower's next heartbeat response).
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let first = self.mem.first_index()?;
+        match self.transfers.ready_or_request(first, request_index) {
+            Some(snap) => Ok(snap),
+            None => Err(raft::Error::Store(
+                raft::StorageError::SnapshotTemporarilyUnavailable,
+            )),
+        }
     }
 }

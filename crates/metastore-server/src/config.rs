@@ -204,6 +204,10 @@ pub struct Flags {
     /// Applied entries between state-machine snapshots / engine flushes.
     #[arg(long)]
     pub snapshot_count: Option<u64>,
+    /// Entries the leader keeps for slow followers before it sends them a snapshot instead
+    /// (etcd's flag of the same name).
+    #[arg(long = "experimental-snapshot-catchup-entries")]
+    pub snapshot_catchup_entries: Option<u64>,
 }
 
 impl Config {
@@ -250,6 +254,9 @@ impl Config {
         }
         if let Some(v) = flags.snapshot_count {
             cfg.snapshot_count = v;
+        }
+        if let Some(v) = flags.snapshot_catchup_entries {
+            cfg.raft.snapshot_catch_up_entries = v;
         }
         if cfg.lease.min_ttl == 0 {
             // etcd: 1.5 election timeouts, rounded up to whole seconds.

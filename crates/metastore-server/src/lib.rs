@@ -95,6 +95,13 @@ pub fn start_rocksdb(cfg: Config) -> Result<Member<RocksDbEngine>, ServerError> 
         member_dir.join("rocksdb"),
         &cfg.rocksdb,
     )?);
+    if let Some(index) = metastore_mvcc::interrupted_install(engine.as_ref())? {
+        // A crash stopped the install of a leader's snapshot half-way: the engine holds a mix
+        // of two states. The received file is kept until the install is recorded in the WAL.
+        let path = metastore_raft::received_snapshot_path(&member_dir.join("wal"), index);
+        tracing::warn!(index, file = %path.display(), "finishing an interrupted snapshot install");
+        metastore_mvcc::replace_engine_contents(engine.as_ref(), &path, index)?;
+    }
     let durability = Durability::Flush {
         every: cfg.snapshot_count,
     };

@@ -5,6 +5,7 @@
 
 mod receive;
 mod send;
+mod snapshot;
 
 pub use receive::PeerService;
 pub use send::PeerTransport;

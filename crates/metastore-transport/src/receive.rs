@@ -2,7 +2,7 @@
 
 use crate::{decode_message, PeerVersions, CLUSTER_ID_MISMATCH};
 use metastore_proto::metastore::peer::raft_peer_server::{RaftPeer, RaftPeerServer};
-use metastore_proto::metastore::peer::{MessageBatch, StreamEnd};
+use metastore_proto::metastore::peer::{MessageBatch, SnapshotAck, SnapshotChunk, StreamEnd};
 use metastore_raft::RaftNode;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -76,5 +76,20 @@ impl RaftPeer for PeerService {
             }
         }
         Ok(Response::new(StreamEnd {}))
+    }
+
+    async fn snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<SnapshotAck>, Status> {
+        crate::snapshot::receive_snapshot(
+            self.cluster_id,
+            self.local_id,
+            &self.node,
+            &self.versions,
+            request.into_inner(),
+        )
+        .await?;
+        Ok(Response::new(SnapshotAck {}))
     }
 }

@@ -3,7 +3,7 @@
 use crate::{encode_message, is_control, TransportConfig, TransportError, CLUSTER_ID_MISMATCH};
 use metastore_proto::metastore::peer::raft_peer_client::RaftPeerClient;
 use metastore_proto::metastore::peer::MessageBatch;
-use metastore_raft::eraftpb::Message;
+use metastore_raft::eraftpb::{Message, MessageType};
 use metastore_raft::{PeerFeedback, Transport};
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -19,6 +19,12 @@ struct PeerQueues {
 pub struct PeerTransport {
     peers: HashMap<u64, PeerQueues>,
     feedback: Arc<OnceLock<PeerFeedback>>,
+    /// Peer URLs, for snapshots (sent on a connection of their own).
+    urls: HashMap<u64, String>,
+    local_id: u64,
+    cluster_id: u64,
+    config: TransportConfig,
+    runtime: tokio::runtime::Handle,
 }
 
 /// What one sender task knows.
@@ -50,6 +56,7 @@ impl PeerTransport {
     ) -> Result<Self, TransportError> {
         let feedback = Arc::new(OnceLock::new());
         let mut queues = HashMap::new();
+        let urls = peers.clone();
         for (id, url) in peers {
             if id == local_id {
                 continue;
@@ -72,7 +79,32 @@ impl PeerTransport {
         Ok(Self {
             peers: queues,
             feedback,
+            urls,
+            local_id,
+            cluster_id,
+            config,
+            runtime: tokio::runtime::Handle::current(),
         })
+    }
+}
+
+impl PeerTransport {
+    /// raft-rs sends one snapshot to a follower at a time and waits for `snapshot_sent`.
+    fn send_snapshot(&self, msg: Message) {
+        let (Some(feedback), Some(url)) = (self.feedback.get(), self.urls.get(&msg.to)) else {
+            return;
+        };
+        let target = crate::snapshot::SnapshotSend {
+            url: url.clone(),
+            cluster_id: self.cluster_id,
+            from: self.local_id,
+            config: self.config.clone(),
+        };
+        self.runtime.spawn(crate::snapshot::send_snapshot(
+            target,
+            msg,
+            feedback.clone(),
+        ));
     }
 }
 
@@ -84,6 +116,10 @@ impl Transport for PeerTransport {
                 tracing::debug!(to, "raft message to an unknown member dropped");
                 continue;
             };
+            if msg.get_msg_type() == MessageType::MsgSnapshot {
+                self.send_snapshot(msg);
+                continue;
+            }
             let queue = if is_control(&msg) {
                 &queues.control
             } else {
