@@ -1,0 +1,220 @@
+//! A cluster of real `metastore` processes on loopback, for the cluster test files.
+#![allow(dead_code)]
+
+use etcd_client::{Client, ConnectOptions, GetOptions};
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Member {
+    pub name: String,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    pub child: Option<Child>,
+}
+
+pub struct Cluster {
+    _root: tempfile::TempDir,
+    pub members: Vec<Member>,
+    initial_cluster: String,
+    /// Flags every member starts with, beside the cluster's own.
+    pub extra_args: Vec<String>,
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl Cluster {
+    pub fn start(size: usize) -> Cluster {
+        let mut cluster = Cluster::create(size);
+        for i in 0..size {
+            cluster.spawn(i);
+        }
+        cluster
+    }
+
+    /// The members' ports, data dirs and flags; no process started yet.
+    pub fn create(size: usize) -> Cluster {
+        let root = tempfile::Builder::new()
+            .prefix("metastore-cluster-")
+            .tempdir()
+            .expect("tempdir");
+        let mut ports = Vec::new();
+        while ports.len() < size * 2 {
+            let p = free_port();
+            if !ports.contains(&p) {
+                ports.push(p);
+            }
+        }
+        let members: Vec<Member> = (0..size)
+            .map(|i| Member {
+                name: format!("m{}", i + 1),
+                client_port: ports[2 * i],
+                peer_port: ports[2 * i + 1],
+                data_dir: root.path().join(format!("m{}", i + 1)),
+                log: root.path().join(format!("m{}.log", i + 1)),
+                child: None,
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        Cluster {
+            _root: root,
+            members,
+            initial_cluster,
+            extra_args: Vec::new(),
+        }
+    }
+
+    pub fn log_of(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.members[i].log).unwrap_or_default()
+    }
+
+    pub fn spawn(&mut self, i: usize) {
+        let ic = self.initial_cluster.clone();
+        let m = &mut self.members[i];
+        assert!(m.child.is_none());
+        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&m.log)
+            .expect("log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_metastore"));
+        cmd.args(["--name", &m.name])
+            .arg("--data-dir")
+            .arg(&m.data_dir)
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &ic])
+            .args(["--initial-cluster-token", "cluster-test"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        if let Ok(storage) = std::env::var("METASTORE_TEST_STORAGE") {
+            cmd.args(["--storage", &storage]);
+        }
+        cmd.args(&self.extra_args);
+        m.child = Some(cmd.spawn().expect("spawn metastore"));
+    }
+
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.members[i].client_port)
+    }
+
+    pub async fn client(&self, i: usize) -> Client {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5));
+        Client::connect([self.endpoint(i)], Some(opts))
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.endpoint(i)))
+    }
+
+    /// The member that reports itself leader, once every running member agrees on it.
+    pub async fn leader(&self, within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut seen = Vec::new();
+            for (i, m) in self.members.iter().enumerate() {
+                if m.child.is_none() {
+                    continue;
+                }
+                let status = async {
+                    let mut c = self.client(i).await;
+                    c.status().await
+                };
+                match tokio::time::timeout(Duration::from_secs(2), status).await {
+                    Ok(Ok(s)) => seen.push((i, s.header().map(|h| h.member_id()), s.leader())),
+                    _ => seen.push((i, None, 0)),
+                }
+            }
+            let leaders: Vec<u64> = seen.iter().map(|(_, _, l)| *l).collect();
+            if leaders[0] != 0 && leaders.iter().all(|l| *l == leaders[0]) {
+                if let Some((i, _, _)) = seen.iter().find(|(_, id, _)| *id == Some(leaders[0])) {
+                    return *i;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no agreed leader within {within:?}: {seen:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for m in &self.members {
+            let text = std::fs::read_to_string(&m.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(30);
+            out.push_str(&format!(
+                "---- {} ----\n{}\n",
+                m.name,
+                lines[from..].join("\n")
+            ));
+        }
+        out
+    }
+
+    /// Every key and value of member `i`, read from it alone (serializable); None while it
+    /// does not answer yet (a restarted member serves once its log is replayed).
+    pub async fn contents(&self, i: usize) -> Option<BTreeMap<String, String>> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5));
+        let mut c = Client::connect([self.endpoint(i)], Some(opts)).await.ok()?;
+        let resp = c
+            .get(
+                "",
+                Some(GetOptions::new().with_all_keys().with_serializable()),
+            )
+            .await
+            .ok()?;
+        Some(
+            resp.kvs()
+                .iter()
+                .map(|kv| {
+                    (
+                        String::from_utf8_lossy(kv.key()).into_owned(),
+                        String::from_utf8_lossy(kv.value()).into_owned(),
+                    )
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("cluster logs at failure:\n{}", self.logs());
+        }
+        for i in 0..self.members.len() {
+            self.kill9(i);
+        }
+    }
+}
