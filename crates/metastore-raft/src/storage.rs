@@ -366,3 +366,68 @@ impl Storage for WalStorage {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(range: std::ops::RangeInclusive<u64>, term: u64) -> Vec<Entry> {
+        range
+            .map(|index| Entry {
+                index,
+                term,
+                data: vec![index as u8].into(),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    fn open(dir: &std::path::Path) -> WalStorage {
+        WalStorage::open(
+            dir.to_path_buf(),
+            &RaftConfig::default(),
+            &[1, 2, 3],
+            Arc::new(Transfers::new(dir)),
+        )
+        .expect("open")
+    }
+
+    /// A follower's own tail past the leader's snapshot belongs to a history the leader
+    /// replaced: after a restart it must not come back as if it were the log after the
+    /// snapshot.
+    #[test]
+    fn an_installed_snapshot_drops_the_whole_log_before_it_on_replay() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = open(dir.path());
+        storage
+            .persist(&entries(1..=10, 1), None, true)
+            .expect("persist");
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 5;
+        snap.mut_metadata().term = 2;
+        snap.mut_metadata().mut_conf_state().voters = vec![1, 2, 3];
+        storage.apply_snapshot(&snap).expect("install");
+        assert_eq!(storage.last_index().expect("last"), 5);
+        drop(storage);
+
+        let reopened = open(dir.path());
+        assert_eq!(reopened.snapshot_index(), 5);
+        assert_eq!(reopened.first_index().expect("first"), 6);
+        assert_eq!(
+            reopened.last_index().expect("last"),
+            5,
+            "entries 6..=10 of term 1 came back"
+        );
+        assert_eq!(reopened.term(5).expect("term"), 2);
+        assert_eq!(reopened.committed(), 5);
+
+        // The log then continues after the snapshot, and survives another restart.
+        reopened
+            .persist(&entries(6..=7, 2), None, true)
+            .expect("persist");
+        drop(reopened);
+        let again = open(dir.path());
+        assert_eq!(again.last_index().expect("last"), 7);
+        assert_eq!(again.term(7).expect("term"), 2);
+    }
+}
