@@ -163,6 +163,15 @@ quiet ctl put persist/a 1
 quiet ctl put persist/b 2
 quiet ctl put persist/a 3
 REV_BEFORE="$(header_rev)"
+# HashKV: etcd's checksum of the history up to a revision; the same after a restart.
+hashkv() {
+  ctl endpoint hashkv --rev="$1" -w json >"$WORK/hashkv.json" 2>&1 || true
+  json_get "$WORK/hashkv.json" 'j[0]["HashKV"]["hash"]'
+}
+HASH_BEFORE="$(hashkv "$REV_BEFORE")"
+expect_match "endpoint hashkv answers a hash" '^[0-9]+$' "$HASH_BEFORE"
+expect_fail_contains "endpoint hashkv of a compacted revision" "required revision has been compacted" -- \
+  ctl endpoint hashkv --rev=1
 kill -TERM "$SERVER_PID" 2>/dev/null || true
 for _ in $(seq 1 100); do
   kill -0 "$SERVER_PID" 2>/dev/null || break
@@ -180,6 +189,7 @@ if start_server; then
   pass "server restarts on the same data dir"
   expect_out "restart keeps data" "$(printf '3\n2')" -- ctl get --prefix --print-value-only persist/
   expect_eq "restart keeps the revision" "$REV_BEFORE" "$(header_rev)"
+  expect_eq "restart keeps the HashKV" "$HASH_BEFORE" "$(hashkv "$REV_BEFORE")"
   ctl -w json get persist/a >"$WORK/pa.json" 2>&1 || true
   expect_eq "restart keeps version" "2" "$(json_get "$WORK/pa.json" 'j["kvs"][0]["version"]')"
   quiet ctl put persist/c 4
