@@ -21,6 +21,7 @@ pub(crate) struct Driver {
     apply_tx: Sender<ApplyInput>,
     tick_interval: Duration,
     catch_up_entries: u64,
+    catch_up_bytes: u64,
     pending_reads: Vec<oneshot::Sender<Result<u64, RaftError>>>,
     inflight_reads: HashMap<Vec<u8>, InflightRead>,
     read_seq: u64,
@@ -49,8 +50,7 @@ impl Driver {
         rx: Receiver<Input>,
         transport: Arc<dyn Transport>,
         apply_tx: Sender<ApplyInput>,
-        tick_interval: Duration,
-        catch_up_entries: u64,
+        config: &crate::RaftConfig,
     ) -> Self {
         Self {
             raw,
@@ -58,8 +58,9 @@ impl Driver {
             rx,
             transport,
             apply_tx,
-            tick_interval,
-            catch_up_entries,
+            tick_interval: config.tick_interval,
+            catch_up_entries: config.snapshot_catch_up_entries,
+            catch_up_bytes: config.snapshot_catch_up_bytes,
             pending_reads: Vec::new(),
             inflight_reads: HashMap::new(),
             read_seq: 0,
@@ -390,8 +391,15 @@ impl Driver {
             .last_index
             .store(raft.raft_log.last_index(), Ordering::Release);
         let applied = *self.shared.applied.borrow();
-        let trim_to = applied.saturating_sub(self.catch_up_entries);
-        if trim_to >= self.trimmed_below + TRIM_STEP.min(self.catch_up_entries.max(1)) {
+        let by_count = applied.saturating_sub(self.catch_up_entries);
+        let by_bytes = self
+            .raw
+            .store()
+            .trim_point_for_bytes(self.catch_up_bytes, applied);
+        let trim_to = by_count.max(by_bytes);
+        if by_bytes > self.trimmed_below
+            || trim_to >= self.trimmed_below + TRIM_STEP.min(self.catch_up_entries.max(1))
+        {
             match self.raw.store().trim_memory(trim_to) {
                 Ok(()) => self.trimmed_below = trim_to,
                 Err(e) => tracing::warn!(error = %e, trim_to, "cannot trim the in-memory raft log"),

@@ -74,6 +74,9 @@ pub struct RaftConfig {
     /// Applied entries the leader keeps in memory for slow followers (etcd's
     /// `--experimental-snapshot-catchup-entries`); a follower further behind gets a snapshot.
     pub snapshot_catch_up_entries: u64,
+    /// Most bytes of entries kept in memory for slow followers, whatever their count: a
+    /// follower behind what is kept gets a snapshot.
+    pub snapshot_catch_up_bytes: u64,
 }
 
 impl Default for RaftConfig {
@@ -92,6 +95,7 @@ impl Default for RaftConfig {
             wal_sync: true,
             wal_preallocate: true,
             snapshot_catch_up_entries: 10_000,
+            snapshot_catch_up_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -358,15 +362,7 @@ impl RaftNode {
         };
         let raft_thread = {
             let shared = shared.clone();
-            let driver = Driver::new(
-                raw,
-                shared.clone(),
-                rx,
-                transport,
-                apply_tx,
-                config.tick_interval,
-                config.snapshot_catch_up_entries,
-            );
+            let driver = Driver::new(raw, shared.clone(), rx, transport, apply_tx, &config);
             std::thread::Builder::new()
                 .name("raft".into())
                 .spawn(move || {

@@ -29,6 +29,55 @@ pub struct WalStorage {
     mem: MemStorage,
     wal: Arc<Wal>,
     transfers: Arc<Transfers>,
+    cache: Arc<parking_lot::Mutex<EntryCache>>,
+}
+
+/// The sizes of the entries in the in-memory log, so that it can be bounded by bytes as well as
+/// by count: a few large entries must not hold gigabytes for a follower that may never ask.
+#[derive(Default)]
+struct EntryCache {
+    sizes: std::collections::VecDeque<(u64, u64)>,
+    bytes: u64,
+}
+
+impl EntryCache {
+    fn append(&mut self, entries: &[Entry]) {
+        let Some(first) = entries.first().map(|e| e.index) else {
+            return;
+        };
+        // A new leader's entries replace this member's tail from `first` on.
+        while self.sizes.back().is_some_and(|(i, _)| *i >= first) {
+            if let Some((_, size)) = self.sizes.pop_back() {
+                self.bytes -= size;
+            }
+        }
+        for e in entries {
+            // The payload plus raft's own fields, roughly.
+            let size = (e.data.len() + e.context.len() + 32) as u64;
+            self.sizes.push_back((e.index, size));
+            self.bytes += size;
+        }
+    }
+
+    fn trim_below(&mut self, index: u64) {
+        while self.sizes.front().is_some_and(|(i, _)| *i < index) {
+            if let Some((_, size)) = self.sizes.pop_front() {
+                self.bytes -= size;
+            }
+        }
+    }
+
+    /// The first index to keep so that at most `limit` bytes stay, never above `applied + 1`.
+    fn keep_from(&self, limit: u64, applied: u64) -> u64 {
+        let mut remaining = self.bytes;
+        for (index, size) in &self.sizes {
+            if remaining <= limit || *index > applied {
+                return *index;
+            }
+            remaining -= size;
+        }
+        applied + 1
+    }
 }
 
 fn wal_err(e: impl std::fmt::Display) -> RaftError {
@@ -58,6 +107,7 @@ impl WalStorage {
             mem,
             wal,
             transfers,
+            cache: Arc::default(),
         };
         if records.is_empty() {
             let cs = ConfState {
@@ -150,6 +200,7 @@ impl WalStorage {
             if !pending.is_empty() {
                 core.append(&pending)
                     .map_err(|e| RaftError::Raft(e.to_string()))?;
+                storage.cache.lock().append(&pending);
             }
             if let Some(mut hs) = hard_state {
                 if let Some(meta) = &snapshot {
@@ -193,6 +244,7 @@ impl WalStorage {
         if !entries.is_empty() {
             core.append(entries)
                 .map_err(|e| RaftError::Raft(e.to_string()))?;
+            self.cache.lock().append(entries);
         }
         if let Some(hs) = hs {
             core.set_hardstate(hs.clone());
@@ -206,7 +258,25 @@ impl WalStorage {
         self.mem
             .wl()
             .compact(index)
-            .map_err(|e| RaftError::Raft(e.to_string()))
+            .map_err(|e| RaftError::Raft(e.to_string()))?;
+        self.cache.lock().trim_below(index);
+        Ok(())
+    }
+
+    /// Bytes of entries held in memory.
+    pub fn cached_bytes(&self) -> u64 {
+        self.cache.lock().bytes
+    }
+
+    /// Where to trim the in-memory log so that about `limit` bytes of it stay, trimming
+    /// nothing above `applied`; 0 while it holds less than `limit`.
+    pub(crate) fn trim_point_for_bytes(&self, limit: u64, applied: u64) -> u64 {
+        let cache = self.cache.lock();
+        if cache.bytes <= limit {
+            return 0;
+        }
+        // Down to 90 %, so that a log just over the limit is not trimmed on every Ready.
+        cache.keep_from(limit / 10 * 9, applied)
     }
 
     /// Compacts the log below `index`, which the state machine now holds durably: records the
@@ -272,6 +342,7 @@ impl WalStorage {
             .wl()
             .apply_snapshot(snap.clone())
             .map_err(|e| RaftError::Raft(e.to_string()))?;
+        *self.cache.lock() = EntryCache::default();
         if let Err(e) = self.wal.purge_below(meta.index + 1) {
             // Only disk space is at stake: replay skips everything before the record.
             tracing::warn!(index = meta.index, error = %e, "cannot purge the WAL below an installed snapshot");
@@ -390,6 +461,39 @@ mod tests {
             Arc::new(Transfers::new(dir)),
         )
         .expect("open")
+    }
+
+    #[test]
+    fn the_entry_cache_counts_bytes_and_trims_to_a_byte_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = open(dir.path());
+        let big = |range: std::ops::RangeInclusive<u64>, term: u64| -> Vec<Entry> {
+            range
+                .map(|index| Entry {
+                    index,
+                    term,
+                    data: vec![0u8; 968].into(),
+                    ..Default::default()
+                })
+                .collect()
+        };
+        storage
+            .persist(&big(1..=100, 1), None, true)
+            .expect("persist");
+        assert_eq!(storage.cached_bytes(), 100 * 1000);
+        // Under the bound: nothing to trim.
+        assert_eq!(storage.trim_point_for_bytes(200_000, 100), 0);
+        // Over it: keep about 90 % of the bound, never past what is applied.
+        assert_eq!(storage.trim_point_for_bytes(50_000, 100), 56);
+        assert_eq!(storage.trim_point_for_bytes(50_000, 20), 21);
+        storage.trim_memory(56).expect("trim");
+        assert_eq!(storage.cached_bytes(), 45 * 1000);
+        assert_eq!(storage.first_index().expect("first"), 56);
+        // A new leader's entries replace the tail: the overwritten ones are no longer counted.
+        storage
+            .persist(&big(91..=92, 2), None, true)
+            .expect("persist");
+        assert_eq!(storage.cached_bytes(), 37 * 1000);
     }
 
     /// A follower's own tail past the leader's snapshot belongs to a history the leader
