@@ -143,8 +143,10 @@ pub fn run(cmd: BenchCmd, rt: &tokio::runtime::Runtime) -> Result<()> {
                 },
                 &mut rec,
             )?;
-            let e2e_args = e2e::E2eArgs::smoke(args.bin_dir);
+            let e2e_args = e2e::E2eArgs::smoke(args.bin_dir.clone());
             rt.block_on(e2e::run(e2e_args, &mut rec))?;
+            let cluster_args = e2e::E2eArgs::smoke(args.bin_dir).with_cluster(3);
+            rt.block_on(e2e::run(cluster_args, &mut rec))?;
         }
         Bench::Readme(args) => {
             let run = match args.run {

@@ -42,6 +42,10 @@ pub struct E2eArgs {
     /// Run only these cases (comma-separated names, e.g. `put-c256,put-rate5000`).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Instead of the single-member matrix: N-member clusters (writes through the leader and
+    /// a follower, linearizable follower reads, failover after `kill -9` of the leader).
+    #[arg(long)]
+    cluster: Option<usize>,
 }
 
 impl E2eArgs {
@@ -56,7 +60,14 @@ impl E2eArgs {
             bin_dir,
             memory_only: false,
             only: Vec::new(),
+            cluster: None,
         }
+    }
+
+    /// The same, against `size`-member clusters.
+    pub fn with_cluster(mut self, size: usize) -> Self {
+        self.cluster = Some(size);
+        self
     }
 }
 
@@ -433,6 +444,10 @@ pub async fn run(args: E2eArgs, rec: &mut Recorder) -> Result<()> {
     } else {
         args.duration
     });
+    if let Some(size) = args.cluster {
+        return crate::cluster::run(size, &bin_dir, etcd.as_deref(), duration, args.smoke, rec)
+            .await;
+    }
     let rounds = if args.smoke { 1 } else { args.rounds.max(1) };
     let key_space: u64 = if args.smoke { 1_000 } else { 100_000 };
     let mut kinds = vec![Target::MetaStore];

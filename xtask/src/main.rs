@@ -6,6 +6,7 @@
 //!   are `metastore-bench` (`cargo run --release -p metastore-bench -- --help`).
 
 mod bench;
+mod cluster;
 mod e2e;
 mod layers;
 mod loadgen;

@@ -62,7 +62,7 @@ fn smoke_bench_writes_results_and_compare_flags_regressions() {
     let text = std::fs::read_to_string(&json[0]).expect("read run file");
     let file: serde_json::Value = serde_json::from_str(&text).expect("run file is JSON");
     let entries = file["entries"].as_array().expect("entries");
-    for layer in ["codec", "batch", "wal", "raft", "engine", "e2e"] {
+    for layer in ["codec", "batch", "wal", "raft", "engine", "e2e", "cluster"] {
         assert!(
             entries.iter().any(|e| e["layer"] == layer),
             "no {layer} entry in {text}"
