@@ -7,7 +7,6 @@ mod cluster_harness;
 
 use cluster_harness::Cluster;
 use etcd_client::{Client, EventType, PutOptions, WatchOptions};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Snapshots every 100 entries, and a leader that keeps only 50 entries for slow followers: a
@@ -27,50 +26,6 @@ fn small_log_cluster() -> Cluster {
         cluster.spawn(i);
     }
     cluster
-}
-
-fn signal(cluster: &Cluster, i: usize, sig: &str) {
-    let pid = cluster.members[i]
-        .child
-        .as_ref()
-        .expect("running member")
-        .id()
-        .to_string();
-    let status = Command::new("kill")
-        .args([sig, &pid])
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill {sig} {pid}");
-}
-
-/// Every member's HashKV at `revision`, once each has applied it; panics after `within`.
-async fn hashes_at(cluster: &Cluster, revision: i64, within: Duration) -> Vec<(u32, i64)> {
-    let deadline = Instant::now() + within;
-    let mut out = Vec::new();
-    for i in 0..cluster.members.len() {
-        loop {
-            let got = async {
-                let mut c = cluster.client(i).await;
-                c.hash_kv(revision).await
-            };
-            match tokio::time::timeout(Duration::from_secs(5), got).await {
-                Ok(Ok(h)) => {
-                    out.push((h.hash(), h.compact_version()));
-                    break;
-                }
-                // Not applied that far yet ("future revision"), or not serving yet.
-                _ => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "member {i} never reached revision {revision}\n{}",
-                        cluster.logs()
-                    );
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
-    }
-    out
 }
 
 /// Writes `n` entries through `c`, one at a time (each its own raft entry): puts over 100 keys,
@@ -121,15 +76,15 @@ async fn a_paused_follower_installs_a_snapshot_and_its_watchers_catch_up() {
     let created = watch.message().await.expect("created").expect("a response");
     assert!(created.created());
 
-    signal(&cluster, follower, "-STOP");
+    cluster.signal(follower, "-STOP");
     // More entries than raft sends unacknowledged (512 append messages in flight, which the
     // paused member's socket buffers take in): the rest is trimmed from the leader's log
     // before the follower can ask for it.
     let last = write_entries(&mut lc, 1000, "b", lease).await;
     assert!(last > first + 800);
-    signal(&cluster, follower, "-CONT");
+    cluster.signal(follower, "-CONT");
 
-    let hashes = hashes_at(&cluster, last, Duration::from_secs(60)).await;
+    let hashes = cluster.hashes_at(last, Duration::from_secs(60)).await;
     assert!(
         hashes.iter().all(|h| *h == hashes[0]),
         "members differ at revision {last}: {hashes:?}"
@@ -184,7 +139,7 @@ async fn a_restarted_member_catches_up_from_a_snapshot_and_survives_a_restart() 
     let last = write_entries(&mut lc, 150, "c", lease).await;
     cluster.spawn(down);
 
-    let hashes = hashes_at(&cluster, last, Duration::from_secs(60)).await;
+    let hashes = cluster.hashes_at(last, Duration::from_secs(60)).await;
     assert!(
         hashes.iter().all(|h| *h == hashes[0]),
         "members differ at revision {last}: {hashes:?}"
@@ -213,11 +168,11 @@ async fn a_restarted_member_catches_up_from_a_snapshot_and_survives_a_restart() 
         .take_header()
         .expect("header")
         .revision();
-    let hashes = hashes_at(&cluster, after, Duration::from_secs(60)).await;
+    let hashes = cluster.hashes_at(after, Duration::from_secs(60)).await;
     assert!(
         hashes.iter().all(|h| *h == hashes[0]),
         "members differ after the restart: {hashes:?}"
     );
-    let hash_before = hashes_at(&cluster, last, Duration::from_secs(10)).await;
+    let hash_before = cluster.hashes_at(last, Duration::from_secs(10)).await;
     assert!(hash_before.iter().all(|h| *h == hash_before[0]));
 }

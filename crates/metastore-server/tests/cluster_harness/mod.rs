@@ -2,8 +2,9 @@
 #![allow(dead_code)]
 
 use etcd_client::{Client, ConnectOptions, GetOptions};
+use metastore_faultproxy::{FaultControl, FaultProxy};
 use std::collections::BTreeMap;
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,6 +13,9 @@ pub struct Member {
     pub name: String,
     pub client_port: u16,
     pub peer_port: u16,
+    /// The peer port the other members are told to dial: `peer_port` itself, or the port of
+    /// the fault proxy in front of it.
+    pub advertise_peer_port: u16,
     pub data_dir: PathBuf,
     pub log: PathBuf,
     pub child: Option<Child>,
@@ -23,6 +27,10 @@ pub struct Cluster {
     initial_cluster: String,
     /// Flags every member starts with, beside the cluster's own.
     pub extra_args: Vec<String>,
+    /// With [`Cluster::create_proxied`], proxy `i` carries every byte sent TO member `i` on
+    /// the peer port (raft messages and snapshots: the sender dials the receiver), so faults
+    /// on it cut what member `i` hears, not what it says.
+    pub proxies: Vec<FaultProxy>,
 }
 
 pub fn free_port() -> u16 {
@@ -43,15 +51,41 @@ impl Cluster {
 
     /// The members' ports, data dirs and flags; no process started yet.
     pub fn create(size: usize) -> Cluster {
+        Cluster::build(size, false)
+    }
+
+    /// As [`Cluster::create`], with a fault proxy in front of each member's peer port (see
+    /// [`Cluster::proxies`]). Must run inside a tokio runtime, which the proxies live on.
+    pub fn create_proxied(size: usize) -> Cluster {
+        Cluster::build(size, true)
+    }
+
+    /// The fault switch of the proxy carrying the traffic to member `i`.
+    pub fn proxy(&self, i: usize) -> FaultControl {
+        self.proxies[i].control()
+    }
+
+    fn build(size: usize, proxied: bool) -> Cluster {
         let root = tempfile::Builder::new()
             .prefix("metastore-cluster-")
             .tempdir()
             .expect("tempdir");
         let mut ports = Vec::new();
-        while ports.len() < size * 2 {
+        // The proxies bind ports of this list too, rather than port 0: an ephemeral port the
+        // kernel hands out could be one a member is about to bind.
+        let per_member = if proxied { 3 } else { 2 };
+        while ports.len() < size * per_member {
             let p = free_port();
             if !ports.contains(&p) {
                 ports.push(p);
+            }
+        }
+        let mut proxies = Vec::new();
+        if proxied {
+            for i in 0..size {
+                let listen = SocketAddr::from(([127, 0, 0, 1], ports[2 * size + i]));
+                let upstream = SocketAddr::from(([127, 0, 0, 1], ports[2 * i + 1]));
+                proxies.push(FaultProxy::start(listen, upstream).expect("start fault proxy"));
             }
         }
         let members: Vec<Member> = (0..size)
@@ -59,6 +93,9 @@ impl Cluster {
                 name: format!("m{}", i + 1),
                 client_port: ports[2 * i],
                 peer_port: ports[2 * i + 1],
+                advertise_peer_port: proxies
+                    .get(i)
+                    .map_or(ports[2 * i + 1], |p| p.local_addr().port()),
                 data_dir: root.path().join(format!("m{}", i + 1)),
                 log: root.path().join(format!("m{}.log", i + 1)),
                 child: None,
@@ -66,7 +103,7 @@ impl Cluster {
             .collect();
         let initial_cluster = members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.advertise_peer_port))
             .collect::<Vec<_>>()
             .join(",");
         Cluster {
@@ -74,6 +111,7 @@ impl Cluster {
             members,
             initial_cluster,
             extra_args: Vec::new(),
+            proxies,
         }
     }
 
@@ -87,6 +125,7 @@ impl Cluster {
         assert!(m.child.is_none());
         let client = format!("http://127.0.0.1:{}", m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let advertised_peer = format!("http://127.0.0.1:{}", m.advertise_peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -99,7 +138,7 @@ impl Cluster {
             .args(["--listen-client-urls", &client])
             .args(["--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer])
-            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &advertised_peer])
             .args(["--initial-cluster", &ic])
             .args(["--initial-cluster-token", "cluster-test"])
             .stdin(Stdio::null())
@@ -117,6 +156,21 @@ impl Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Sends `sig` ("-STOP", "-CONT", ...) to member `i`'s process.
+    pub fn signal(&self, i: usize, sig: &str) {
+        let pid = self.members[i]
+            .child
+            .as_ref()
+            .expect("running member")
+            .id()
+            .to_string();
+        let status = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {sig} {pid}");
     }
 
     pub fn endpoint(&self, i: usize) -> String {
@@ -163,6 +217,36 @@ impl Cluster {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Every member's HashKV at `revision`, once each has applied it; panics after `within`.
+    pub async fn hashes_at(&self, revision: i64, within: Duration) -> Vec<(u32, i64)> {
+        let deadline = Instant::now() + within;
+        let mut out = Vec::new();
+        for i in 0..self.members.len() {
+            loop {
+                let got = async {
+                    let mut c = self.client(i).await;
+                    c.hash_kv(revision).await
+                };
+                match tokio::time::timeout(Duration::from_secs(5), got).await {
+                    Ok(Ok(h)) => {
+                        out.push((h.hash(), h.compact_version()));
+                        break;
+                    }
+                    // Not applied that far yet ("future revision"), or not serving yet.
+                    _ => {
+                        assert!(
+                            Instant::now() < deadline,
+                            "member {i} never reached revision {revision}\n{}",
+                            self.logs()
+                        );
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        }
+        out
     }
 
     pub fn logs(&self) -> String {
