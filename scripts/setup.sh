@@ -20,4 +20,6 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 protoc --version
-ETCDCTL_API=3 etcdctl version | head -1
+# sed, not head: head exits after one line and etcdctl, still writing, dies of SIGPIPE (fails the
+# script under pipefail, now and then).
+ETCDCTL_API=3 etcdctl version | sed -n 1p
