@@ -211,6 +211,19 @@ impl Inner {
         }
     }
 
+    /// Moves every synced watcher to catch-up from `from_rev`.
+    fn desync_all_synced(&mut self, from_rev: i64) {
+        let synced: Vec<u64> = self
+            .watchers
+            .iter()
+            .filter(|(_, w)| w.synced)
+            .map(|(h, _)| *h)
+            .collect();
+        for handle in synced {
+            self.desync(handle, from_rev);
+        }
+    }
+
     fn desync(&mut self, handle: u64, from_rev: i64) {
         self.unindex(handle);
         if let Some(w) = self.watchers.get_mut(&handle) {
@@ -401,15 +414,7 @@ impl WatchHub {
         // A synced watcher has had everything up to the dispatched revision (its own next
         // revision is only kept while it is unsynced).
         let resume = inner.dispatched_rev + 1;
-        let synced: Vec<u64> = inner
-            .watchers
-            .iter()
-            .filter(|(_, w)| w.synced)
-            .map(|(h, _)| *h)
-            .collect();
-        for handle in synced {
-            inner.desync(handle, resume);
-        }
+        inner.desync_all_synced(resume);
         inner.dispatched_rev = current_rev;
         self.wake.notify_one();
     }
@@ -490,15 +495,7 @@ impl WatchHub {
         }
         inner.dispatched_rev = rev;
         let Some(events) = events else {
-            let synced: Vec<u64> = inner
-                .watchers
-                .iter()
-                .filter(|(_, w)| w.synced)
-                .map(|(h, _)| *h)
-                .collect();
-            for h in synced {
-                inner.desync(h, prev + 1);
-            }
+            inner.desync_all_synced(prev + 1);
             if !inner.unsynced.is_empty() {
                 self.wake.notify_one();
             }

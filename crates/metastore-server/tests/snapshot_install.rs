@@ -12,20 +12,7 @@ use std::time::{Duration, Instant};
 /// Snapshots every 100 entries, and a leader that keeps only 50 entries for slow followers: a
 /// follower a few hundred writes behind needs a snapshot.
 fn small_log_cluster() -> Cluster {
-    let mut cluster = Cluster::create(3);
-    cluster.extra_args = [
-        "--snapshot-count",
-        "100",
-        "--experimental-snapshot-catchup-entries",
-        "50",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for i in 0..3 {
-        cluster.spawn(i);
-    }
-    cluster
+    Cluster::create(3).start_small_log()
 }
 
 /// Writes `n` entries through `c`, one at a time (each its own raft entry): puts over 100 keys,

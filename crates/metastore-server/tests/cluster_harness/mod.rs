@@ -302,3 +302,23 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// Snapshots every 100 entries and a leader that keeps only 50 entries for slow followers: a
+/// member a few hundred writes behind (killed, paused, cut off) needs a snapshot install.
+pub const SMALL_LOG_ARGS: [&str; 4] = [
+    "--snapshot-count",
+    "100",
+    "--experimental-snapshot-catchup-entries",
+    "50",
+];
+
+impl Cluster {
+    /// Starts every member with `SMALL_LOG_ARGS`.
+    pub fn start_small_log(mut self) -> Cluster {
+        self.extra_args = SMALL_LOG_ARGS.iter().map(|s| s.to_string()).collect();
+        for i in 0..self.members.len() {
+            self.spawn(i);
+        }
+        self
+    }
+}

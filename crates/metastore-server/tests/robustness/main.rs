@@ -35,20 +35,7 @@ fn fault_duration() -> Duration {
 /// only 50 for slow followers: a member that misses a few hundred entries (killed, paused,
 /// cut off) needs a snapshot, so every scenario may exercise the install path.
 fn proxied_cluster() -> Cluster {
-    let mut cluster = Cluster::create_proxied(3);
-    cluster.extra_args = [
-        "--snapshot-count",
-        "100",
-        "--experimental-snapshot-catchup-entries",
-        "50",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for i in 0..3 {
-        cluster.spawn(i);
-    }
-    cluster
+    Cluster::create_proxied(3).start_small_log()
 }
 
 fn endpoints(cluster: &Cluster) -> Vec<String> {
