@@ -86,13 +86,10 @@ pub(crate) fn apply_loop(
                 term,
                 reply,
             } => {
-                let result = sm.install_snapshot(&path, index);
-                if let Err(e) = &result {
+                if let Err(e) = sm.install_snapshot(&path, index) {
                     tracing::error!(index, error = %e, "cannot install the leader's snapshot; stopping this member");
-                    *shared.failure.lock() = Some(RaftError::StateMachine(e.clone()));
-                    shared.stopped.store(true, Ordering::Release);
-                    shared.applied.send_modify(|_| {});
-                    let _ = reply.send(Err(RaftError::StateMachine(e.clone())));
+                    stop_member(&shared, RaftError::StateMachine(e.clone()));
+                    let _ = reply.send(Err(RaftError::StateMachine(e)));
                     return;
                 }
                 terms = TermStarts::default();
@@ -131,9 +128,7 @@ pub(crate) fn apply_loop(
         if !normal.is_empty() {
             if let Err(e) = sm.apply(normal) {
                 tracing::error!(error = %e, "state machine failed; stopping this member");
-                *shared.failure.lock() = Some(RaftError::StateMachine(e));
-                shared.stopped.store(true, Ordering::Release);
-                shared.applied.send_modify(|_| {});
+                stop_member(&shared, RaftError::StateMachine(e));
                 return;
             }
         }
@@ -154,30 +149,23 @@ pub(crate) fn apply_loop(
 /// storage offers it once the file is complete.
 fn build_snapshot(sm: &mut dyn StateMachine, storage: &WalStorage, terms: &TermStarts) {
     let transfers = storage.transfers().clone();
-    let (index, writer) = match sm.capture_snapshot() {
+    let captured = sm.capture_snapshot().and_then(|(index, writer)| {
+        let term = match terms.term_at(index) {
+            Some(term) => term,
+            None => storage
+                .term(index)
+                .map_err(|e| format!("no term for index {index}: {e}"))?,
+        };
+        let conf_state = storage
+            .initial_state()
+            .map_err(|e| format!("no membership: {e}"))?
+            .conf_state;
+        Ok((index, writer, term, conf_state))
+    });
+    let (index, writer, term, conf_state) = match captured {
         Ok(captured) => captured,
         Err(e) => {
             tracing::warn!(error = %e, "cannot capture a snapshot for a follower");
-            transfers.build_failed();
-            return;
-        }
-    };
-    let term = match terms
-        .term_at(index)
-        .map(Ok)
-        .unwrap_or_else(|| storage.term(index))
-    {
-        Ok(term) => term,
-        Err(e) => {
-            tracing::warn!(index, error = %e, "no term for the snapshot's index");
-            transfers.build_failed();
-            return;
-        }
-    };
-    let conf_state = match storage.initial_state() {
-        Ok(state) => state.conf_state,
-        Err(e) => {
-            tracing::warn!(error = %e, "no membership for the snapshot");
             transfers.build_failed();
             return;
         }
@@ -225,6 +213,14 @@ fn build_snapshot(sm: &mut dyn StateMachine, storage: &WalStorage, terms: &TermS
         tracing::warn!(error = %e, "cannot start the snapshot thread");
         storage.transfers().build_failed();
     }
+}
+
+/// Marks the member stopped with `err` and wakes every reader waiting on the applied index:
+/// going on would apply entries onto a state that can no longer be trusted.
+fn stop_member(shared: &Shared, err: RaftError) {
+    *shared.failure.lock() = Some(err);
+    shared.stopped.store(true, Ordering::Release);
+    shared.applied.send_modify(|_| {});
 }
 
 /// The first index of every term among the entries applied so far: the term of the durable

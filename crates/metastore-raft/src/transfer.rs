@@ -154,11 +154,12 @@ impl Transfers {
     /// A snapshot for followers is written; older ones are deleted.
     pub(crate) fn built(&self, snap: Snapshot, path: PathBuf) {
         let mut st = self.send.lock();
-        if let Some((_, old)) = st.ready.replace((snap, path)) {
-            if st.ready.as_ref().is_some_and(|(_, p)| *p != old) {
+        if let Some((_, old)) = st.ready.take() {
+            if old != path {
                 let _ = std::fs::remove_file(&old);
             }
         }
+        st.ready = Some((snap, path));
         st.building = false;
     }
 
