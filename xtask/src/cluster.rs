@@ -1,8 +1,10 @@
 //! `cargo xtask bench e2e --cluster N [--vs-etcd]`: an N-member MetaStore cluster and, with
 //! `--vs-etcd`, an N-member etcd with the same raft timing (100 ms heartbeat, 1 s election
 //! timeout), one cluster at a time on this machine. Each runs writes through the leader and
-//! through a follower and linearizable reads on a follower, then measures failover: the time
-//! from `kill -9` of the leader to the first write acknowledged by the survivors.
+//! through a follower and linearizable reads on a follower, then a rolling restart under a write
+//! load (each member in turn: SIGTERM, restart on its data dir, wait until it serves), then
+//! failover: the time from `kill -9` of the leader to the first write acknowledged by the
+//! survivors.
 
 use crate::results::Recorder;
 use crate::server::{free_port, wait_for_quiet_machine, wait_ready, Probe, Server};
@@ -34,6 +36,8 @@ impl Kind {
 /// A running cluster; members are killed (and their data removed) on drop.
 struct Cluster {
     members: Vec<Option<Server>>,
+    /// How each member was started, to start it again on its data dir.
+    commands: Vec<(String, Vec<String>)>,
     _dir: tempfile::TempDir,
 }
 
@@ -50,35 +54,67 @@ fn spawn_cluster(kind: Kind, bin: &str, size: usize) -> Result<Cluster> {
     let initial: Vec<String> = (0..size).map(|i| format!("m{i}={}", peer(i))).collect();
     let initial = initial.join(",");
     let mut members = Vec::new();
+    let mut commands = Vec::new();
     for i in 0..size {
         let client = format!("http://127.0.0.1:{}", ports[2 * i]);
         let data = dir.path().join(format!("m{i}"));
-        let mut cmd = Command::new(bin);
-        cmd.args(["--name", &format!("m{i}")])
-            .args(["--data-dir", &data.to_string_lossy()])
-            .args(["--listen-client-urls", &client])
-            .args(["--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer(i)])
-            .args(["--initial-advertise-peer-urls", &peer(i)])
-            .args(["--initial-cluster", &initial])
-            .args(["--initial-cluster-token", "bench-cluster"])
-            .args(["--quota-backend-bytes", QUOTA_BYTES])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        match kind {
-            Kind::MetaStore => {
-                cmd.args(["--log-level", "warn"]);
-            }
-            Kind::Etcd => {
-                cmd.args(["--initial-cluster-state", "new"])
-                    .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
-                    .args(["--logger", "zap", "--log-level", "error"]);
-            }
-        }
-        let child = cmd.spawn().with_context(|| format!("starting {bin}"))?;
+        let mut args: Vec<String> = [
+            "--name",
+            &format!("m{i}"),
+            "--data-dir",
+            &data.to_string_lossy(),
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer(i),
+            "--initial-advertise-peer-urls",
+            &peer(i),
+            "--initial-cluster",
+            &initial,
+            "--initial-cluster-token",
+            "bench-cluster",
+            "--quota-backend-bytes",
+            QUOTA_BYTES,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let own: &[&str] = match kind {
+            Kind::MetaStore => &["--log-level", "warn"],
+            Kind::Etcd => &[
+                "--initial-cluster-state",
+                "new",
+                "--heartbeat-interval",
+                "100",
+                "--election-timeout",
+                "1000",
+                "--logger",
+                "zap",
+                "--log-level",
+                "error",
+            ],
+        };
+        args.extend(own.iter().map(|s| s.to_string()));
+        let child = start_member(bin, &args)?;
         members.push(Some(Server::new(child, ports[2 * i], None)));
+        commands.push((bin.to_string(), args));
     }
-    Ok(Cluster { members, _dir: dir })
+    Ok(Cluster {
+        members,
+        commands,
+        _dir: dir,
+    })
+}
+
+fn start_member(bin: &str, args: &[String]) -> Result<std::process::Child> {
+    Command::new(bin)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {bin}"))
 }
 
 impl Cluster {
@@ -142,6 +178,95 @@ async fn failover(cluster: &mut Cluster) -> Result<Duration> {
             bail!("no write acknowledged within 60 s of killing the leader");
         }
     }
+}
+
+/// What a rolling restart cost: its duration and the writes of a steady load meanwhile.
+struct RollingRestart {
+    took: Duration,
+    acked: u64,
+    retryable: u64,
+    failed: Vec<String>,
+}
+
+/// Each member in turn: SIGTERM, wait for it to exit, start it again on its data dir, wait
+/// until it serves (Status and a put through it); meanwhile one client writes through every
+/// member, one request at a time.
+async fn rolling_restart(cluster: &mut Cluster) -> Result<RollingRestart> {
+    let endpoints: Vec<String> = (0..cluster.members.len())
+        .filter_map(|i| cluster.endpoint(i))
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let opts = etcd_client::ConnectOptions::new()
+                .with_connect_timeout(Duration::from_millis(500))
+                .with_timeout(Duration::from_secs(5));
+            let mut client = etcd_client::Client::connect(endpoints, Some(opts)).await?;
+            let (mut acked, mut retryable, mut failed) = (0u64, 0u64, Vec::new());
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                n += 1;
+                match client.put(format!("rolling/{}", n % 1000), "v", None).await {
+                    Ok(_) => acked += 1,
+                    // What etcd's clients retry: no leader, leader changed, timed out, and a
+                    // member going away under the connection.
+                    Err(etcd_client::Error::GRpcStatus(s))
+                        if matches!(
+                            s.code(),
+                            tonic::Code::Unavailable | tonic::Code::Cancelled
+                        ) =>
+                    {
+                        retryable += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(etcd_client::Error::TransportError(_)) => {
+                        retryable += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            anyhow::Ok((acked, retryable, failed))
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    for i in 0..cluster.members.len() {
+        let Some(mut server) = cluster.members[i].take() else {
+            continue;
+        };
+        let port = server.port;
+        let pid = server.child.id().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status()?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        let waited = Instant::now();
+        loop {
+            if server.child.try_wait()?.is_some() {
+                break;
+            }
+            if waited.elapsed() > Duration::from_secs(30) {
+                bail!("member {i} did not stop within 30 s of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(server);
+        let (bin, args) = &cluster.commands[i];
+        let child = start_member(bin, args)?;
+        cluster.members[i] = Some(Server::new(child, port, None));
+        wait_ready(port, Probe::StatusAndPut, READY_TIMEOUT).await?;
+    }
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let (acked, retryable, failed) = writer.await??;
+    Ok(RollingRestart {
+        took,
+        acked,
+        retryable,
+        failed,
+    })
 }
 
 struct Case {
@@ -269,6 +394,29 @@ pub(crate) async fn run(
                 report.latency_ms.p99,
             ));
         }
+        let rolled = rolling_restart(&mut cluster).await?;
+        if !rolled.failed.is_empty() {
+            bail!(
+                "rolling restart of {}: writes failed with non-retryable errors: {:?}",
+                kind.label(),
+                rolled.failed
+            );
+        }
+        rec.add(
+            "cluster",
+            &format!("{}-rolling-restart-{size}", kind.label()),
+            &[
+                ("seconds", rolled.took.as_secs_f64()),
+                ("writes_acked", rolled.acked as f64),
+                ("writes_retried", rolled.retryable as f64),
+            ],
+        );
+        table.push((
+            *kind,
+            "rolling restart (s)".into(),
+            rolled.took.as_secs_f64(),
+            0.0,
+        ));
         let took = failover(&mut cluster).await?;
         rec.add(
             "cluster",

@@ -537,7 +537,7 @@ async fn raft_round(producers: usize, duration: Duration) -> Result<ProposerRun>
     let completer = Arc::new(OnceLock::new());
     let node = RaftNode::start(
         1,
-        vec![1],
+        metastore_raft::Bootstrap::voters(&[1]),
         dir.path().join("wal"),
         RaftConfig::default(),
         Arc::new(NoPeers),

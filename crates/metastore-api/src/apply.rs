@@ -209,6 +209,20 @@ impl<E: Engine> StateMachine for ApplyDriver<E> {
         self.durable.load(Ordering::Acquire)
     }
 
+    fn apply_conf_change(
+        &mut self,
+        index: u64,
+        cc: &metastore_raft::eraftpb::ConfChange,
+    ) -> Result<(), String> {
+        let change = member_change_of(cc)
+            .map_err(|e| format!("conf change entry {index} has an undecodable context: {e}"))?;
+        self.store
+            .apply_conf_change(index, change)
+            .map_err(|e| format!("applying conf change entry {index}: {e}"))?;
+        self.maybe_persist();
+        Ok(())
+    }
+
     /// The same capture as the persist thread's: the file format is the memory engine's
     /// snapshot, whatever the engine, so a follower on either engine can install it (a RocksDB
     /// checkpoint would tie both ends to RocksDB's files). The write is paced like a persist.
@@ -275,6 +289,32 @@ impl<E: Engine> StateMachine for ApplyDriver<E> {
     fn applied_index(&self) -> u64 {
         self.store.applied_index()
     }
+}
+
+/// The member table change a conf change entry carries: its context (a `MemberChange`), or,
+/// for an entry without one, what its type and node id say.
+fn member_change_of(
+    cc: &metastore_raft::eraftpb::ConfChange,
+) -> Result<metastore_proto::internal::MemberChange, prost::DecodeError> {
+    use metastore_proto::internal::{member_change::Kind, MemberChange, MemberRecord};
+    use metastore_raft::eraftpb::ConfChangeType;
+    use prost::Message as _;
+    let mut change = if cc.context.is_empty() {
+        let kind = match cc.get_change_type() {
+            ConfChangeType::AddNode => Kind::Add,
+            ConfChangeType::AddLearnerNode => Kind::AddLearner,
+            ConfChangeType::RemoveNode => Kind::Remove,
+        };
+        MemberChange {
+            kind: kind as i32,
+            member: Some(MemberRecord::default()),
+        }
+    } else {
+        MemberChange::decode(&cc.context[..])?
+    };
+    // The raft change decides which member it is about.
+    change.member.get_or_insert_with(Default::default).id = cc.node_id;
+    Ok(change)
 }
 
 /// Proposes encoded batches to the raft node.

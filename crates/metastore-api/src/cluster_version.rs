@@ -21,14 +21,18 @@ impl<E: Engine> EtcdServer<E> {
     /// The versions the members run, as far as this member knows them: None for a member
     /// that has not announced a readable one.
     pub fn member_versions(&self) -> Vec<Option<ClusterVersion>> {
-        self.cluster
-            .members
-            .iter()
-            .map(|m| {
-                if m.id == self.cluster.member_id {
+        let members = self.store.members();
+        if members.is_empty() {
+            // The member table is not known yet (a member joining a cluster): undecided.
+            return vec![None];
+        }
+        members
+            .keys()
+            .map(|&id| {
+                if id == self.cluster.member_id {
                     Some(ClusterVersion::this_build())
                 } else {
-                    (self.peer_versions.0)(m.id).and_then(|v| ClusterVersion::parse(&v))
+                    (self.peer_versions.0)(id).and_then(|v| ClusterVersion::parse(&v))
                 }
             })
             .collect()

@@ -61,6 +61,50 @@ pub fn stopped() -> Status {
     Status::unavailable("etcdserver: server stopped")
 }
 
+pub fn not_leader() -> Status {
+    Status::failed_precondition("etcdserver: not leader")
+}
+pub fn bad_leader_transferee() -> Status {
+    Status::failed_precondition("etcdserver: bad leader transferee")
+}
+pub fn leader_transfer_timeout() -> Status {
+    Status::unavailable("etcdserver: request timed out, leader transfer took too long")
+}
+pub fn member_exist() -> Status {
+    Status::failed_precondition("etcdserver: member ID already exist")
+}
+pub fn peer_url_exist() -> Status {
+    Status::failed_precondition("etcdserver: Peer URLs already exists")
+}
+pub fn member_not_enough_started() -> Status {
+    Status::failed_precondition(
+        "etcdserver: re-configuration failed due to not enough started members",
+    )
+}
+pub fn member_bad_urls() -> Status {
+    Status::invalid_argument("etcdserver: given member URLs are invalid")
+}
+pub fn member_not_found() -> Status {
+    Status::not_found("etcdserver: member not found")
+}
+pub fn member_not_learner() -> Status {
+    Status::failed_precondition("etcdserver: can only promote a learner member")
+}
+pub fn learner_not_ready() -> Status {
+    Status::failed_precondition(
+        "etcdserver: can only promote a learner member which is in sync with leader",
+    )
+}
+pub fn too_many_learners() -> Status {
+    Status::failed_precondition("etcdserver: too many learner members in cluster")
+}
+pub fn unhealthy() -> Status {
+    Status::unavailable("etcdserver: unhealthy cluster")
+}
+pub fn not_supported_for_learner() -> Status {
+    Status::failed_precondition("etcdserver: rpc not supported for learner")
+}
+
 pub fn from_mvcc(e: MvccError) -> Status {
     match e {
         MvccError::Compacted => compacted(),
@@ -82,6 +126,7 @@ pub fn from_raft(e: RaftError) -> Status {
         RaftError::NoLeader => no_leader(),
         RaftError::ProposalDropped => Status::unavailable("etcdserver: proposal dropped"),
         RaftError::Stopped => stopped(),
+        RaftError::NotLeader => not_leader(),
         other => Status::unavailable(format!("etcdserver: {other}")),
     }
 }

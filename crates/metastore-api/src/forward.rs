@@ -20,7 +20,7 @@ pub(crate) struct LeaderChannel {
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl<E: Engine> EtcdServer<E> {
-    fn leader_channel(&self, leader: u64) -> Result<Channel, Status> {
+    pub(crate) fn leader_channel(&self, leader: u64) -> Result<Channel, Status> {
         let mut cached = self.leader_channel.cached.lock();
         if let Some((id, channel)) = cached.as_ref() {
             if *id == leader {
@@ -28,11 +28,9 @@ impl<E: Engine> EtcdServer<E> {
             }
         }
         let url = self
-            .cluster
-            .members
-            .iter()
-            .find(|m| m.id == leader)
-            .and_then(|m| self.client_urls_of(m).into_iter().next())
+            .client_urls_of(leader)
+            .into_iter()
+            .next()
             // The leader has not published its client URLs yet (it just started).
             .ok_or_else(errors::no_leader)?;
         let channel = Endpoint::from_shared(url)

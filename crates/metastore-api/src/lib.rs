@@ -12,6 +12,7 @@ pub mod errors;
 mod forward;
 pub mod lease;
 mod members;
+mod membership;
 mod services;
 pub mod validate;
 mod watch;
@@ -64,20 +65,81 @@ impl Default for Limits {
     }
 }
 
-/// One member as `Cluster.MemberList` shows it.
-#[derive(Clone, Debug)]
-pub struct MemberInfo {
-    pub id: u64,
-    pub name: String,
-    pub peer_urls: Vec<String>,
-    pub client_urls: Vec<String>,
-}
-
+/// Who this member is. The other members are in the replicated member table
+/// (`Store::members`).
 #[derive(Clone, Debug)]
 pub struct ClusterInfo {
     pub cluster_id: u64,
     pub member_id: u64,
-    pub members: Vec<MemberInfo>,
+    pub name: String,
+    /// What this member publishes as its client URLs.
+    pub client_urls: Vec<String>,
+}
+
+/// Since when this member's stream to a peer has been up (None: not connected), as the
+/// peer transport knows it: etcd's reconfiguration checks count only peers connected for a
+/// while.
+#[derive(Clone)]
+pub struct PeerHealthSource(pub Arc<dyn Fn(u64) -> Option<std::time::Instant> + Send + Sync>);
+
+impl Default for PeerHealthSource {
+    fn default() -> Self {
+        Self(Arc::new(|_| None))
+    }
+}
+
+impl std::fmt::Debug for PeerHealthSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerHealthSource")
+    }
+}
+
+/// The id a member added with these peer URLs gets (etcd's `computeMemberID` with the
+/// cluster token and the time of the request).
+#[derive(Clone)]
+pub struct MemberIdSource(pub Arc<MemberIdFn>);
+
+/// Peer URLs to a new member id.
+pub type MemberIdFn = dyn Fn(&[String]) -> u64 + Send + Sync;
+
+impl std::fmt::Debug for MemberIdSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MemberIdSource")
+    }
+}
+
+impl Default for MemberIdSource {
+    fn default() -> Self {
+        Self(Arc::new(|urls| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            urls.hash(&mut h);
+            std::time::SystemTime::now().hash(&mut h);
+            h.finish()
+        }))
+    }
+}
+
+/// Membership rules (etcd's flags of the same names).
+#[derive(Clone, Debug)]
+pub struct MembershipConfig {
+    /// `--strict-reconfig-check`: refuse a change that could cost the quorum.
+    pub strict_reconfig_check: bool,
+    /// `--max-learners`.
+    pub max_learners: usize,
+    pub peer_health: PeerHealthSource,
+    pub new_member_id: MemberIdSource,
+}
+
+impl Default for MembershipConfig {
+    fn default() -> Self {
+        Self {
+            strict_reconfig_check: true,
+            max_learners: 1,
+            peer_health: PeerHealthSource::default(),
+            new_member_id: MemberIdSource::default(),
+        }
+    }
 }
 
 /// Where the version a peer announced comes from (the peer transport); None: not heard yet.
@@ -106,6 +168,7 @@ pub struct ServiceConfig {
     pub election_timeout: Duration,
     /// The versions peers announced, for the cluster version.
     pub peer_versions: PeerVersionSource,
+    pub membership: MembershipConfig,
 }
 
 impl Default for ServiceConfig {
@@ -115,6 +178,7 @@ impl Default for ServiceConfig {
             watch_progress_interval: Duration::from_secs(600),
             election_timeout: Duration::from_secs(1),
             peer_versions: PeerVersionSource::default(),
+            membership: MembershipConfig::default(),
         }
     }
 }
@@ -152,6 +216,12 @@ pub struct EtcdServer<E: Engine> {
     lease_clock: lease::LeaseClock,
     leader_channel: forward::LeaderChannel,
     peer_versions: PeerVersionSource,
+    membership_config: MembershipConfig,
+    /// One membership change at a time on this member (the leader).
+    membership_lock: tokio::sync::Mutex<()>,
+    /// This member is a learner: it serves only what etcd lets a learner serve.
+    is_learner: Arc<std::sync::atomic::AtomicBool>,
+    election_timeout: Duration,
 }
 
 impl<E: Engine> EtcdServer<E> {
@@ -193,7 +263,12 @@ impl<E: Engine> EtcdServer<E> {
             lease_clock: lease::LeaseClock::default(),
             leader_channel: forward::LeaderChannel::default(),
             peer_versions: services.peer_versions.clone(),
+            membership_config: services.membership.clone(),
+            membership_lock: tokio::sync::Mutex::new(()),
+            is_learner: Arc::default(),
+            election_timeout: services.election_timeout,
         });
+        membership::spawn_learner_flag(&server);
         lease::spawn_lease_clock(Arc::downgrade(&server), services.election_timeout);
         cluster_version::spawn_cluster_version_monitor(Arc::downgrade(&server));
         members::spawn_attr_publisher(Arc::downgrade(&server));

@@ -1,7 +1,7 @@
 //! Each member publishes its name and client URLs through raft once it serves (etcd's
 //! `publishV3`), so that every member's MemberList names every member's client URLs.
 
-use crate::{EtcdServer, MemberInfo};
+use crate::EtcdServer;
 use metastore_engine::Engine;
 use metastore_proto::internal::{command::Op, MemberAttrSet};
 use std::sync::Weak;
@@ -12,15 +12,10 @@ const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 
 impl<E: Engine> EtcdServer<E> {
     fn own_attrs(&self) -> Option<MemberAttrSet> {
-        let me = self
-            .cluster
-            .members
-            .iter()
-            .find(|m| m.id == self.cluster.member_id)?;
         Some(MemberAttrSet {
-            member_id: me.id,
-            name: me.name.clone(),
-            client_urls: me.client_urls.clone(),
+            member_id: self.cluster.member_id,
+            name: self.cluster.name.clone(),
+            client_urls: self.cluster.client_urls.clone(),
         })
     }
 
@@ -42,12 +37,12 @@ impl<E: Engine> EtcdServer<E> {
         }
     }
 
-    /// The client URLs MemberList shows for `member`: what it published, else what this
-    /// member was started with.
-    pub fn client_urls_of(&self, member: &MemberInfo) -> Vec<String> {
-        match self.store.member_attrs().get(&member.id) {
+    /// The client URLs `member` published; this member's own before it has.
+    pub fn client_urls_of(&self, member: u64) -> Vec<String> {
+        match self.store.member_attrs().get(&member) {
             Some(published) => published.client_urls.clone(),
-            None => member.client_urls.clone(),
+            None if member == self.cluster.member_id => self.cluster.client_urls.clone(),
+            None => Vec::new(),
         }
     }
 }

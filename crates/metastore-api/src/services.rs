@@ -1,5 +1,6 @@
 //! The tonic service implementations and the route table.
 
+use crate::membership::Change;
 use crate::{errors, validate, EtcdServer, ETCD_API_VERSION};
 use futures::stream::BoxStream;
 use metastore_engine::Engine;
@@ -10,7 +11,7 @@ use metastore_proto::etcdserverpb::{
     maintenance_server::MaintenanceServer, AlarmRequest, AlarmResponse, AlarmType,
     CompactionRequest, CompactionResponse, DefragmentRequest, DefragmentResponse,
     DeleteRangeRequest, DeleteRangeResponse, DowngradeRequest, DowngradeResponse, HashKvRequest,
-    HashKvResponse, HashRequest, HashResponse, Member, MemberAddRequest, MemberAddResponse,
+    HashKvResponse, HashRequest, HashResponse, MemberAddRequest, MemberAddResponse,
     MemberListRequest, MemberListResponse, MemberPromoteRequest, MemberPromoteResponse,
     MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse,
     MoveLeaderRequest, MoveLeaderResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
@@ -47,7 +48,10 @@ impl<E: Engine> Clone for Svc<E> {
 /// All services in one route table, with an `Unimplemented` fallback for everything else.
 pub fn routes<E: Engine>(server: Arc<EtcdServer<E>>) -> tonic::service::Routes {
     let limit = server.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
-    let raft = server.raft.clone();
+    let gate = Gate {
+        raft: server.raft.clone(),
+        is_learner: server.is_learner.clone(),
+    };
     let svc = Svc(server);
     let router = tonic::service::Routes::new(
         KvServer::new(svc.clone())
@@ -75,25 +79,43 @@ pub fn routes<E: Engine>(server: Arc<EtcdServer<E>>) -> tonic::service::Routes {
     )
     .into_axum_router()
     .fallback(unimplemented_fallback)
-    .layer(axum::middleware::from_fn_with_state(
-        raft,
-        require_leader_if_asked,
-    ));
+    .layer(axum::middleware::from_fn_with_state(gate, gate_request));
     tonic::service::Routes::from(router)
 }
 
-/// etcd's `hasleader` metadata (clientv3's `WithRequireLeader`): a request that carries it
-/// fails with `etcdserver: no leader` while this member knows no leader, instead of waiting.
-async fn require_leader_if_asked(
-    axum::extract::State(raft): axum::extract::State<metastore_raft::RaftNode>,
+#[derive(Clone)]
+struct Gate {
+    raft: metastore_raft::RaftNode,
+    is_learner: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What a learner serves, as etcd: Status, serializable Range (checked in `range`), and the
+/// Snapshot stream.
+const LEARNER_METHODS: &[&str] = &[
+    "/etcdserverpb.Maintenance/Status",
+    "/etcdserverpb.KV/Range",
+    "/etcdserverpb.Maintenance/Snapshot",
+];
+
+/// Checks made before any service sees a request: a learner refuses what etcd's learners
+/// refuse (`etcdserver: rpc not supported for learner`), and etcd's `hasleader` metadata
+/// (clientv3's `WithRequireLeader`) makes a request fail with `etcdserver: no leader` while
+/// this member knows no leader, instead of waiting.
+async fn gate_request(
+    axum::extract::State(gate): axum::extract::State<Gate>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    if gate.is_learner.load(std::sync::atomic::Ordering::Acquire)
+        && !LEARNER_METHODS.contains(&request.uri().path())
+    {
+        return errors::not_supported_for_learner().into_http();
+    }
     let asked = request
         .headers()
         .get("hasleader")
         .is_some_and(|v| v.as_bytes() == b"true");
-    if asked && raft.status().leader_id == 0 {
+    if asked && gate.raft.status().leader_id == 0 {
         return errors::no_leader().into_http();
     }
     next.run(request).await
@@ -144,6 +166,9 @@ impl<E: Engine> Kv for Svc<E> {
     ) -> Result<Response<RangeResponse>, Status> {
         let req = request.into_inner();
         validate::check_range(&req)?;
+        if !req.serializable && self.0.is_learner() {
+            return Err(errors::not_supported_for_learner());
+        }
         self.read_barrier(req.serializable).await?;
         let mut resp = self.0.store.range(&req).map_err(errors::from_mvcc)?;
         self.0.fill_header(&mut resp.header);
@@ -270,7 +295,7 @@ impl<E: Engine> Maintenance for Svc<E> {
                 .chain(no_leader)
                 .collect(),
             db_size_in_use: db_size,
-            is_learner: false,
+            is_learner: self.0.is_learner(),
         }))
     }
 
@@ -343,11 +368,12 @@ impl<E: Engine> Maintenance for Svc<E> {
 
     async fn move_leader(
         &self,
-        _request: Request<MoveLeaderRequest>,
+        request: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
-        Err(Status::unimplemented(
-            "metastore: Maintenance.MoveLeader is not implemented yet",
-        ))
+        self.0.move_leader(request.into_inner().target_id).await?;
+        Ok(Response::new(MoveLeaderResponse {
+            header: Some(self.0.header(self.0.store.current_revision())),
+        }))
     }
 
     async fn downgrade(
@@ -360,29 +386,67 @@ impl<E: Engine> Maintenance for Svc<E> {
     }
 }
 
-const MEMBERSHIP_UNIMPLEMENTED: &str = "metastore: membership changes are not implemented yet";
-
 #[tonic::async_trait]
 impl<E: Engine> Cluster for Svc<E> {
     async fn member_add(
         &self,
-        _r: Request<MemberAddRequest>,
+        request: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
-        Err(Status::unimplemented(MEMBERSHIP_UNIMPLEMENTED))
+        let req = request.into_inner();
+        let change = Change::Add {
+            peer_urls: req.peer_ur_ls.clone(),
+            learner: req.is_learner,
+        };
+        let (member, members) = self
+            .0
+            .change_membership(change, |mut leader| async move {
+                let resp = leader.member_add(req).await?.into_inner();
+                Ok((resp.member, resp.members))
+            })
+            .await?;
+        Ok(Response::new(MemberAddResponse {
+            header: Some(self.0.header(self.0.store.current_revision())),
+            member,
+            members,
+        }))
     }
 
     async fn member_remove(
         &self,
-        _r: Request<MemberRemoveRequest>,
+        request: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
-        Err(Status::unimplemented(MEMBERSHIP_UNIMPLEMENTED))
+        let req = request.into_inner();
+        let (_, members) = self
+            .0
+            .change_membership(Change::Remove(req.id), |mut leader| async move {
+                Ok((None, leader.member_remove(req).await?.into_inner().members))
+            })
+            .await?;
+        Ok(Response::new(MemberRemoveResponse {
+            header: Some(self.0.header(self.0.store.current_revision())),
+            members,
+        }))
     }
 
     async fn member_update(
         &self,
-        _r: Request<MemberUpdateRequest>,
+        request: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
-        Err(Status::unimplemented(MEMBERSHIP_UNIMPLEMENTED))
+        let req = request.into_inner();
+        let change = Change::Update {
+            id: req.id,
+            peer_urls: req.peer_ur_ls.clone(),
+        };
+        let (_, members) = self
+            .0
+            .change_membership(change, |mut leader| async move {
+                Ok((None, leader.member_update(req).await?.into_inner().members))
+            })
+            .await?;
+        Ok(Response::new(MemberUpdateResponse {
+            header: Some(self.0.header(self.0.store.current_revision())),
+            members,
+        }))
     }
 
     async fn member_list(
@@ -390,29 +454,26 @@ impl<E: Engine> Cluster for Svc<E> {
         request: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
         self.read_barrier(!request.get_ref().linearizable).await?;
-        let members = self
-            .0
-            .cluster
-            .members
-            .iter()
-            .map(|m| Member {
-                id: m.id,
-                name: m.name.clone(),
-                peer_ur_ls: m.peer_urls.clone(),
-                client_ur_ls: self.0.client_urls_of(m),
-                is_learner: false,
-            })
-            .collect();
         Ok(Response::new(MemberListResponse {
             header: Some(self.0.header(self.0.store.current_revision())),
-            members,
+            members: self.0.member_list(),
         }))
     }
 
     async fn member_promote(
         &self,
-        _r: Request<MemberPromoteRequest>,
+        request: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
-        Err(Status::unimplemented(MEMBERSHIP_UNIMPLEMENTED))
+        let req = request.into_inner();
+        let (_, members) = self
+            .0
+            .change_membership(Change::Promote(req.id), |mut leader| async move {
+                Ok((None, leader.member_promote(req).await?.into_inner().members))
+            })
+            .await?;
+        Ok(Response::new(MemberPromoteResponse {
+            header: Some(self.0.header(self.0.store.current_revision())),
+            members,
+        }))
     }
 }

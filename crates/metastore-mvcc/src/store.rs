@@ -56,6 +56,8 @@ pub enum ApplyResponse {
     ClusterVersion(Option<ClusterVersion>),
     /// A member's published attributes were stored.
     MemberAttrSet,
+    /// The member table changed.
+    MemberChange,
 }
 
 const ALARM_META_PREFIX: &[u8] = b"alarm/";
@@ -83,10 +85,8 @@ pub struct Store<E: Engine> {
     alarms: parking_lot::RwLock<BTreeSet<(u64, i32)>>,
     /// Set by the leader through raft; see `cluster_version`.
     cluster_version: parking_lot::RwLock<Option<ClusterVersion>>,
-    /// Published member attributes; see `member_attrs`.
-    member_attrs: parking_lot::RwLock<
-        std::collections::BTreeMap<u64, metastore_proto::internal::MemberAttrSet>,
-    >,
+    /// The replicated member table; see `members`.
+    members: members::MemberTable,
     /// Number of snapshot captures or hashes reading MVCC records: while any is, physical
     /// compaction defers its deletes.
     snapshot_scan: Arc<std::sync::atomic::AtomicUsize>,
@@ -217,7 +217,7 @@ impl<E: Engine> Store<E> {
         let compact = read_meta_i64(engine.as_ref(), META_COMPACT)?.unwrap_or(-1);
         let applied = read_meta_i64(engine.as_ref(), META_APPLIED)?.unwrap_or(0) as u64;
         let cluster_version = cluster_version::load(engine.as_ref(), ClusterVersion::this_build())?;
-        let member_attrs = members::load(engine.as_ref())?;
+        let members = members::MemberTable::load(engine.as_ref())?;
         let store = Self {
             engine,
             index,
@@ -229,7 +229,7 @@ impl<E: Engine> Store<E> {
             leases: Lessor::default(),
             alarms: parking_lot::RwLock::new(BTreeSet::new()),
             cluster_version: parking_lot::RwLock::new(cluster_version),
-            member_attrs: parking_lot::RwLock::new(member_attrs),
+            members,
             snapshot_scan: Arc::default(),
             deferred_deletes: Mutex::new(Vec::new()),
             install_gate: parking_lot::RwLock::new(()),
@@ -545,6 +545,10 @@ impl<E: Engine> Store<E> {
                 Some(Op::MemberAttrSet(m)) => {
                     self.set_member_attrs(m, &mut ctx);
                     Ok(ApplyResponse::MemberAttrSet)
+                }
+                Some(Op::MemberChange(c)) => {
+                    self.apply_member_change(c, &mut ctx);
+                    Ok(ApplyResponse::MemberChange)
                 }
                 // An operation this build does not know (prost drops unknown oneof fields): a
                 // newer member proposed it. Skipping it would let this member diverge from

@@ -428,7 +428,8 @@ impl Model {
                 | Op::LeaseCheckpoint(_)
                 | Op::Alarm(_)
                 | Op::ClusterVersionSet(_)
-                | Op::MemberAttrSet(_) => {
+                | Op::MemberAttrSet(_)
+                | Op::MemberChange(_) => {
                     unreachable!("the model generates no lease, alarm or cluster version commands")
                 }
             },

@@ -3,7 +3,8 @@
 
 use crate::{CommittedEntry, Input, RaftError, Shared, StateMachine, WalStorage};
 use flume::{Receiver, Sender};
-use raft::eraftpb::{EntryType, Snapshot};
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, EntryType, Snapshot};
 use raft::prelude::Entry;
 use raft::Storage;
 use std::path::PathBuf;
@@ -116,21 +117,10 @@ pub(crate) fn apply_loop(
         for e in &entries {
             terms.record(e.index, e.term);
         }
-        let normal: Vec<CommittedEntry> = entries
-            .into_iter()
-            .filter(|e| e.get_entry_type() == EntryType::EntryNormal && !e.data.is_empty())
-            .map(|e| CommittedEntry {
-                index: e.index,
-                term: e.term,
-                data: e.data,
-            })
-            .collect();
-        if !normal.is_empty() {
-            if let Err(e) = sm.apply(normal) {
-                tracing::error!(error = %e, "state machine failed; stopping this member");
-                stop_member(&shared, RaftError::StateMachine(e));
-                return;
-            }
+        if let Err(e) = apply_in_order(sm.as_mut(), entries) {
+            tracing::error!(error = %e, "state machine failed; stopping this member");
+            stop_member(&shared, RaftError::StateMachine(e));
+            return;
         }
         shared.applied.send_replace(last);
         let now_durable = sm.durable_index();
@@ -145,6 +135,40 @@ pub(crate) fn apply_loop(
     }
 }
 
+/// Hands entries to the state machine in log order: runs of normal entries as one call,
+/// membership changes one by one between them.
+fn apply_in_order(sm: &mut dyn StateMachine, entries: Vec<Entry>) -> Result<(), String> {
+    let mut normal: Vec<CommittedEntry> = Vec::new();
+    for e in entries {
+        match e.get_entry_type() {
+            EntryType::EntryNormal => {
+                if !e.data.is_empty() {
+                    normal.push(CommittedEntry {
+                        index: e.index,
+                        term: e.term,
+                        data: e.data,
+                    });
+                }
+            }
+            EntryType::EntryConfChange => {
+                if !normal.is_empty() {
+                    sm.apply(std::mem::take(&mut normal))?;
+                }
+                let mut cc = ConfChange::default();
+                cc.merge_from_bytes(&e.data)
+                    .map_err(|err| format!("conf change entry {}: {err}", e.index))?;
+                sm.apply_conf_change(e.index, &cc)?;
+            }
+            // Never proposed here (no joint consensus); raft-rs applied it already.
+            EntryType::EntryConfChangeV2 => {}
+        }
+    }
+    if !normal.is_empty() {
+        sm.apply(normal)?;
+    }
+    Ok(())
+}
+
 /// Captures the state machine for a follower and writes it on a thread of its own; the raft
 /// storage offers it once the file is complete.
 fn build_snapshot(sm: &mut dyn StateMachine, storage: &WalStorage, terms: &TermStarts) {
@@ -156,10 +180,8 @@ fn build_snapshot(sm: &mut dyn StateMachine, storage: &WalStorage, terms: &TermS
                 .term(index)
                 .map_err(|e| format!("no term for index {index}: {e}"))?,
         };
-        let conf_state = storage
-            .initial_state()
-            .map_err(|e| format!("no membership: {e}"))?
-            .conf_state;
+        // The membership as of the captured index: a later change is in the log after it.
+        let conf_state = storage.conf_state_at(index);
         Ok((index, writer, term, conf_state))
     });
     let (index, writer, term, conf_state) = match captured {

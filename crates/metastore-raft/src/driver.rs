@@ -28,6 +28,7 @@ pub(crate) struct Driver {
     last_term: u64,
     last_term_published: u64,
     trimmed_below: u64,
+    campaign_at_start: bool,
 }
 
 /// A ReadIndex round issued to raft and not answered yet.
@@ -67,13 +68,29 @@ impl Driver {
             last_term: 0,
             last_term_published: 0,
             trimmed_below: 0,
+            campaign_at_start: false,
         }
+    }
+
+    /// Campaign as soon as the log present at start is handed to the apply thread: raft-rs
+    /// refuses to campaign while committed membership changes (a new cluster's bootstrap
+    /// entries) are not applied.
+    pub(crate) fn campaign_at_start(mut self, yes: bool) -> Self {
+        self.campaign_at_start = yes;
+        self
     }
 
     pub(crate) fn run(&mut self) {
         let mut next_tick = Instant::now() + self.tick_interval;
-        // A campaign started before the loop is processed now, not a tick later.
-        if let Err(e) = self.drain_ready() {
+        let mut started = self.drain_ready();
+        if started.is_ok() && self.campaign_at_start {
+            started = self
+                .raw
+                .campaign()
+                .map_err(|e| RaftError::Raft(e.to_string()))
+                .and_then(|()| self.drain_ready());
+        }
+        if let Err(e) = started {
             tracing::error!(error = %e, "raft loop failed at start; stopping this member");
             *self.shared.failure.lock() = Some(e);
             self.shared.stopped.store(true, Ordering::Release);
@@ -181,9 +198,69 @@ impl Driver {
                 tracing::info!(peer = format_args!("{peer:x}"), ok, "snapshot send ended");
                 self.raw.report_snapshot(peer, status);
             }
+            Input::ProposeConfChange(cc, reply) => {
+                let _ = reply.send(self.propose_conf_change(cc));
+            }
+            Input::Removed => {
+                self.shared.removed.store(true, Ordering::Release);
+            }
+            Input::TransferLeader(to) => {
+                if self.raw.raft.state == StateRole::Leader {
+                    tracing::info!(to = format_args!("{to:x}"), "transferring leadership");
+                    self.raw.transfer_leader(to);
+                }
+            }
+            Input::Progress(reply) => {
+                let progress = (self.raw.raft.state == StateRole::Leader).then(|| {
+                    self.raw
+                        .raft
+                        .prs()
+                        .iter()
+                        .map(|(id, pr)| (*id, pr.matched))
+                        .collect()
+                });
+                let _ = reply.send(progress);
+            }
             Input::Shutdown => return false,
         }
         true
+    }
+
+    fn propose_conf_change(&mut self, cc: ConfChange) -> Result<u64, RaftError> {
+        if self.raw.raft.state != StateRole::Leader {
+            return Err(RaftError::NotLeader);
+        }
+        if self.raw.raft.has_pending_conf() {
+            // raft-rs would turn it into an empty entry and say nothing.
+            return Err(RaftError::ConfChangePending);
+        }
+        self.raw
+            .propose_conf_change(vec![], cc)
+            .map_err(|e| match e {
+                raft::Error::ProposalDropped => RaftError::ProposalDropped,
+                e => RaftError::Raft(e.to_string()),
+            })?;
+        Ok(self.raw.raft.raft_log.last_index())
+    }
+
+    /// Records a committed membership change raft has applied: in the WAL (from `index` on),
+    /// for readers, and, when it removes this member, as the signal to stop.
+    fn record_conf_change(
+        &mut self,
+        index: u64,
+        cs: raft::eraftpb::ConfState,
+        removed: Option<u64>,
+    ) -> Result<(), RaftError> {
+        self.shared.membership.send_replace(crate::Membership {
+            voters: cs.voters.clone(),
+            learners: cs.learners.clone(),
+        });
+        self.raw.store().set_conf_state(index, cs)?;
+        if removed == Some(self.shared.id) {
+            tracing::warn!(index, "this member was removed from the cluster");
+            self.shared.removed.store(true, Ordering::Release);
+        }
+        Ok(())
     }
 
     /// Starts one ReadIndex round for every read waiting now, once a leader that has
@@ -313,7 +390,10 @@ impl Driver {
                         .raw
                         .apply_conf_change(&cc)
                         .map_err(|err| RaftError::Raft(err.to_string()))?;
-                    self.raw.store().set_conf_state(cs)?;
+                    let removed = (cc.get_change_type()
+                        == raft::eraftpb::ConfChangeType::RemoveNode)
+                        .then_some(cc.node_id);
+                    self.record_conf_change(e.index, cs, removed)?;
                 }
                 EntryType::EntryConfChangeV2 => {
                     let mut cc = ConfChangeV2::default();
@@ -323,7 +403,15 @@ impl Driver {
                         .raw
                         .apply_conf_change(&cc)
                         .map_err(|err| RaftError::Raft(err.to_string()))?;
-                    self.raw.store().set_conf_state(cs)?;
+                    let removed = cc
+                        .changes
+                        .iter()
+                        .find(|c| {
+                            c.get_change_type() == raft::eraftpb::ConfChangeType::RemoveNode
+                                && c.node_id == self.shared.id
+                        })
+                        .map(|c| c.node_id);
+                    self.record_conf_change(e.index, cs, removed)?;
                 }
             }
         }

@@ -9,7 +9,9 @@
 //! Peers are a trait: the node is written for N members; a single member uses [`NoPeers`].
 
 mod apply;
+mod config;
 mod driver;
+mod entry_cache;
 mod storage;
 mod transfer;
 
@@ -19,17 +21,16 @@ use driver::Driver;
 use flume::Sender;
 use parking_lot::Mutex;
 use raft::eraftpb::Message;
-use raft::RawNode;
-use serde::{Deserialize, Serialize};
+use raft::{RawNode, Storage as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 
+pub use config::RaftConfig;
 pub use raft::eraftpb;
-pub use storage::WalStorage;
+pub use storage::{Bootstrap, WalStorage};
 use transfer::Transfers;
 pub use transfer::{received_snapshot_path, transfer_dir, SnapshotFile};
 
@@ -47,68 +48,11 @@ pub enum RaftError {
     Raft(String),
     #[error("state machine failed: {0}")]
     StateMachine(String),
-}
-
-/// Raft settings; defaults follow the performance plans.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, rename_all = "kebab-case")]
-pub struct RaftConfig {
-    /// One raft tick.
-    #[serde(with = "millis")]
-    pub tick_interval: Duration,
-    pub election_tick: usize,
-    pub heartbeat_tick: usize,
-    pub pre_vote: bool,
-    pub check_quorum: bool,
-    pub max_inflight_msgs: usize,
-    pub max_size_per_msg: u64,
-    pub max_uncommitted_size: u64,
-    /// Upper bound of committed entry bytes handed over in one Ready.
-    pub max_committed_size_per_ready: u64,
-    /// WAL segment size in bytes.
-    pub wal_segment_size: u64,
-    /// fsync the WAL before acknowledging (never turn off outside benchmarks).
-    pub wal_sync: bool,
-    /// Zero-fill WAL segments in advance (see `metastore_wal::WalOptions::preallocate`).
-    pub wal_preallocate: bool,
-    /// Applied entries the leader keeps in memory for slow followers (etcd's
-    /// `--experimental-snapshot-catchup-entries`); a follower further behind gets a snapshot.
-    pub snapshot_catch_up_entries: u64,
-    /// Most bytes of entries kept in memory for slow followers, whatever their count: a
-    /// follower behind what is kept gets a snapshot.
-    pub snapshot_catch_up_bytes: u64,
-}
-
-impl Default for RaftConfig {
-    fn default() -> Self {
-        Self {
-            tick_interval: Duration::from_millis(100),
-            election_tick: 10,
-            heartbeat_tick: 1,
-            pre_vote: true,
-            check_quorum: true,
-            max_inflight_msgs: 512,
-            max_size_per_msg: 4 * 1024 * 1024,
-            max_uncommitted_size: 1 << 30,
-            max_committed_size_per_ready: 64 * 1024 * 1024,
-            wal_segment_size: 64 * 1024 * 1024,
-            wal_sync: true,
-            wal_preallocate: true,
-            snapshot_catch_up_entries: 10_000,
-            snapshot_catch_up_bytes: 256 * 1024 * 1024,
-        }
-    }
-}
-
-mod millis {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_millis() as u64)
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
-    }
+    #[error("not leader")]
+    NotLeader,
+    /// The leader has a membership change not applied yet: raft-rs takes one at a time.
+    #[error("a membership change is in progress")]
+    ConfChangePending,
 }
 
 /// Sends raft messages to other members. Implementations must not block the raft loop.
@@ -138,6 +82,12 @@ impl PeerFeedback {
     /// The file that travels with a `MsgSnapshot` this member sends, and what it must be.
     pub fn snapshot_file(&self, msg: &Message) -> Option<(PathBuf, SnapshotFile)> {
         self.transfers.file_to_send(msg.get_snapshot())
+    }
+
+    /// A peer says this member was removed from the cluster (its own log may not have the
+    /// change yet): the member stops, as when it applies its removal.
+    pub fn removed(&self) {
+        let _ = self.tx.send(Input::Removed);
     }
 
     /// The snapshot sent to `peer` arrived and was handed to its raft node (`ok`), or could
@@ -190,6 +140,16 @@ pub trait StateMachine: Send + 'static {
         Err("this state machine cannot send snapshots".into())
     }
 
+    /// Applies a committed membership change at `index` (raft applied it already). Called in
+    /// log order with the entries around it.
+    fn apply_conf_change(
+        &mut self,
+        _index: u64,
+        _change: &eraftpb::ConfChange,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Replaces the whole state with the snapshot file at `path`, taken at raft `index` by the
     /// leader's `capture_snapshot`. On success the state must be durable at `index`: the raft
     /// log before it is discarded next.
@@ -213,6 +173,19 @@ pub struct RaftStatus {
     pub is_leader: bool,
 }
 
+/// The membership raft works with now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Membership {
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+}
+
+impl Membership {
+    pub fn contains(&self, id: u64) -> bool {
+        self.voters.contains(&id) || self.learners.contains(&id)
+    }
+}
+
 enum Input {
     Propose(Vec<u8>, oneshot::Sender<Result<(), RaftError>>),
     ReadIndex(oneshot::Sender<Result<u64, RaftError>>),
@@ -227,6 +200,14 @@ enum Input {
     Unreachable(u64),
     /// A snapshot send to this peer ended: delivered (true) or failed.
     SnapshotStatus(u64, bool),
+    /// A membership change, proposed only on the leader; answered with its log index.
+    ProposeConfChange(eraftpb::ConfChange, oneshot::Sender<Result<u64, RaftError>>),
+    /// A peer says this member was removed from the cluster.
+    Removed,
+    /// Hand leadership to this member (leader only; raft-rs ignores it elsewhere).
+    TransferLeader(u64),
+    /// How far each member's log matches the leader's (None: not the leader).
+    Progress(oneshot::Sender<Option<std::collections::HashMap<u64, u64>>>),
     Shutdown,
 }
 
@@ -244,6 +225,10 @@ struct Shared {
     leadership: watch::Sender<(u64, u64)>,
     /// Last log index found at start: what a restarted member re-applies before serving.
     replay_target: u64,
+    /// The membership raft works with, published at every change.
+    membership: watch::Sender<Membership>,
+    /// A committed change removed this member from the cluster.
+    removed: AtomicBool,
     failure: Mutex<Option<RaftError>>,
 }
 
@@ -258,10 +243,10 @@ pub struct RaftNode {
 
 impl RaftNode {
     /// Opens the WAL in `wal_dir`, restores the log, and starts the raft and apply threads.
-    /// `voters` is the initial membership, used only when the WAL is new.
+    /// `bootstrap` is used only when the WAL is new.
     pub fn start(
         id: u64,
-        voters: Vec<u64>,
+        bootstrap: Bootstrap,
         wal_dir: impl Into<PathBuf>,
         config: RaftConfig,
         transport: Arc<dyn Transport>,
@@ -274,7 +259,7 @@ impl RaftNode {
         // and the leader asks for, or this member builds, new ones.
         transfers.clean_received(None);
         let _ = std::fs::remove_dir_all(transfers.send_dir());
-        let storage = WalStorage::open(wal_dir.clone(), &config, &voters, transfers.clone())?;
+        let storage = WalStorage::open(wal_dir.clone(), &config, &bootstrap, transfers.clone())?;
         if state_machine.applied_index() < storage.snapshot_index() {
             // The WAL below that point is gone: starting would silently skip those entries.
             return Err(RaftError::Wal(format!(
@@ -306,13 +291,18 @@ impl RaftNode {
             .map_err(|e| RaftError::Raft(e.to_string()))?;
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let single_voter = storage.voters() == [id];
-        let mut raw = RawNode::new(&raft_cfg, storage, &logger)
+        let membership = {
+            let cs = storage
+                .initial_state()
+                .map_err(|e| RaftError::Raft(e.to_string()))?
+                .conf_state;
+            Membership {
+                voters: cs.voters,
+                learners: cs.learners,
+            }
+        };
+        let raw = RawNode::new(&raft_cfg, storage, &logger)
             .map_err(|e| RaftError::Raft(e.to_string()))?;
-        if single_voter {
-            // Alone, there is nobody to wait for: take leadership now instead of after an
-            // election timeout.
-            raw.campaign().map_err(|e| RaftError::Raft(e.to_string()))?;
-        }
         // With peers, only what is committed is sure to be applied: an uncommitted tail may be
         // replaced by the next leader, and waiting for it could wait forever. Alone, this member
         // commits its whole log as soon as it leads, so it waits for all of it (a write may have
@@ -334,6 +324,8 @@ impl RaftNode {
             leadership: watch::channel((0, 0)).0,
             stop_notify: tokio::sync::Notify::new(),
             replay_target,
+            membership: watch::channel(membership).0,
+            removed: AtomicBool::new(false),
             failure: Mutex::new(None),
         });
         // flume's blocking receive parks at once. crossbeam-channel's spins and then calls
@@ -362,7 +354,10 @@ impl RaftNode {
         };
         let raft_thread = {
             let shared = shared.clone();
-            let driver = Driver::new(raw, shared.clone(), rx, transport, apply_tx, &config);
+            // Alone, there is nobody to wait for: the member takes leadership at once instead
+            // of after an election timeout.
+            let driver = Driver::new(raw, shared.clone(), rx, transport, apply_tx, &config)
+                .campaign_at_start(single_voter);
             std::thread::Builder::new()
                 .name("raft".into())
                 .spawn(move || {
@@ -455,6 +450,44 @@ impl RaftNode {
     pub async fn linearizable_barrier(&self) -> Result<(), RaftError> {
         let index = self.read_index().await?;
         self.wait_applied(index).await
+    }
+
+    /// Proposes a membership change (this member must lead); returns the index of its entry.
+    /// Whether it was applied, the state machine tells: a change lost in a leader change
+    /// never is.
+    pub async fn propose_conf_change(&self, cc: eraftpb::ConfChange) -> Result<u64, RaftError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Input::ProposeConfChange(cc, tx))
+            .map_err(|_| self.stopped_error())?;
+        self.reply(rx).await
+    }
+
+    /// Asks raft to hand leadership to `to`; watch `leadership` for the outcome.
+    pub fn transfer_leader(&self, to: u64) -> Result<(), RaftError> {
+        self.tx
+            .send(Input::TransferLeader(to))
+            .map_err(|_| self.stopped_error())
+    }
+
+    /// On the leader, the highest log index known to match the leader's, per member
+    /// (the leader included); None elsewhere.
+    pub async fn progress(&self) -> Result<Option<std::collections::HashMap<u64, u64>>, RaftError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Progress(tx))
+            .map_err(|_| self.stopped_error())?;
+        rx.await.map_err(|_| self.stopped_error())
+    }
+
+    /// The membership raft works with now, and at every change.
+    pub fn membership(&self) -> watch::Receiver<Membership> {
+        self.shared.membership.subscribe()
+    }
+
+    /// Whether a committed change removed this member from the cluster: it must stop.
+    pub fn is_removed(&self) -> bool {
+        self.shared.removed.load(Ordering::Acquire)
     }
 
     /// Delivers a message from a peer.

@@ -2,6 +2,7 @@
 //! durability. Everything raft-rs must find after a restart (entries, hard state, membership)
 //! is written to the WAL before the Ready that produced it is advanced.
 
+use crate::entry_cache::EntryCache;
 use crate::transfer::Transfers;
 use crate::{RaftConfig, RaftError};
 use metastore_wal::{Wal, WalOptions};
@@ -30,53 +31,29 @@ pub struct WalStorage {
     wal: Arc<Wal>,
     transfers: Arc<Transfers>,
     cache: Arc<parking_lot::Mutex<EntryCache>>,
+    /// The membership from each raft index on where it changed (the last entry is the current
+    /// one): a snapshot or a compaction point records the membership as of its own index, not
+    /// a later one.
+    conf_history: Arc<parking_lot::Mutex<std::collections::BTreeMap<u64, ConfState>>>,
 }
 
-/// The sizes of the entries in the in-memory log, so that it can be bounded by bytes as well as
-/// by count: a few large entries must not hold gigabytes for a follower that may never ask.
-#[derive(Default)]
-struct EntryCache {
-    sizes: std::collections::VecDeque<(u64, u64)>,
-    bytes: u64,
+/// How a member with a new WAL starts.
+#[derive(Clone, Debug)]
+pub enum Bootstrap {
+    /// A new cluster of these voters, each with the context of the conf change that adds it
+    /// (what the state machine records for it). As etcd, the log starts with one committed
+    /// `AddNode` entry per member, so that every member, and every member that later catches
+    /// up from the log, applies the same membership.
+    NewCluster(Vec<(u64, Vec<u8>)>),
+    /// A member added to a running cluster: no membership of its own; the leader sends it the
+    /// log or a snapshot.
+    Join,
 }
 
-impl EntryCache {
-    fn append(&mut self, entries: &[Entry]) {
-        let Some(first) = entries.first().map(|e| e.index) else {
-            return;
-        };
-        // A new leader's entries replace this member's tail from `first` on.
-        while self.sizes.back().is_some_and(|(i, _)| *i >= first) {
-            if let Some((_, size)) = self.sizes.pop_back() {
-                self.bytes -= size;
-            }
-        }
-        for e in entries {
-            // The payload plus raft's own fields, roughly.
-            let size = (e.data.len() + e.context.len() + 32) as u64;
-            self.sizes.push_back((e.index, size));
-            self.bytes += size;
-        }
-    }
-
-    fn trim_below(&mut self, index: u64) {
-        while self.sizes.front().is_some_and(|(i, _)| *i < index) {
-            if let Some((_, size)) = self.sizes.pop_front() {
-                self.bytes -= size;
-            }
-        }
-    }
-
-    /// The first index to keep so that at most `limit` bytes stay, never above `applied + 1`.
-    fn keep_from(&self, limit: u64, applied: u64) -> u64 {
-        let mut remaining = self.bytes;
-        for (index, size) in &self.sizes {
-            if remaining <= limit || *index > applied {
-                return *index;
-            }
-            remaining -= size;
-        }
-        applied + 1
+impl Bootstrap {
+    /// A new cluster of these voters, with empty conf change contexts.
+    pub fn voters(ids: &[u64]) -> Bootstrap {
+        Bootstrap::NewCluster(ids.iter().map(|&id| (id, Vec::new())).collect())
     }
 }
 
@@ -89,7 +66,7 @@ impl WalStorage {
     pub(crate) fn open(
         dir: PathBuf,
         config: &RaftConfig,
-        voters: &[u64],
+        bootstrap: &Bootstrap,
         transfers: Arc<Transfers>,
     ) -> Result<Self, RaftError> {
         let (wal, records) = Wal::open(
@@ -108,18 +85,17 @@ impl WalStorage {
             wal,
             transfers,
             cache: Arc::default(),
+            conf_history: Arc::default(),
         };
         if records.is_empty() {
-            let cs = ConfState {
-                voters: voters.to_vec(),
-                ..Default::default()
-            };
-            storage.set_conf_state(cs)?;
+            if let Bootstrap::NewCluster(members) = bootstrap {
+                storage.bootstrap(members)?;
+            }
             return Ok(storage);
         }
         let mut hard_state: Option<HardState> = None;
         let mut snapshot: Option<SnapshotMetadata> = None;
-        let mut conf_state: Option<ConfState> = None;
+        let mut history = std::collections::BTreeMap::new();
         let mut pending: Vec<Entry> = Vec::new();
         for rec in records {
             match rec.kind {
@@ -146,13 +122,15 @@ impl WalStorage {
                     let mut cs = ConfState::default();
                     cs.merge_from_bytes(&rec.payload)
                         .map_err(|err| corrupt(&dir, "conf state", err))?;
-                    conf_state = Some(cs);
+                    history.insert(rec.index, cs);
                 }
                 REC_INSTALLED => {
                     let mut meta = SnapshotMetadata::default();
                     meta.merge_from_bytes(&rec.payload)
                         .map_err(|err| corrupt(&dir, "installed snapshot", err))?;
-                    conf_state = Some(meta.get_conf_state().clone());
+                    // Memberships recorded before it belong to the log it replaced.
+                    history.retain(|&index, _| index > meta.index);
+                    history.insert(meta.index, meta.get_conf_state().clone());
                     pending.clear();
                     snapshot = Some(meta);
                 }
@@ -160,7 +138,9 @@ impl WalStorage {
                     let mut meta = SnapshotMetadata::default();
                     meta.merge_from_bytes(&rec.payload)
                         .map_err(|err| corrupt(&dir, "snapshot metadata", err))?;
-                    conf_state = Some(meta.get_conf_state().clone());
+                    history
+                        .entry(meta.index)
+                        .or_insert_with(|| meta.get_conf_state().clone());
                     if snapshot.as_ref().is_none_or(|s| s.index <= meta.index) {
                         snapshot = Some(meta);
                     }
@@ -194,8 +174,10 @@ impl WalStorage {
                     }
                 }
             }
-            if let Some(cs) = conf_state {
-                core.set_conf_state(cs);
+            // The membership with the highest index is the current one (a compaction record
+            // is written after changes at higher indexes and names an older membership).
+            if let Some((_, cs)) = history.last_key_value() {
+                core.set_conf_state(cs.clone());
             }
             if !pending.is_empty() {
                 core.append(&pending)
@@ -209,7 +191,53 @@ impl WalStorage {
                 core.set_hardstate(hs);
             }
         }
+        *storage.conf_history.lock() = history;
         Ok(storage)
+    }
+
+    /// The first entries of a new cluster's log: one committed `AddNode` per member.
+    fn bootstrap(&self, members: &[(u64, Vec<u8>)]) -> Result<(), RaftError> {
+        let mut entries = Vec::with_capacity(members.len());
+        for (i, (id, context)) in members.iter().enumerate() {
+            let cc = raft::eraftpb::ConfChange {
+                change_type: raft::eraftpb::ConfChangeType::AddNode,
+                node_id: *id,
+                context: context.clone().into(),
+                ..Default::default()
+            };
+            entries.push(Entry {
+                entry_type: raft::eraftpb::EntryType::EntryConfChange,
+                term: 1,
+                index: i as u64 + 1,
+                data: cc.write_to_bytes().map_err(wal_err)?.into(),
+                ..Default::default()
+            });
+        }
+        let hs = HardState {
+            term: 1,
+            commit: entries.len() as u64,
+            ..Default::default()
+        };
+        self.persist(&entries, Some(&hs), true)?;
+        let cs = ConfState {
+            voters: members.iter().map(|(id, _)| *id).collect(),
+            ..Default::default()
+        };
+        self.set_conf_state(0, cs)
+    }
+
+    /// The membership as of raft `index`.
+    pub(crate) fn conf_state_at(&self, index: u64) -> ConfState {
+        let history = self.conf_history.lock();
+        match history.range(..=index).next_back() {
+            Some((_, cs)) => cs.clone(),
+            // Older than anything recorded: the oldest known is the best answer (only a
+            // data dir from before the history was kept gets here).
+            None => history
+                .first_key_value()
+                .map(|(_, cs)| cs.clone())
+                .unwrap_or_default(),
+        }
     }
 
     /// Writes new entries and hard state; fsyncs when raft says it must.
@@ -301,7 +329,7 @@ impl WalStorage {
             term,
             ..Default::default()
         };
-        meta.set_conf_state(state.conf_state);
+        meta.set_conf_state(self.conf_state_at(index));
         let meta_bytes = meta.write_to_bytes().map_err(wal_err)?;
         let hs_bytes = state.hard_state.write_to_bytes().map_err(wal_err)?;
         // Written at the compaction index so that they outlive every segment purged now,
@@ -314,6 +342,13 @@ impl WalStorage {
             ])
             .map_err(wal_err)?;
         self.wal.sync_to(lsn).map_err(wal_err)?;
+        {
+            // Only the membership in force at `index` and later ones can still be asked for.
+            let mut history = self.conf_history.lock();
+            if let Some((&start, _)) = history.range(..=index).next_back() {
+                *history = history.split_off(&start);
+            }
+        }
         self.wal.purge_below(index + 1).map_err(wal_err)
     }
 
@@ -343,6 +378,11 @@ impl WalStorage {
             .apply_snapshot(snap.clone())
             .map_err(|e| RaftError::Raft(e.to_string()))?;
         *self.cache.lock() = EntryCache::default();
+        {
+            let mut history = self.conf_history.lock();
+            history.retain(|&index, _| index > meta.index);
+            history.insert(meta.index, meta.get_conf_state().clone());
+        }
         if let Err(e) = self.wal.purge_below(meta.index + 1) {
             // Only disk space is at stake: replay skips everything before the record.
             tracing::warn!(index = meta.index, error = %e, "cannot purge the WAL below an installed snapshot");
@@ -358,11 +398,13 @@ impl WalStorage {
         self.mem.wl().mut_hard_state().commit = commit;
     }
 
-    pub fn set_conf_state(&self, cs: ConfState) -> Result<(), RaftError> {
+    /// Records the membership in force from raft `index` on.
+    pub fn set_conf_state(&self, index: u64, cs: ConfState) -> Result<(), RaftError> {
         let payload = cs.write_to_bytes().map_err(wal_err)?;
         self.wal
-            .append_sync(REC_CONF_STATE, 0, &payload)
+            .append_sync(REC_CONF_STATE, index, &payload)
             .map_err(wal_err)?;
+        self.conf_history.lock().insert(index, cs.clone());
         self.mem.wl().set_conf_state(cs);
         Ok(())
     }
@@ -427,9 +469,9 @@ impl Storage for WalStorage {
     /// A follower needs entries this log no longer holds: offer the newest state-machine
     /// snapshot it can continue from, or have one built and answer "not yet" (raft-rs asks
     /// again on the follower's next heartbeat response).
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let first = self.mem.first_index()?;
-        match self.transfers.ready_or_request(first, request_index) {
+        match self.transfers.ready_or_request(first, request_index, to) {
             Some(snap) => Ok(snap),
             None => Err(raft::Error::Store(
                 raft::StorageError::SnapshotTemporarilyUnavailable,
@@ -457,7 +499,7 @@ mod tests {
         WalStorage::open(
             dir.to_path_buf(),
             &RaftConfig::default(),
-            &[1, 2, 3],
+            &Bootstrap::Join,
             Arc::new(Transfers::new(dir)),
         )
         .expect("open")
@@ -533,5 +575,35 @@ mod tests {
         let again = open(dir.path());
         assert_eq!(again.last_index().expect("last"), 7);
         assert_eq!(again.term(7).expect("term"), 2);
+    }
+
+    /// A snapshot names the membership as of its own index, and a compaction record (written
+    /// after a later change) must not bring an older membership back on restart.
+    #[test]
+    fn the_membership_at_an_index_survives_compaction_and_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = open(dir.path());
+        storage
+            .persist(&entries(1..=10, 1), None, true)
+            .expect("persist");
+        let cs = |voters: &[u64]| ConfState {
+            voters: voters.to_vec(),
+            ..Default::default()
+        };
+        storage.set_conf_state(3, cs(&[1, 2, 3])).expect("conf");
+        storage.set_conf_state(8, cs(&[1, 2, 3, 4])).expect("conf");
+        assert_eq!(storage.conf_state_at(5).voters, vec![1, 2, 3]);
+        assert_eq!(storage.conf_state_at(9).voters, vec![1, 2, 3, 4]);
+        storage.compact_log(5, Some(1)).expect("compact");
+        drop(storage);
+
+        let reopened = open(dir.path());
+        assert_eq!(
+            reopened.voters(),
+            vec![1, 2, 3, 4],
+            "the compaction record's older membership came back"
+        );
+        assert_eq!(reopened.conf_state_at(5).voters, vec![1, 2, 3]);
+        assert_eq!(reopened.conf_state_at(8).voters, vec![1, 2, 3, 4]);
     }
 }

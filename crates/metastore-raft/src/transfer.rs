@@ -122,15 +122,21 @@ impl Transfers {
     /// The snapshot to send if one is ready that a follower can continue from (the leader's
     /// log still holds the entries after it: `first_index` is the first one it holds);
     /// otherwise asks for a new one and returns None.
+    /// A snapshot whose membership does not name `to` is never offered: raft-rs on a member
+    /// added after it was taken would refuse it, and ask again, forever.
     pub(crate) fn ready_or_request(
         &self,
         first_index: u64,
         request_index: u64,
+        to: u64,
     ) -> Option<Snapshot> {
         let mut st = self.send.lock();
         if let Some((snap, _)) = &st.ready {
-            let index = snap.get_metadata().index;
-            if index + 1 >= first_index && index >= request_index {
+            let meta = snap.get_metadata();
+            let index = meta.index;
+            let cs = meta.get_conf_state();
+            let names_to = cs.voters.contains(&to) || cs.learners.contains(&to);
+            if index + 1 >= first_index && index >= request_index && names_to {
                 return Some(snap.clone());
             }
         }
@@ -210,23 +216,46 @@ mod tests {
     fn a_snapshot_is_offered_only_while_the_log_continues_after_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         let t = Transfers::new(dir.path());
-        assert!(t.ready_or_request(1, 0).is_none());
+        assert!(t.ready_or_request(1, 0, 2).is_none());
         assert!(t.take_request(), "the first ask starts a build");
-        assert!(t.ready_or_request(1, 0).is_none());
+        assert!(t.ready_or_request(1, 0, 2).is_none());
         assert!(!t.take_request(), "one build at a time");
         let mut snap = Snapshot::default();
         snap.mut_metadata().index = 100;
+        snap.mut_metadata().mut_conf_state().voters = vec![1, 2];
         t.built(snap, t.send_path(100));
-        assert!(t.ready_or_request(101, 0).is_some());
-        assert!(t.ready_or_request(50, 100).is_some());
+        assert!(t.ready_or_request(101, 0, 2).is_some());
+        assert!(t.ready_or_request(50, 100, 2).is_some());
         assert!(
-            t.ready_or_request(102, 0).is_none(),
+            t.ready_or_request(102, 0, 2).is_none(),
             "entry 101 is gone from the log: the follower could not continue"
         );
         assert!(t.take_request());
         assert!(
-            t.ready_or_request(1, 101).is_none(),
+            t.ready_or_request(1, 101, 2).is_none(),
             "asked for a newer one"
         );
+    }
+
+    /// raft-rs refuses a snapshot whose membership does not name it: a member added after
+    /// the snapshot was taken must get a newer one, or it would be offered the old one for ever.
+    #[test]
+    fn a_snapshot_is_offered_only_to_a_member_it_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = Transfers::new(dir.path());
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 100;
+        snap.mut_metadata().mut_conf_state().voters = vec![1, 2];
+        snap.mut_metadata().mut_conf_state().learners = vec![3];
+        t.built(snap, t.send_path(100));
+        assert!(
+            t.ready_or_request(101, 0, 3).is_some(),
+            "a learner it names"
+        );
+        assert!(
+            t.ready_or_request(101, 0, 4).is_none(),
+            "a member added later"
+        );
+        assert!(t.take_request(), "which asks for a new one");
     }
 }

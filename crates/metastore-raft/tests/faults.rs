@@ -33,7 +33,7 @@ async fn a_panic_on_the_apply_thread_stops_the_member() {
     let dir = tempfile::tempdir().expect("tempdir");
     let node = RaftNode::start(
         1,
-        vec![1],
+        metastore_raft::Bootstrap::voters(&[1]),
         dir.path(),
         RaftConfig::default(),
         Arc::new(NoPeers),
@@ -92,7 +92,7 @@ async fn a_panic_on_the_raft_thread_stops_the_member() {
     // Two voters: after an election timeout member 1 sends a (pre)vote, and the send panics.
     let node = RaftNode::start(
         1,
-        vec![1, 2],
+        metastore_raft::Bootstrap::voters(&[1, 2]),
         dir.path(),
         fast(),
         Arc::new(PanickingTransport),
@@ -169,7 +169,7 @@ async fn a_snapshot_slower_than_the_in_memory_log_still_lets_the_wal_be_purged()
     let sm = SlowSnapshots::default();
     let node = RaftNode::start(
         1,
-        vec![1],
+        metastore_raft::Bootstrap::voters(&[1]),
         dir.path(),
         config,
         Arc::new(NoPeers),
@@ -249,7 +249,7 @@ async fn a_read_index_lost_on_the_way_to_the_leader_is_sent_again() {
         let id = i as u64 + 1;
         let node = RaftNode::start(
             id,
-            vec![1, 2, 3],
+            metastore_raft::Bootstrap::voters(&[1, 2, 3]),
             dir.path(),
             fast(),
             Arc::new(LocalTransport(net.clone())),

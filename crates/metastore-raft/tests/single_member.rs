@@ -20,7 +20,7 @@ impl StateMachine for Recorder {
 fn start(dir: &std::path::Path, sm: Recorder) -> RaftNode {
     RaftNode::start(
         1,
-        vec![1],
+        metastore_raft::Bootstrap::voters(&[1]),
         dir,
         RaftConfig::default(),
         Arc::new(NoPeers),
@@ -161,7 +161,7 @@ async fn durable_state_lets_the_wal_be_purged_and_restart_resumes_after_it() {
     let sm = DurableRecorder::default();
     let node = RaftNode::start(
         1,
-        vec![1],
+        metastore_raft::Bootstrap::voters(&[1]),
         dir.path(),
         config.clone(),
         Arc::new(NoPeers),
@@ -195,7 +195,7 @@ async fn durable_state_lets_the_wal_be_purged_and_restart_resumes_after_it() {
         .store(durable, std::sync::atomic::Ordering::SeqCst);
     let node = RaftNode::start(
         1,
-        vec![1],
+        metastore_raft::Bootstrap::voters(&[1]),
         dir.path(),
         config,
         Arc::new(NoPeers),

@@ -24,6 +24,17 @@ pub enum ConfigError {
     Unsupported(String),
 }
 
+/// etcd's `--initial-cluster-state`: how a member with an empty data dir starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterState {
+    /// Bootstrap a new cluster from `--initial-cluster`.
+    #[default]
+    New,
+    /// Join a running cluster that this member was added to (`etcdctl member add`).
+    Existing,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum StorageKind {
@@ -69,6 +80,11 @@ pub struct Config {
     pub initial_advertise_peer_urls: String,
     pub initial_cluster: String,
     pub initial_cluster_token: String,
+    pub initial_cluster_state: ClusterState,
+    /// Refuse membership changes that could cost the quorum (etcd's default).
+    pub strict_reconfig_check: bool,
+    /// Most learners the cluster may have at once.
+    pub max_learners: usize,
     pub storage: StorageKind,
     pub log_level: String,
     /// `text` (etcd's `console`) or `json`.
@@ -102,6 +118,9 @@ impl Default for Config {
             initial_advertise_peer_urls: "http://127.0.0.1:2380".into(),
             initial_cluster: String::new(),
             initial_cluster_token: "etcd-cluster".into(),
+            initial_cluster_state: ClusterState::New,
+            strict_reconfig_check: true,
+            max_learners: 1,
             storage: StorageKind::Memory,
             log_level: "info".into(),
             log_format: LogFormat::Text,
@@ -174,6 +193,15 @@ pub struct Flags {
     /// Initial cluster token.
     #[arg(long)]
     pub initial_cluster_token: Option<String>,
+    /// `new` bootstraps a cluster; `existing` joins one this member was added to.
+    #[arg(long, value_enum)]
+    pub initial_cluster_state: Option<ClusterState>,
+    /// Reject reconfiguration requests that would cause quorum loss.
+    #[arg(long)]
+    pub strict_reconfig_check: Option<bool>,
+    /// Maximum number of learners in the cluster.
+    #[arg(long)]
+    pub max_learners: Option<usize>,
     /// Storage engine.
     #[arg(long, value_enum)]
     pub storage: Option<StorageKind>,
@@ -232,6 +260,9 @@ impl Config {
             initial_advertise_peer_urls,
             initial_cluster,
             initial_cluster_token,
+            initial_cluster_state,
+            strict_reconfig_check,
+            max_learners,
             storage,
             log_level,
             log_format,

@@ -1,10 +1,10 @@
 //! Member and cluster ids, derived from the bootstrap flags exactly as etcd derives them, and
 //! fixed in the data dir at first start.
 
-use crate::config::Config;
+use crate::config::{ClusterState, Config};
 use crate::ServerError;
 use sha1::{Digest, Sha1};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 fn sha1_u64(bytes: &[u8]) -> u64 {
     let hash = Sha1::digest(bytes);
@@ -31,6 +31,17 @@ pub fn cluster_id(member_ids: &[u64]) -> u64 {
     sha1_u64(&bytes)
 }
 
+/// etcd's `computeMemberID` for a member added at runtime: as [`member_id`], with the time of
+/// the request (unix seconds, in decimal) after the token.
+pub fn runtime_member_id(peer_urls: &[String], token: &str, unix_secs: u64) -> u64 {
+    let mut urls: Vec<&str> = peer_urls.iter().map(String::as_str).collect();
+    urls.sort_unstable();
+    let mut bytes = urls.concat().into_bytes();
+    bytes.extend_from_slice(token.as_bytes());
+    bytes.extend_from_slice(unix_secs.to_string().as_bytes());
+    sha1_u64(&bytes)
+}
+
 /// One member as the bootstrap flags (or the data dir) name it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BootMember {
@@ -44,27 +55,29 @@ pub struct BootMember {
 pub struct Identity {
     pub member_id: u64,
     pub cluster_id: u64,
+    /// The bootstrap members (a new cluster), or the members the cluster had when this
+    /// member joined it.
     pub members: Vec<BootMember>,
+    /// This member joined a running cluster (`--initial-cluster-state existing`): its log
+    /// comes from the leader, not from a bootstrap.
+    pub joined: bool,
 }
 
+/// How long a member joining a cluster keeps asking its peers who the cluster is.
+const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long each peer gets to answer.
+const PEER_ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The ids of this member, its cluster and its members: read from the data dir when it has
-/// them (a restart ignores the bootstrap flags, as etcd does), else derived from the flags and
-/// written there.
-pub fn identity(
+/// them (a restart ignores the bootstrap flags, as etcd does), else derived from the flags
+/// (`new`) or learned from the running cluster (`existing`), and written there.
+pub async fn identity(
     dir: &Path,
     cfg: &Config,
     flags: &[(String, Vec<String>)],
 ) -> Result<Identity, ServerError> {
     let id_path = dir.join("identity");
     let members_path = dir.join("members");
-    let from_flags: Vec<BootMember> = flags
-        .iter()
-        .map(|(name, urls)| BootMember {
-            id: member_id(urls, &cfg.initial_cluster_token),
-            name: name.clone(),
-            peer_urls: urls.clone(),
-        })
-        .collect();
     if let Ok(text) = std::fs::read_to_string(&id_path) {
         let ids: Vec<u64> = text
             .split_whitespace()
@@ -95,27 +108,148 @@ pub fn identity(
             member_id,
             cluster_id,
             members,
+            joined: text.split_whitespace().any(|w| w == JOINED),
         });
     }
-    let me = from_flags
-        .iter()
-        .find(|m| m.name == cfg.name)
-        .map(|m| m.id)
-        .unwrap_or_default();
-    let ids: Vec<u64> = from_flags.iter().map(|m| m.id).collect();
-    let cluster = cluster_id(&ids);
+    let identity = match cfg.initial_cluster_state {
+        ClusterState::New => bootstrap_identity(cfg, flags).await?,
+        ClusterState::Existing => join_identity(cfg, flags).await?,
+    };
     let write = |path: &Path, text: String| {
         std::fs::write(path, text).map_err(|e| ServerError::DataDir(path.to_path_buf(), e))
     };
     // Members first: a crash between the two writes leaves no identity, so the next start
-    // bootstraps again from the flags.
-    write(&members_path, format_members(&from_flags))?;
-    write(&id_path, format!("{me:x} {cluster:x}\n"))?;
+    // derives it again.
+    write(&members_path, format_members(&identity.members))?;
+    let joined = if identity.joined { JOINED } else { "" };
+    write(
+        &id_path,
+        format!(
+            "{:x} {:x} {joined}\n",
+            identity.member_id, identity.cluster_id
+        ),
+    )?;
+    Ok(identity)
+}
+
+/// Marks the identity of a member that joined a running cluster.
+const JOINED: &str = "existing";
+
+async fn bootstrap_identity(
+    cfg: &Config,
+    flags: &[(String, Vec<String>)],
+) -> Result<Identity, ServerError> {
+    let members: Vec<BootMember> = flags
+        .iter()
+        .map(|(name, urls)| BootMember {
+            id: member_id(urls, &cfg.initial_cluster_token),
+            name: name.clone(),
+            peer_urls: urls.clone(),
+        })
+        .collect();
+    let me = members
+        .iter()
+        .find(|m| m.name == cfg.name)
+        .map(|m| m.id)
+        .unwrap_or_default();
+    // etcd's `isMemberBootstrapped`: a member whose data dir was wiped must not bootstrap a
+    // second time next to a cluster that already runs with it (it would start a new log and
+    // diverge); it has to be removed and added again.
+    for other in members.iter().filter(|m| m.id != me) {
+        for url in &other.peer_urls {
+            if let Ok(cluster) = metastore_transport::fetch_members(url, PEER_ASK_TIMEOUT).await {
+                if cluster
+                    .members
+                    .iter()
+                    .any(|m| m.id == me && !m.client_urls.is_empty())
+                {
+                    return Err(ServerError::Identity(
+                        PathBuf::from(&cfg.data_dir),
+                        format!("member {me:x} has already been bootstrapped"),
+                    ));
+                }
+            }
+        }
+    }
+    let ids: Vec<u64> = members.iter().map(|m| m.id).collect();
     Ok(Identity {
         member_id: me,
-        cluster_id: cluster,
-        members: from_flags,
+        cluster_id: cluster_id(&ids),
+        members,
+        joined: false,
     })
+}
+
+/// `--initial-cluster-state existing`: asks the other members of `--initial-cluster` for
+/// the cluster, and finds this member in it by its peer URLs (etcd's
+/// `GetClusterFromRemotePeers` and `ValidateClusterAndAssignIDs`).
+async fn join_identity(
+    cfg: &Config,
+    flags: &[(String, Vec<String>)],
+) -> Result<Identity, ServerError> {
+    let mut own_urls = cfg.peer_urls();
+    own_urls.sort_unstable();
+    let peer_urls: Vec<&String> = flags
+        .iter()
+        .filter(|(name, _)| *name != cfg.name)
+        .flat_map(|(_, urls)| urls)
+        .filter(|u| !own_urls.contains(u))
+        .collect();
+    let started = std::time::Instant::now();
+    let mut last_error = String::from("--initial-cluster names no other member");
+    while started.elapsed() < JOIN_TIMEOUT {
+        for url in &peer_urls {
+            match metastore_transport::fetch_members(url, PEER_ASK_TIMEOUT).await {
+                Ok(cluster) => {
+                    let me = cluster.members.iter().find(|m| {
+                        let mut urls = m.peer_urls.clone();
+                        urls.sort_unstable();
+                        urls == own_urls
+                    });
+                    let Some(me) = me else {
+                        return Err(ServerError::Identity(
+                            PathBuf::from(&cfg.data_dir),
+                            format!(
+                                "the cluster at {url} has no member with peer URLs {own_urls:?}; add this member first (etcdctl member add {} --peer-urls={})",
+                                cfg.name,
+                                own_urls.join(",")
+                            ),
+                        ));
+                    };
+                    tracing::info!(
+                        member = format_args!("{:x}", me.id),
+                        cluster = format_args!("{:x}", cluster.cluster_id),
+                        from = %url,
+                        "joining a running cluster"
+                    );
+                    return Ok(Identity {
+                        member_id: me.id,
+                        cluster_id: cluster.cluster_id,
+                        members: cluster
+                            .members
+                            .iter()
+                            .map(|m| BootMember {
+                                id: m.id,
+                                name: if m.name.is_empty() {
+                                    "-".into()
+                                } else {
+                                    m.name.clone()
+                                },
+                                peer_urls: m.peer_urls.clone(),
+                            })
+                            .collect(),
+                        joined: true,
+                    });
+                }
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    Err(ServerError::Identity(
+        PathBuf::from(&cfg.data_dir),
+        format!("cannot fetch cluster info from peer urls: {last_error}"),
+    ))
 }
 
 /// One line per member: `id-hex name peer-url[,peer-url...]`.
@@ -159,6 +293,19 @@ mod tests {
         assert_eq!(n2, 17162336044232586914);
         assert_eq!(n3, 10336670305312293281);
         assert_eq!(cluster_id(&[n2, n3, n1]), 13229929584943697009);
+    }
+
+    #[test]
+    fn a_runtime_member_id_mixes_in_the_time() {
+        let urls = vec!["http://127.0.0.1:2380".to_string()];
+        let at = |t| runtime_member_id(&urls, "tok", t);
+        assert_ne!(at(1), at(2));
+        assert_ne!(at(1), member_id(&urls, "tok"));
+        // The time goes in as decimal text after the token.
+        let mut bytes = b"http://127.0.0.1:2380tok1700000000".to_vec();
+        assert_eq!(at(1_700_000_000), sha1_u64(&bytes));
+        bytes.push(b'0');
+        assert_ne!(at(1_700_000_000), sha1_u64(&bytes));
     }
 
     #[test]

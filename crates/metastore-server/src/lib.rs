@@ -9,13 +9,21 @@ pub mod version;
 use config::{Config, ConfigError, StorageKind};
 use identity::identity;
 use metastore_api::apply::{ApplyDriver, CompleterSlot, Durability};
-use metastore_api::{ClusterInfo, EtcdServer, MemberInfo, PeerVersionSource, ServiceConfig};
+use metastore_api::{
+    ClusterInfo, EtcdServer, MemberIdSource, MembershipConfig, PeerHealthSource, PeerVersionSource,
+    ServiceConfig,
+};
 use metastore_engine::Engine;
 use metastore_memory::MemoryEngine;
 use metastore_mvcc::Store;
-use metastore_raft::{NoPeers, RaftNode, Transport};
+use metastore_proto::internal::{member_change::Kind, MemberChange, MemberRecord};
+use metastore_raft::{Bootstrap, RaftNode};
 use metastore_rocksdb::RocksDbEngine;
-use metastore_transport::{PeerService, PeerTransport, PeerVersions, TransportConfig};
+use metastore_transport::{
+    MembersResponse, PeerMember, PeerService, PeerTransport, PeerVersions, TransportConfig,
+};
+use prost::Message as _;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +52,8 @@ pub enum ServerError {
     MemberStopped(String),
     #[error("peer transport: {0}")]
     Transport(String),
+    #[error("the member has been permanently removed from the cluster")]
+    Removed,
 }
 
 /// A started member: the shared server state and its client listeners' addresses.
@@ -52,6 +62,7 @@ pub struct Member<E: Engine> {
     pub config: Config,
     /// Filled by the peer service with what each peer announces.
     peer_versions: PeerVersions,
+    transport: Arc<PeerTransport>,
 }
 
 /// Starts a member on the configured engine and serves clients until `shutdown` resolves.
@@ -60,13 +71,13 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     match cfg.storage {
-        StorageKind::Memory => serve(start_memory(cfg)?, shutdown).await,
-        StorageKind::Rocksdb => serve(start_rocksdb(cfg)?, shutdown).await,
+        StorageKind::Memory => serve(start_memory(cfg).await?, shutdown).await,
+        StorageKind::Rocksdb => serve(start_rocksdb(cfg).await?, shutdown).await,
     }
 }
 
 /// The memory engine, rebuilt from the newest snapshot; the WAL replays what follows it.
-pub fn start_memory(cfg: Config) -> Result<Member<MemoryEngine>, ServerError> {
+pub async fn start_memory(cfg: Config) -> Result<Member<MemoryEngine>, ServerError> {
     let member_dir = member_dir(&cfg)?;
     let engine = Arc::new(MemoryEngine::new());
     let snap_dir = member_dir.join("snap");
@@ -85,11 +96,11 @@ pub fn start_memory(cfg: Config) -> Result<Member<MemoryEngine>, ServerError> {
         every: cfg.snapshot_count,
         retention: cfg.snapshot_retention,
     };
-    start(cfg, engine, durability, Some(durable))
+    start(cfg, engine, durability, Some(durable)).await
 }
 
 /// The RocksDB engine: it holds its last flushed state; the WAL replays what follows it.
-pub fn start_rocksdb(cfg: Config) -> Result<Member<RocksDbEngine>, ServerError> {
+pub async fn start_rocksdb(cfg: Config) -> Result<Member<RocksDbEngine>, ServerError> {
     let member_dir = member_dir(&cfg)?;
     let engine = Arc::new(RocksDbEngine::open(
         member_dir.join("rocksdb"),
@@ -105,7 +116,7 @@ pub fn start_rocksdb(cfg: Config) -> Result<Member<RocksDbEngine>, ServerError> 
     let durability = Durability::Flush {
         every: cfg.snapshot_count,
     };
-    start(cfg, engine, durability, None)
+    start(cfg, engine, durability, None).await
 }
 
 fn member_dir(cfg: &Config) -> Result<PathBuf, ServerError> {
@@ -116,31 +127,17 @@ fn member_dir(cfg: &Config) -> Result<PathBuf, ServerError> {
 
 /// Opens the state machine over `engine`, starts raft and the API; does not listen yet.
 /// `durable` is the index the engine already holds durably (None: what it recovered).
-pub fn start<E: Engine>(
+pub async fn start<E: Engine>(
     cfg: Config,
     engine: Arc<E>,
     durability: Durability,
     durable: Option<u64>,
 ) -> Result<Member<E>, ServerError> {
-    let members = cfg.initial_members()?;
+    let flags = cfg.initial_members()?;
     let member_dir = member_dir(&cfg)?;
-    let identity = identity(&member_dir, &cfg, &members)?;
+    let identity = identity(&member_dir, &cfg, &flags).await?;
     let (member_id, cluster_id) = (identity.member_id, identity.cluster_id);
-    let cluster_members: Vec<MemberInfo> = identity
-        .members
-        .iter()
-        .map(|m| MemberInfo {
-            id: m.id,
-            name: m.name.clone(),
-            peer_urls: m.peer_urls.clone(),
-            client_urls: if m.id == member_id {
-                cfg.advertise_client_urls()
-            } else {
-                Vec::new()
-            },
-        })
-        .collect();
-    if !cluster_members.iter().any(|m| m.id == member_id) {
+    if !identity.joined && !identity.members.iter().any(|m| m.id == member_id) {
         return Err(ServerError::Identity(
             member_dir.join("identity"),
             format!(
@@ -149,20 +146,39 @@ pub fn start<E: Engine>(
             ),
         ));
     }
-    let transport: Arc<dyn Transport> = if cluster_members.len() == 1 {
-        Arc::new(NoPeers)
-    } else {
-        let peers = cluster_members
-            .iter()
-            .filter(|m| m.id != member_id)
-            .filter_map(|m| m.peer_urls.first().map(|url| (m.id, url.clone())))
-            .collect();
-        Arc::new(
-            PeerTransport::new(member_id, cluster_id, peers, TransportConfig::default())
-                .map_err(|e| ServerError::Transport(e.to_string()))?,
-        )
-    };
+    let boot_records: Vec<MemberRecord> = identity
+        .members
+        .iter()
+        .map(|m| MemberRecord {
+            id: m.id,
+            name: m.name.clone(),
+            peer_urls: m.peer_urls.clone(),
+            is_learner: false,
+        })
+        .collect();
     let store = Arc::new(Store::open(engine)?);
+    if store.members().is_empty() && store.applied_index() > 0 && !identity.joined {
+        // A data dir from before the member table: its bootstrap members are the table.
+        store.seed_members(boot_records.clone())?;
+    }
+    if store.removed_members().contains(&member_id) {
+        return Err(ServerError::Removed);
+    }
+    // The peers: the member table once this member has one, else who it bootstrapped or
+    // joined with.
+    let table = store.members();
+    let peers: HashMap<u64, String> = if table.is_empty() {
+        boot_records
+            .iter()
+            .filter_map(|m| m.peer_urls.first().map(|u| (m.id, u.clone())))
+            .collect()
+    } else {
+        peer_map(&table)
+    };
+    let transport = Arc::new(
+        PeerTransport::new(member_id, cluster_id, peers, TransportConfig::default())
+            .map_err(|e| ServerError::Transport(e.to_string()))?,
+    );
     store.spawn_watch_sync().map_err(ServerError::Thread)?;
     let slot = CompleterSlot::default();
     let durable = durable.unwrap_or_else(|| store.applied_index());
@@ -174,20 +190,38 @@ pub fn start<E: Engine>(
         cfg.batch.apply_part_len,
     );
     let peer_versions = PeerVersions::default();
-    let voters = cluster_members.iter().map(|m| m.id).collect();
+    let bootstrap = if identity.joined {
+        Bootstrap::Join
+    } else {
+        Bootstrap::NewCluster(
+            boot_records
+                .iter()
+                .map(|m| {
+                    let change = MemberChange {
+                        kind: Kind::Add as i32,
+                        member: Some(m.clone()),
+                    };
+                    (m.id, change.encode_to_vec())
+                })
+                .collect(),
+        )
+    };
     let raft = RaftNode::start(
         member_id,
-        voters,
+        bootstrap,
         member_dir.join("wal"),
         cfg.raft.clone(),
-        transport,
+        transport.clone(),
         Box::new(driver),
     )?;
     let cluster = ClusterInfo {
         cluster_id,
         member_id,
-        members: cluster_members,
+        name: cfg.name.clone(),
+        client_urls: cfg.advertise_client_urls(),
     };
+    let token = cfg.initial_cluster_token.clone();
+    let health = transport.clone();
     let server = EtcdServer::new(
         store,
         raft,
@@ -205,14 +239,82 @@ pub fn start<E: Engine>(
                 let versions = peer_versions.clone();
                 PeerVersionSource(Arc::new(move |id| versions.get(id)))
             },
+            membership: MembershipConfig {
+                strict_reconfig_check: cfg.strict_reconfig_check,
+                max_learners: cfg.max_learners,
+                peer_health: PeerHealthSource(Arc::new(move |id| health.active_since(id))),
+                new_member_id: MemberIdSource(Arc::new(move |urls| {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or_default();
+                    identity::runtime_member_id(urls, &token, now)
+                })),
+            },
         },
     );
+    spawn_peer_sync(&server, transport.clone());
     Ok(Member {
         server,
         config: cfg,
         peer_versions,
+        transport,
     })
 }
+
+/// Every member's first peer URL but this member's.
+fn peer_map(table: &std::collections::BTreeMap<u64, MemberRecord>) -> HashMap<u64, String> {
+    table
+        .values()
+        .filter_map(|m| m.peer_urls.first().map(|u| (m.id, u.clone())))
+        .collect()
+}
+
+/// Keeps the transport's peers equal to the member table's as membership changes apply.
+fn spawn_peer_sync<E: Engine>(server: &Arc<EtcdServer<E>>, transport: Arc<PeerTransport>) {
+    let store = server.store.clone();
+    let mut changes = store.membership_changes();
+    tokio::spawn(async move {
+        while changes.changed().await.is_ok() {
+            let table = store.members();
+            // A member that joined has no table until the leader's log or snapshot gives it
+            // one: keep the peers it joined with meanwhile.
+            if table.is_empty() {
+                continue;
+            }
+            if let Err(e) = transport.set_peers(peer_map(&table)) {
+                tracing::warn!(error = %e, "cannot update the peers from the member table");
+            }
+        }
+    });
+}
+
+/// What the peer `Members` RPC answers: the cluster id and the member table.
+fn members_source<E: Engine>(server: &Arc<EtcdServer<E>>) -> metastore_transport::MembersSource {
+    let server = Arc::downgrade(server);
+    Arc::new(move || {
+        let Some(server) = server.upgrade() else {
+            return MembersResponse::default();
+        };
+        MembersResponse {
+            cluster_id: server.cluster.cluster_id,
+            members: server
+                .member_list()
+                .into_iter()
+                .map(|m| PeerMember {
+                    id: m.id,
+                    name: m.name,
+                    peer_urls: m.peer_ur_ls,
+                    client_urls: m.client_ur_ls,
+                    is_learner: m.is_learner,
+                })
+                .collect(),
+        }
+    })
+}
+
+/// How long listeners get to finish what is in flight when the member stops.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Serves clients until `shutdown` resolves, then stops raft cleanly.
 pub async fn serve<E: Engine>(
@@ -223,14 +325,19 @@ pub async fn serve<E: Engine>(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     // Peers first: replaying the log needs nobody, but the other members may need this one
-    // to elect a leader meanwhile.
-    if member.server.cluster.members.len() > 1 {
+    // to elect a leader meanwhile. Served by a single member too, so that it can grow.
+    {
         for addr in member.config.peer_addrs()? {
             let service = PeerService::new(
                 member.server.cluster.cluster_id,
                 member.server.cluster.member_id,
                 member.server.raft.clone(),
                 member.peer_versions.clone(),
+                members_source(&member.server),
+                {
+                    let store = member.server.store.clone();
+                    Arc::new(move |id| store.is_removed(id))
+                },
             );
             let incoming = tonic::transport::server::TcpIncoming::bind(addr)
                 .map_err(|e| ServerError::Bind(addr, e))?
@@ -252,6 +359,7 @@ pub async fn serve<E: Engine>(
     // Serve nothing older than what was acknowledged before a restart.
     let started = std::time::Instant::now();
     member.server.raft.wait_replayed().await?;
+    member.server.wait_for_own_membership().await;
     tracing::info!(
         applied = member.server.raft.status().applied_index,
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -298,25 +406,45 @@ pub async fn serve<E: Engine>(
     let raft = member.server.raft.clone();
     let watchdog = async move {
         loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if raft.is_removed() {
+                return true;
+            }
             if raft.is_stopped() {
-                return;
+                return false;
             }
         }
     };
     let mut result = Ok(());
     tokio::select! {
-        _ = shutdown => tracing::info!("shutting down"),
-        _ = watchdog => {
-            tracing::error!("raft member stopped; shutting down");
-            result = Err(ServerError::MemberStopped(format!("{:?}", member.server.raft.status())));
+        _ = shutdown => {
+            tracing::info!("shutting down");
+            // A rolling restart must not wait an election timeout for every leader it stops.
+            member.server.hand_off_leadership().await;
+        }
+        removed = watchdog => {
+            if removed {
+                // As etcd: a removed member stops, and exits cleanly (its supervisor must not
+                // bring it back).
+                tracing::warn!("the member has been permanently removed from the cluster; shutting down");
+            } else {
+                tracing::error!("raft member stopped; shutting down");
+                result = Err(ServerError::MemberStopped(format!("{:?}", member.server.raft.status())));
+            }
         }
     }
+    drop(member.transport);
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
-    for t in tasks {
-        if let Ok(Err(e)) = t.await {
-            result = Err(e);
+    // Listeners finish the requests in flight, but a peer's raft stream never ends on its
+    // own (the peer keeps it open while this member is in its table): past a grace period
+    // whatever is still open is cut.
+    let grace = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    for mut t in tasks {
+        match tokio::time::timeout_at(grace, &mut t).await {
+            Ok(Ok(Err(e))) => result = Err(e),
+            Ok(_) => {}
+            Err(_) => t.abort(),
         }
     }
     let raft = member.server.raft.clone();

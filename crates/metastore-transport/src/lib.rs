@@ -7,7 +7,8 @@ mod receive;
 mod send;
 mod snapshot;
 
-pub use receive::PeerService;
+pub use metastore_proto::metastore::peer::{MembersResponse, PeerMember};
+pub use receive::{fetch_members, MembersSource, PeerService, RemovedSource};
 pub use send::PeerTransport;
 
 /// The version each peer announced on its stream, by member id: what the leader needs to
@@ -41,12 +42,17 @@ use std::time::Duration;
 /// etcd's text for a peer of another cluster; clients and operators know it.
 pub const CLUSTER_ID_MISMATCH: &str = "etcdserver: cluster ID mismatch";
 
+/// What a member answers a peer removed from the cluster.
+pub const MEMBER_REMOVED: &str = "the member has been permanently removed from the cluster";
+
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("peer {0}: invalid URL {1:?}: {2}")]
     Url(u64, String, String),
     #[error("undecodable raft message: {0}")]
     Decode(String),
+    #[error("asking {0} for the cluster's members: {1}")]
+    Members(String, String),
 }
 
 /// Queue and batch sizes; the defaults suit the raft config's 4 MiB messages and 512 in flight.

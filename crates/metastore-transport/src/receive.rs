@@ -2,9 +2,17 @@
 
 use crate::{decode_message, PeerVersions, CLUSTER_ID_MISMATCH};
 use metastore_proto::metastore::peer::raft_peer_server::{RaftPeer, RaftPeerServer};
-use metastore_proto::metastore::peer::{MessageBatch, SnapshotAck, SnapshotChunk, StreamEnd};
+use metastore_proto::metastore::peer::{
+    MembersRequest, MembersResponse, MessageBatch, SnapshotAck, SnapshotChunk, StreamEnd,
+};
 use metastore_raft::RaftNode;
 use tonic::{Request, Response, Status, Streaming};
+
+/// The member table as this member knows it, for the `Members` RPC.
+pub type MembersSource = std::sync::Arc<dyn Fn() -> MembersResponse + Send + Sync>;
+
+/// Whether a member id was removed from the cluster for good.
+pub type RemovedSource = std::sync::Arc<dyn Fn(u64) -> bool + Send + Sync>;
 
 /// Steps every message that arrives from a peer of this cluster into the local raft node.
 pub struct PeerService {
@@ -12,16 +20,27 @@ pub struct PeerService {
     local_id: u64,
     node: RaftNode,
     versions: PeerVersions,
+    members: MembersSource,
+    removed: RemovedSource,
 }
 
 impl PeerService {
-    /// `versions` records the version each peer announces.
-    pub fn new(cluster_id: u64, local_id: u64, node: RaftNode, versions: PeerVersions) -> Self {
+    /// `versions` records the version each peer announces; `members` answers `Members`.
+    pub fn new(
+        cluster_id: u64,
+        local_id: u64,
+        node: RaftNode,
+        versions: PeerVersions,
+        members: MembersSource,
+        removed: RemovedSource,
+    ) -> Self {
         Self {
             cluster_id,
             local_id,
             node,
             versions,
+            members,
+            removed,
         }
     }
 
@@ -40,6 +59,11 @@ impl PeerService {
                 "refusing a peer of another cluster"
             );
             return Err(Status::failed_precondition(CLUSTER_ID_MISMATCH));
+        }
+        if (self.removed)(batch.from) {
+            // As etcd answers a removed member's peer traffic: it learns it was removed (its
+            // own log may end before the change) and stops.
+            return Err(Status::failed_precondition(crate::MEMBER_REMOVED));
         }
         if batch.to != self.local_id {
             return Err(Status::failed_precondition(format!(
@@ -92,4 +116,37 @@ impl RaftPeer for PeerService {
         .await?;
         Ok(Response::new(SnapshotAck {}))
     }
+
+    async fn members(
+        &self,
+        _request: Request<MembersRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
+        Ok(Response::new((self.members)()))
+    }
+}
+
+/// Asks the member at `peer_url` for the cluster it belongs to (a member joining with
+/// `--initial-cluster-state existing`, or checking that it was not bootstrapped already).
+pub async fn fetch_members(
+    peer_url: &str,
+    timeout: std::time::Duration,
+) -> Result<MembersResponse, crate::TransportError> {
+    use metastore_proto::metastore::peer::raft_peer_client::RaftPeerClient;
+    let fail = |e: String| crate::TransportError::Members(peer_url.to_string(), e);
+    let call = async {
+        let channel = tonic::transport::Endpoint::from_shared(peer_url.to_string())
+            .map_err(|e| fail(e.to_string()))?
+            .connect_timeout(timeout)
+            .connect()
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        RaftPeerClient::new(channel)
+            .members(MembersRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|e| fail(e.message().to_string()))
+    };
+    tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| fail("timed out".into()))?
 }

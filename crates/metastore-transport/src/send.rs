@@ -7,20 +7,24 @@ use metastore_raft::eraftpb::{Message, MessageType};
 use metastore_raft::{PeerFeedback, Transport};
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tonic::transport::{Channel, Endpoint};
 
 struct PeerQueues {
     control: mpsc::Sender<Message>,
     data: mpsc::Sender<Message>,
+    /// Where the peer is reached; snapshots go there on a connection of their own.
+    url: String,
+    /// Since when the stream to the peer has been up (None: not connected).
+    active_since: Arc<parking_lot::Mutex<Option<Instant>>>,
 }
 
-/// Raft messages to every peer. `send` runs on the raft thread and never blocks it.
+/// Raft messages to every peer. `send` runs on the raft thread and never blocks it. The peers
+/// follow the member table ([`PeerTransport::set_peers`]).
 pub struct PeerTransport {
-    peers: HashMap<u64, PeerQueues>,
+    peers: parking_lot::RwLock<HashMap<u64, PeerQueues>>,
     feedback: Arc<OnceLock<PeerFeedback>>,
-    /// Peer URLs, for snapshots (sent on a connection of their own).
-    urls: HashMap<u64, String>,
     local_id: u64,
     cluster_id: u64,
     config: TransportConfig,
@@ -35,6 +39,7 @@ struct Peer {
     cluster_id: u64,
     config: TransportConfig,
     feedback: Arc<OnceLock<PeerFeedback>>,
+    active_since: Arc<parking_lot::Mutex<Option<Instant>>>,
 }
 
 impl Peer {
@@ -54,48 +59,77 @@ impl PeerTransport {
         peers: HashMap<u64, String>,
         config: TransportConfig,
     ) -> Result<Self, TransportError> {
-        let feedback = Arc::new(OnceLock::new());
-        let mut queues = HashMap::new();
-        let urls = peers.clone();
-        for (id, url) in peers {
-            if id == local_id {
-                continue;
-            }
-            Endpoint::from_shared(url.clone())
-                .map_err(|e| TransportError::Url(id, url.clone(), e.to_string()))?;
-            let (control, control_rx) = mpsc::channel(config.control_queue.max(1));
-            let (data, data_rx) = mpsc::channel(config.data_queue.max(1));
-            let peer = Peer {
-                id,
-                url,
-                from: local_id,
-                cluster_id,
-                config: config.clone(),
-                feedback: feedback.clone(),
-            };
-            tokio::spawn(run_peer(peer, control_rx, data_rx));
-            queues.insert(id, PeerQueues { control, data });
-        }
-        Ok(Self {
-            peers: queues,
-            feedback,
-            urls,
+        let transport = Self {
+            peers: Default::default(),
+            feedback: Arc::new(OnceLock::new()),
             local_id,
             cluster_id,
             config,
             runtime: tokio::runtime::Handle::current(),
-        })
+        };
+        transport.set_peers(peers)?;
+        Ok(transport)
+    }
+
+    /// Makes the peers exactly these (`id → peer URL`; this member is skipped): a new one
+    /// gets a sender task, a gone one's task ends, a moved one is reconnected at its new URL.
+    /// A URL that does not parse is an error and changes nothing.
+    pub fn set_peers(&self, peers: HashMap<u64, String>) -> Result<(), TransportError> {
+        for (id, url) in &peers {
+            Endpoint::from_shared(url.clone())
+                .map_err(|e| TransportError::Url(*id, url.clone(), e.to_string()))?;
+        }
+        let mut current = self.peers.write();
+        current.retain(|id, q| peers.get(id) == Some(&q.url));
+        for (id, url) in peers {
+            if id == self.local_id || current.contains_key(&id) {
+                continue;
+            }
+            let (control, control_rx) = mpsc::channel(self.config.control_queue.max(1));
+            let (data, data_rx) = mpsc::channel(self.config.data_queue.max(1));
+            let active_since = Arc::new(parking_lot::Mutex::new(None));
+            let peer = Peer {
+                id,
+                url: url.clone(),
+                from: self.local_id,
+                cluster_id: self.cluster_id,
+                config: self.config.clone(),
+                feedback: self.feedback.clone(),
+                active_since: active_since.clone(),
+            };
+            tracing::info!(peer = format_args!("{id:x}"), %url, "added a peer");
+            self.runtime.spawn(run_peer(peer, control_rx, data_rx));
+            current.insert(
+                id,
+                PeerQueues {
+                    control,
+                    data,
+                    url,
+                    active_since,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Since when the stream to `peer` has been up; None while it is not (etcd's
+    /// `ActiveSince`, which its reconfiguration checks use).
+    pub fn active_since(&self, peer: u64) -> Option<Instant> {
+        self.peers
+            .read()
+            .get(&peer)
+            .and_then(|q| *q.active_since.lock())
     }
 }
 
 impl PeerTransport {
     /// raft-rs sends one snapshot to a follower at a time and waits for `snapshot_sent`.
-    fn send_snapshot(&self, msg: Message) {
-        let (Some(feedback), Some(url)) = (self.feedback.get(), self.urls.get(&msg.to)) else {
+    fn send_snapshot(&self, msg: Message, url: String) {
+        let Some(feedback) = self.feedback.get() else {
             return;
         };
         let target = crate::snapshot::SnapshotSend {
-            url: url.clone(),
+            url,
             cluster_id: self.cluster_id,
             from: self.local_id,
             config: self.config.clone(),
@@ -110,14 +144,24 @@ impl PeerTransport {
 
 impl Transport for PeerTransport {
     fn send(&self, msgs: Vec<Message>) {
+        let peers = self.peers.read();
         for msg in msgs {
             let to = msg.to;
-            let Some(queues) = self.peers.get(&to) else {
+            let Some(queues) = peers.get(&to) else {
+                // A member just added, before the member table names its URL: raft probes it
+                // again once it is reachable.
                 tracing::debug!(to, "raft message to an unknown member dropped");
+                if let Some(f) = self.feedback.get() {
+                    if msg.get_msg_type() == MessageType::MsgSnapshot {
+                        f.snapshot_sent(to, false);
+                    } else {
+                        f.unreachable(to);
+                    }
+                }
                 continue;
             };
             if msg.get_msg_type() == MessageType::MsgSnapshot {
-                self.send_snapshot(msg);
+                self.send_snapshot(msg, queues.url.clone());
                 continue;
             }
             let queue = if is_control(&msg) {
@@ -182,10 +226,21 @@ async fn run_peer(
                 continue;
             }
         };
-        match stream_until_broken(&peer, channel, &mut control, &mut data).await {
+        *peer.active_since.lock() = Some(Instant::now());
+        let ended = stream_until_broken(&peer, channel, &mut control, &mut data).await;
+        *peer.active_since.lock() = None;
+        match ended {
             StreamEnd::TransportGone => return,
             StreamEnd::Broken(status) => {
-                if status.message().contains(CLUSTER_ID_MISMATCH) {
+                if status.message().contains(crate::MEMBER_REMOVED) {
+                    tracing::warn!(
+                        peer = peer.id,
+                        "a peer says this member was removed from the cluster"
+                    );
+                    if let Some(f) = peer.feedback.get() {
+                        f.removed();
+                    }
+                } else if status.message().contains(CLUSTER_ID_MISMATCH) {
                     tracing::error!(peer = peer.id, url = %peer.url, "peer belongs to another cluster: {}", status.message());
                 } else {
                     tracing::debug!(peer = peer.id, error = %status, "peer stream ended");
@@ -226,7 +281,14 @@ async fn stream_until_broken(
             .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
     });
+    let (mut control_open, mut data_open) = (true, true);
     loop {
+        if !control_open && !data_open {
+            // The peer left the member table (or the transport was dropped): close the
+            // stream, or the peer would keep it open for good.
+            call.abort();
+            return StreamEnd::TransportGone;
+        }
         let first = tokio::select! {
             biased;
             ended = &mut call => {
@@ -236,12 +298,20 @@ async fn stream_until_broken(
                     Err(join) => StreamEnd::Broken(tonic::Status::internal(join.to_string())),
                 };
             }
-            Some(msg) = control.recv() => msg,
-            Some(msg) = data.recv() => msg,
-            else => {
-                call.abort();
-                return StreamEnd::TransportGone;
-            }
+            msg = control.recv(), if control_open => match msg {
+                Some(msg) => msg,
+                None => {
+                    control_open = false;
+                    continue;
+                }
+            },
+            msg = data.recv(), if data_open => match msg {
+                Some(msg) => msg,
+                None => {
+                    data_open = false;
+                    continue;
+                }
+            },
         };
         let mut batch = MessageBatch {
             cluster_id: peer.cluster_id,

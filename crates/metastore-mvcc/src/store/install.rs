@@ -95,7 +95,7 @@ impl<E: Engine> Store<E> {
         let applied = read_meta_i64(engine, META_APPLIED)?.unwrap_or(0) as u64;
         *self.cluster_version.write() =
             super::cluster_version::load(engine, super::ClusterVersion::this_build())?;
-        *self.member_attrs.write() = super::members::load(engine)?;
+        self.members.reload(engine)?;
         self.alarms.write().clear();
         self.load_alarms()?;
         self.compact_rev.store(compact, Ordering::SeqCst);

@@ -121,6 +121,11 @@ impl Cluster {
 
     pub fn spawn(&mut self, i: usize) {
         let ic = self.initial_cluster.clone();
+        self.spawn_with(i, &ic, &[]);
+    }
+
+    /// Starts member `i` with this `--initial-cluster` and these flags beside the usual ones.
+    pub fn spawn_with(&mut self, i: usize, ic: &str, flags: &[&str]) {
         let m = &mut self.members[i];
         assert!(m.child.is_none());
         let client = format!("http://127.0.0.1:{}", m.client_port);
@@ -139,7 +144,7 @@ impl Cluster {
             .args(["--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &advertised_peer])
-            .args(["--initial-cluster", &ic])
+            .args(["--initial-cluster", ic])
             .args(["--initial-cluster-token", "cluster-test"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -148,7 +153,93 @@ impl Cluster {
             cmd.args(["--storage", &storage]);
         }
         cmd.args(&self.extra_args);
+        cmd.args(flags);
         m.child = Some(cmd.spawn().expect("spawn metastore"));
+    }
+
+    /// A slot for a member outside the initial cluster (ports, data dir, log), to be added at
+    /// runtime; nothing started.
+    pub fn add_slot(&mut self) -> usize {
+        let i = self.members.len();
+        let taken: Vec<u16> = self
+            .members
+            .iter()
+            .flat_map(|m| [m.client_port, m.peer_port, m.advertise_peer_port])
+            .collect();
+        let mut ports = Vec::new();
+        while ports.len() < 2 {
+            let p = free_port();
+            if !taken.contains(&p) && !ports.contains(&p) {
+                ports.push(p);
+            }
+        }
+        let name = format!("m{}", i + 1);
+        self.members.push(Member {
+            client_port: ports[0],
+            peer_port: ports[1],
+            advertise_peer_port: ports[1],
+            data_dir: self._root.path().join(&name),
+            log: self._root.path().join(format!("{name}.log")),
+            name,
+            child: None,
+        });
+        i
+    }
+
+    /// The peer URL member `i` advertises.
+    pub fn peer_url(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.members[i].advertise_peer_port)
+    }
+
+    /// Starts member `i`, already added with `member add`, to join the cluster of `with`
+    /// (`--initial-cluster-state existing`, as etcdctl's `member add` tells an operator).
+    pub fn spawn_joining(&mut self, i: usize, with: &[usize]) {
+        let ic = with
+            .iter()
+            .chain(std::iter::once(&i))
+            .map(|&j| format!("{}={}", self.members[j].name, self.peer_url(j)))
+            .collect::<Vec<_>>()
+            .join(",");
+        self.spawn_with(i, &ic, &["--initial-cluster-state", "existing"]);
+    }
+
+    /// Waits up to `within` for member `i`'s process to exit on its own.
+    pub fn wait_exit(&mut self, i: usize, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        let child = self.members[i].child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.members[i].child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs etcdctl (v3) against the client ports of `members`; (success, stdout + stderr).
+    pub fn etcdctl(&self, members: &[usize], args: &[&str]) -> (bool, String) {
+        // host:port, not a URL: etcdctl 3.4's `endpoint` commands put the scheme into h2's
+        // `:authority`, which the server refuses.
+        let endpoints = members
+            .iter()
+            .map(|&i| format!("127.0.0.1:{}", self.members[i].client_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &endpoints, "--command-timeout", "15s"])
+            .args(args)
+            .output()
+            .expect("run etcdctl (the test command's setup installs it)");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
     }
 
     pub fn kill9(&mut self, i: usize) {
@@ -221,9 +312,20 @@ impl Cluster {
 
     /// Every member's HashKV at `revision`, once each has applied it; panics after `within`.
     pub async fn hashes_at(&self, revision: i64, within: Duration) -> Vec<(u32, i64)> {
+        let all: Vec<usize> = (0..self.members.len()).collect();
+        self.hashes_of(&all, revision, within).await
+    }
+
+    /// As [`Cluster::hashes_at`], of the given members only.
+    pub async fn hashes_of(
+        &self,
+        members: &[usize],
+        revision: i64,
+        within: Duration,
+    ) -> Vec<(u32, i64)> {
         let deadline = Instant::now() + within;
         let mut out = Vec::new();
-        for i in 0..self.members.len() {
+        for &i in members {
             loop {
                 let got = async {
                     let mut c = self.client(i).await;

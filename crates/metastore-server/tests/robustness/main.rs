@@ -221,3 +221,114 @@ async fn cut_off_a_follower_until_it_needs_a_snapshot() {
         cluster.log_of(follower)
     );
 }
+
+/// Retries a membership request until the leader accepts it: right after a start the strict
+/// reconfiguration checks wait for peers connected 5 s, and a learner needs time to catch up.
+async fn until_accepted<T, F, Fut>(what: &str, client: &etcd_client::Client, mut call: F) -> T
+where
+    F: FnMut(etcd_client::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        match call(client.clone()).await {
+            Ok(v) => return v,
+            Err(e) => assert!(Instant::now() < deadline, "{what} kept failing: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The id of the member whose peer URL is `url`.
+async fn member_id_of(cluster: &Cluster, via: usize, url: &str) -> u64 {
+    let mut c = cluster.client(via).await;
+    let list = c.member_list().await.expect("member list");
+    list.members()
+        .iter()
+        .find(|m| m.peer_urls().iter().any(|u| u == url))
+        .map(|m| m.id())
+        .unwrap_or_else(|| panic!("no member with peer URL {url}: {list:?}"))
+}
+
+/// A follower is replaced under load as an operator replaces a failed machine: removed (it
+/// stops itself), its data dir wiped, added again with the same peer URL, and started with
+/// `--initial-cluster-state existing`; it catches up by snapshot and serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_a_member() {
+    let _turn = SERIAL.lock().await;
+    let started = Instant::now();
+    let mut cluster = proxied_cluster();
+    let leader = cluster.leader(Duration::from_secs(30)).await;
+    let follower = (0..3).find(|&i| i != leader).expect("a follower");
+    let others: Vec<usize> = (0..3).filter(|&i| i != follower).collect();
+    let load = Workload::start(&endpoints(&cluster), CLIENTS_PER_MEMBER, Instant::now());
+    tokio::time::sleep(WARM_UP).await;
+
+    let url = cluster.peer_url(follower);
+    let id = member_id_of(&cluster, leader, &url).await;
+    let admin = cluster.client(others[0]).await;
+    until_accepted("member remove", &admin, |mut c| async move {
+        c.member_remove(id).await
+    })
+    .await;
+    let exit = cluster.wait_exit(follower, Duration::from_secs(10));
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "removed member: {exit:?}"
+    );
+    std::fs::remove_dir_all(&cluster.members[follower].data_dir).expect("wipe the data dir");
+    tokio::time::sleep(fault_duration()).await;
+    let added = until_accepted("member add", &admin, |mut c| {
+        let url = url.clone();
+        async move { c.member_add([url], None).await }
+    })
+    .await;
+    assert_ne!(added.member().map(|m| m.id()), Some(id), "a new id");
+    cluster.spawn_joining(follower, &others);
+
+    tokio::time::sleep(AFTER_HEAL).await;
+    let history = load.stop().await;
+    verify(&cluster, "replace_member", &history, started).await;
+}
+
+/// A fourth member joins as a learner under load, is promoted once in sync, and is removed
+/// again; the three others serve throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_promote_and_remove_a_member() {
+    let _turn = SERIAL.lock().await;
+    let started = Instant::now();
+    let mut cluster = proxied_cluster();
+    cluster.leader(Duration::from_secs(30)).await;
+    let load = Workload::start(&endpoints(&cluster), CLIENTS_PER_MEMBER, Instant::now());
+    tokio::time::sleep(WARM_UP).await;
+
+    let extra = cluster.add_slot();
+    let url = cluster.peer_url(extra);
+    let admin = cluster.client(1).await;
+    let added = until_accepted("member add --learner", &admin, |mut c| {
+        let url = url.clone();
+        let learner = etcd_client::MemberAddOptions::new().with_is_learner();
+        async move { c.member_add([url], Some(learner)).await }
+    })
+    .await;
+    let id = added.member().expect("the added member").id();
+    cluster.spawn_joining(extra, &[0, 1, 2]);
+    until_accepted("member promote", &admin, |mut c| async move {
+        c.member_promote(id).await
+    })
+    .await;
+    tokio::time::sleep(fault_duration()).await;
+    until_accepted("member remove", &admin, |mut c| async move {
+        c.member_remove(id).await
+    })
+    .await;
+    let exit = cluster.wait_exit(extra, Duration::from_secs(10));
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "removed member: {exit:?}"
+    );
+
+    tokio::time::sleep(AFTER_HEAL).await;
+    let history = load.stop().await;
+    verify(&cluster, "add_promote_remove", &history, started).await;
+}
