@@ -92,6 +92,13 @@ impl<E: Engine> ApplyDriver<E> {
         }
     }
 
+    /// Keeps the durable index in `cell` (the peer transport announces it to a witness).
+    pub fn share_durable(mut self, cell: Arc<AtomicU64>) -> Self {
+        cell.store(self.durable.load(Ordering::Acquire), Ordering::Release);
+        self.durable = cell;
+        self
+    }
+
     /// Every `every` applied entries, makes the state machine durable on a separate thread,
     /// so applying (and every write waiting on it) never stops for a snapshot file or a
     /// RocksDB flush. Only the snapshot's capture (the small meta space) runs here, between

@@ -32,7 +32,7 @@ use tonic::Status;
 pub use batch::MAX_BATCH_OPS;
 pub use lease::LeaseConfig;
 
-pub use services::{routes, UNIMPLEMENTED_SERVICES};
+pub use services::{routes, witness_routes, UNIMPLEMENTED_SERVICES, WITNESS_SERVES_NO_CLIENTS};
 
 /// The etcd API version we answer to (what `etcdctl endpoint status` shows as version).
 pub const ETCD_API_VERSION: &str = "3.5.0";
@@ -120,6 +120,22 @@ impl Default for MemberIdSource {
     }
 }
 
+/// Whether a member announced itself a witness (the peer transport knows).
+#[derive(Clone)]
+pub struct WitnessSource(pub Arc<dyn Fn(u64) -> bool + Send + Sync>);
+
+impl Default for WitnessSource {
+    fn default() -> Self {
+        Self(Arc::new(|_| false))
+    }
+}
+
+impl std::fmt::Debug for WitnessSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WitnessSource")
+    }
+}
+
 /// Membership rules (etcd's flags of the same names).
 #[derive(Clone, Debug)]
 pub struct MembershipConfig {
@@ -129,6 +145,7 @@ pub struct MembershipConfig {
     pub max_learners: usize,
     pub peer_health: PeerHealthSource,
     pub new_member_id: MemberIdSource,
+    pub witnesses: WitnessSource,
 }
 
 impl Default for MembershipConfig {
@@ -138,6 +155,7 @@ impl Default for MembershipConfig {
             max_learners: 1,
             peer_health: PeerHealthSource::default(),
             new_member_id: MemberIdSource::default(),
+            witnesses: WitnessSource::default(),
         }
     }
 }

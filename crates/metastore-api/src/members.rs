@@ -16,6 +16,7 @@ impl<E: Engine> EtcdServer<E> {
             member_id: self.cluster.member_id,
             name: self.cluster.name.clone(),
             client_urls: self.cluster.client_urls.clone(),
+            is_witness: false,
         })
     }
 

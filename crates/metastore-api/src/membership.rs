@@ -113,14 +113,18 @@ impl<E: Engine> EtcdServer<E> {
             .into_values()
             .map(|m| {
                 let published = attrs.get(&m.id);
+                // etcd: the bootstrap name until the member publishes its own; empty for a
+                // member added at runtime that has not started.
+                let mut name = published
+                    .map(|a| a.name.clone())
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or(m.name);
+                if self.is_witness(m.id) {
+                    name.push_str(" (witness)");
+                }
                 Member {
                     id: m.id,
-                    // etcd: the bootstrap name until the member publishes its own; empty for
-                    // a member added at runtime that has not started.
-                    name: published
-                        .map(|a| a.name.clone())
-                        .filter(|n| !n.is_empty())
-                        .unwrap_or(m.name),
+                    name,
                     peer_ur_ls: m.peer_urls,
                     client_ur_ls: self.client_urls_of(m.id),
                     is_learner: m.is_learner,
@@ -365,6 +369,16 @@ impl<E: Engine> EtcdServer<E> {
         }
     }
 
+    /// A member that said it is a witness: in its published attributes, or on its raft
+    /// stream to this member.
+    fn is_witness(&self, id: u64) -> bool {
+        self.store
+            .member_attrs()
+            .get(&id)
+            .is_some_and(|a| a.is_witness)
+            || (self.membership_config.witnesses.0)(id)
+    }
+
     fn peer_health(&self) -> &(dyn Fn(u64) -> Option<Instant> + Send + Sync) {
         self.membership_config.peer_health.0.as_ref()
     }
@@ -432,7 +446,7 @@ impl<E: Engine> EtcdServer<E> {
             return Err(errors::not_leader());
         }
         let members = self.store.members();
-        if members.get(&target).is_none_or(|m| m.is_learner) {
+        if members.get(&target).is_none_or(|m| m.is_learner) || self.is_witness(target) {
             return Err(errors::bad_leader_transferee());
         }
         if target == self.cluster.member_id {
@@ -470,7 +484,7 @@ impl<E: Engine> EtcdServer<E> {
         let voters = self.raft.membership().borrow().voters.clone();
         let target = voters
             .iter()
-            .filter(|&&v| v != me)
+            .filter(|&&v| v != me && !self.is_witness(v))
             .filter_map(|&v| (self.peer_health())(v).map(|since| (since, v)))
             .min()
             .map(|(_, v)| v);

@@ -121,6 +121,19 @@ async fn gate_request(
     next.run(request).await
 }
 
+/// What a witness answers every client request.
+pub const WITNESS_SERVES_NO_CLIENTS: &str =
+    "metastore: this member is a witness: it votes and keeps the raft log but holds no data and serves no clients; use a data member's endpoint";
+
+/// The client port of a witness: every request gets `WITNESS_SERVES_NO_CLIENTS`.
+pub fn witness_routes() -> tonic::service::Routes {
+    async fn refuse() -> axum::response::Response {
+        Status::unavailable(WITNESS_SERVES_NO_CLIENTS).into_http()
+    }
+    let router = axum::Router::new().fallback(refuse);
+    tonic::service::Routes::from(router)
+}
+
 async fn unimplemented_fallback(uri: http::Uri) -> axum::response::Response {
     let path = uri.path();
     let service = path

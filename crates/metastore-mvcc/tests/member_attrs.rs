@@ -16,6 +16,7 @@ fn publish(id: u64, url: &str) -> Command {
             member_id: id,
             name: format!("m{id}"),
             client_urls: vec![url.to_string()],
+            is_witness: false,
         })),
     }
 }

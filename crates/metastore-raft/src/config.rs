@@ -31,6 +31,10 @@ pub struct RaftConfig {
     /// Most bytes of entries kept in memory for slow followers, whatever their count: a
     /// follower behind what is kept gets a snapshot.
     pub snapshot_catch_up_bytes: u64,
+    /// This member is a witness: it hands leadership to a data member whenever it is
+    /// elected (it has no state machine to serve from). Set from `--witness`.
+    #[serde(skip)]
+    pub witness: bool,
 }
 
 impl Default for RaftConfig {
@@ -50,6 +54,7 @@ impl Default for RaftConfig {
             wal_preallocate: true,
             snapshot_catch_up_entries: 10_000,
             snapshot_catch_up_bytes: 256 * 1024 * 1024,
+            witness: false,
         }
     }
 }

@@ -29,6 +29,7 @@ pub(crate) struct Driver {
     last_term_published: u64,
     trimmed_below: u64,
     campaign_at_start: bool,
+    witness: bool,
 }
 
 /// A ReadIndex round issued to raft and not answered yet.
@@ -69,6 +70,7 @@ impl Driver {
             last_term_published: 0,
             trimmed_below: 0,
             campaign_at_start: false,
+            witness: config.witness,
         }
     }
 
@@ -124,6 +126,7 @@ impl Driver {
             if Instant::now() >= next_tick {
                 self.raw.tick();
                 self.retry_reads();
+                self.hand_off_if_witness();
                 next_tick += self.tick_interval;
                 if next_tick < Instant::now() {
                     next_tick = Instant::now() + self.tick_interval;
@@ -224,6 +227,34 @@ impl Driver {
             Input::Shutdown => return false,
         }
         true
+    }
+
+    /// A witness that was elected (its log was as long as any) hands leadership at once to the
+    /// data member whose log matches the most of it.
+    fn hand_off_if_witness(&mut self) {
+        if !self.witness
+            || self.raw.raft.state != StateRole::Leader
+            || self.raw.raft.lead_transferee.is_some()
+        {
+            return;
+        }
+        let me = self.shared.id;
+        let voters = self.shared.membership.borrow().voters.clone();
+        let target = self
+            .raw
+            .raft
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != me && voters.contains(id))
+            .max_by_key(|(_, pr)| pr.matched)
+            .map(|(id, _)| *id);
+        if let Some(to) = target {
+            tracing::info!(
+                to = format_args!("{to:x}"),
+                "a witness does not lead: handing leadership over"
+            );
+            self.raw.transfer_leader(to);
+        }
     }
 
     fn propose_conf_change(&mut self, cc: ConfChange) -> Result<u64, RaftError> {

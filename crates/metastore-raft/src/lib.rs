@@ -14,6 +14,7 @@ mod driver;
 mod entry_cache;
 mod storage;
 mod transfer;
+pub mod witness;
 
 use apply::{apply_loop, StopOnExit};
 use driver::Driver;

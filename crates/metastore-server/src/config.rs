@@ -85,6 +85,8 @@ pub struct Config {
     pub strict_reconfig_check: bool,
     /// Most learners the cluster may have at once.
     pub max_learners: usize,
+    /// Run as a witness: vote and keep the raft log, hold no data, serve no clients.
+    pub witness: bool,
     pub storage: StorageKind,
     pub log_level: String,
     /// `text` (etcd's `console`) or `json`.
@@ -121,6 +123,7 @@ impl Default for Config {
             initial_cluster_state: ClusterState::New,
             strict_reconfig_check: true,
             max_learners: 1,
+            witness: false,
             storage: StorageKind::Memory,
             log_level: "info".into(),
             log_format: LogFormat::Text,
@@ -202,6 +205,9 @@ pub struct Flags {
     /// Maximum number of learners in the cluster.
     #[arg(long)]
     pub max_learners: Option<usize>,
+    /// Run as a witness: a voting member that keeps only the raft log (no data, no clients).
+    #[arg(long)]
+    pub witness: bool,
     /// Storage engine.
     #[arg(long, value_enum)]
     pub storage: Option<StorageKind>,
@@ -268,6 +274,9 @@ impl Config {
             log_format,
             log_outputs
         );
+        if flags.witness {
+            cfg.witness = true;
+        }
         if let Some(v) = flags.max_request_bytes {
             cfg.limits.max_request_bytes = v;
         }

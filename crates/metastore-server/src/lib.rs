@@ -5,13 +5,14 @@ pub mod config;
 mod identity;
 pub mod logging;
 pub mod version;
+mod witness;
 
 use config::{Config, ConfigError, StorageKind};
 use identity::identity;
 use metastore_api::apply::{ApplyDriver, CompleterSlot, Durability};
 use metastore_api::{
     ClusterInfo, EtcdServer, MemberIdSource, MembershipConfig, PeerHealthSource, PeerVersionSource,
-    ServiceConfig,
+    ServiceConfig, WitnessSource,
 };
 use metastore_engine::Engine;
 use metastore_memory::MemoryEngine;
@@ -70,6 +71,9 @@ pub async fn run(
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    if cfg.witness {
+        return witness::run(cfg, shutdown).await;
+    }
     match cfg.storage {
         StorageKind::Memory => serve(start_memory(cfg).await?, shutdown).await,
         StorageKind::Rocksdb => serve(start_rocksdb(cfg).await?, shutdown).await,
@@ -119,7 +123,7 @@ pub async fn start_rocksdb(cfg: Config) -> Result<Member<RocksDbEngine>, ServerE
     start(cfg, engine, durability, None).await
 }
 
-fn member_dir(cfg: &Config) -> Result<PathBuf, ServerError> {
+pub(crate) fn member_dir(cfg: &Config) -> Result<PathBuf, ServerError> {
     let dir = PathBuf::from(&cfg.data_dir).join("member");
     std::fs::create_dir_all(&dir).map_err(|e| ServerError::DataDir(dir.clone(), e))?;
     Ok(dir)
@@ -146,16 +150,7 @@ pub async fn start<E: Engine>(
             ),
         ));
     }
-    let boot_records: Vec<MemberRecord> = identity
-        .members
-        .iter()
-        .map(|m| MemberRecord {
-            id: m.id,
-            name: m.name.clone(),
-            peer_urls: m.peer_urls.clone(),
-            is_learner: false,
-        })
-        .collect();
+    let boot_records = boot_records(&identity);
     let store = Arc::new(Store::open(engine)?);
     if store.members().is_empty() && store.applied_index() > 0 && !identity.joined {
         // A data dir from before the member table: its bootstrap members are the table.
@@ -188,24 +183,10 @@ pub async fn start<E: Engine>(
         durability,
         durable,
         cfg.batch.apply_part_len,
-    );
+    )
+    .share_durable(transport.durable_index_cell());
     let peer_versions = PeerVersions::default();
-    let bootstrap = if identity.joined {
-        Bootstrap::Join
-    } else {
-        Bootstrap::NewCluster(
-            boot_records
-                .iter()
-                .map(|m| {
-                    let change = MemberChange {
-                        kind: Kind::Add as i32,
-                        member: Some(m.clone()),
-                    };
-                    (m.id, change.encode_to_vec())
-                })
-                .collect(),
-        )
-    };
+    let bootstrap = bootstrap_of(&identity);
     let raft = RaftNode::start(
         member_id,
         bootstrap,
@@ -243,6 +224,10 @@ pub async fn start<E: Engine>(
                 strict_reconfig_check: cfg.strict_reconfig_check,
                 max_learners: cfg.max_learners,
                 peer_health: PeerHealthSource(Arc::new(move |id| health.active_since(id))),
+                witnesses: {
+                    let versions = peer_versions.clone();
+                    WitnessSource(Arc::new(move |id| versions.is_witness(id)))
+                },
                 new_member_id: MemberIdSource(Arc::new(move |urls| {
                     let now = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
@@ -254,12 +239,48 @@ pub async fn start<E: Engine>(
         },
     );
     spawn_peer_sync(&server, transport.clone());
+    spawn_data_durable_announcer(&server, &transport, peer_versions.clone());
     Ok(Member {
         server,
         config: cfg,
         peer_versions,
         transport,
     })
+}
+
+/// The members as the member table records them at bootstrap.
+fn boot_records(identity: &identity::Identity) -> Vec<MemberRecord> {
+    identity
+        .members
+        .iter()
+        .map(|m| MemberRecord {
+            id: m.id,
+            name: m.name.clone(),
+            peer_urls: m.peer_urls.clone(),
+            is_learner: false,
+        })
+        .collect()
+}
+
+/// How a new WAL starts: a new cluster's log begins with one `AddNode` per member (the same
+/// bytes on every member, the witness included); a joining member waits for the leader's.
+fn bootstrap_of(identity: &identity::Identity) -> Bootstrap {
+    if identity.joined {
+        return Bootstrap::Join;
+    }
+    Bootstrap::NewCluster(
+        boot_records(identity)
+            .into_iter()
+            .map(|m| {
+                let id = m.id;
+                let change = MemberChange {
+                    kind: Kind::Add as i32,
+                    member: Some(m),
+                };
+                (id, change.encode_to_vec())
+            })
+            .collect(),
+    )
 }
 
 /// Every member's first peer URL but this member's.
@@ -289,6 +310,43 @@ fn spawn_peer_sync<E: Engine>(server: &Arc<EtcdServer<E>>, transport: Arc<PeerTr
     });
 }
 
+/// On the leader, every second: the lowest durable index among the data members (this one
+/// and every other that is not a witness), announced to peers so that a witness can trim its
+/// log up to it; 0 (unknown) elsewhere, or while a data member has not announced its own.
+fn spawn_data_durable_announcer<E: Engine>(
+    server: &Arc<EtcdServer<E>>,
+    transport: &Arc<PeerTransport>,
+    versions: PeerVersions,
+) {
+    let server = Arc::downgrade(server);
+    let own = transport.durable_index_cell();
+    let cell = transport.data_durable_index_cell();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let Some(server) = server.upgrade() else {
+                return;
+            };
+            let me = server.cluster.member_id;
+            let lowest = if server.raft.status().is_leader {
+                server
+                    .store
+                    .members()
+                    .keys()
+                    .filter(|&&id| id != me && !versions.is_witness(id))
+                    .map(|&id| versions.durable_index(id))
+                    .try_fold(own.load(std::sync::atomic::Ordering::Acquire), |low, d| {
+                        d.map(|d| low.min(d))
+                    })
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            cell.store(lowest, std::sync::atomic::Ordering::Release);
+        }
+    });
+}
+
 /// What the peer `Members` RPC answers: the cluster id and the member table.
 fn members_source<E: Engine>(server: &Arc<EtcdServer<E>>) -> metastore_transport::MembersSource {
     let server = Arc::downgrade(server);
@@ -314,7 +372,7 @@ fn members_source<E: Engine>(server: &Arc<EtcdServer<E>>) -> metastore_transport
 }
 
 /// How long listeners get to finish what is in flight when the member stops.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Serves clients until `shutdown` resolves, then stops raft cleanly.
 pub async fn serve<E: Engine>(

@@ -11,23 +11,78 @@ pub use metastore_proto::metastore::peer::{MembersResponse, PeerMember};
 pub use receive::{fetch_members, MembersSource, PeerService, RemovedSource};
 pub use send::PeerTransport;
 
-/// The version each peer announced on its stream, by member id: what the leader needs to
-/// decide the cluster version. Cheap to clone.
+/// What each peer announced on its stream, by member id: its version (the leader needs it to
+/// decide the cluster version), whether it is a witness, and how far its state machine is
+/// durable (a witness trims its log by it). Cheap to clone.
 #[derive(Clone, Default)]
 pub struct PeerVersions(
-    std::sync::Arc<parking_lot::RwLock<std::collections::HashMap<u64, String>>>,
+    std::sync::Arc<parking_lot::RwLock<std::collections::HashMap<u64, Announced>>>,
 );
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Announced {
+    version: String,
+    witness: bool,
+    durable_index: u64,
+    data_durable_index: u64,
+}
 
 impl PeerVersions {
     pub fn get(&self, member: u64) -> Option<String> {
-        self.0.read().get(&member).cloned()
+        self.0
+            .read()
+            .get(&member)
+            .map(|a| a.version.clone())
+            .filter(|v| !v.is_empty())
     }
 
-    fn record(&self, member: u64, version: &str) {
-        if version.is_empty() || self.0.read().get(&member).is_some_and(|v| v == version) {
+    /// Whether `member` announced itself a witness.
+    pub fn is_witness(&self, member: u64) -> bool {
+        self.0.read().get(&member).is_some_and(|a| a.witness)
+    }
+
+    /// The durable index `member` last announced; None if it never did.
+    pub fn durable_index(&self, member: u64) -> Option<u64> {
+        self.0.read().get(&member).map(|a| a.durable_index)
+    }
+
+    /// Only the version (a snapshot stream announces nothing else).
+    fn record_version(&self, member: u64, version: &str) {
+        if version.is_empty() || self.get(member).is_some_and(|v| v == version) {
             return;
         }
-        self.0.write().insert(member, version.to_string());
+        self.0.write().entry(member).or_default().version = version.to_string();
+    }
+
+    /// The lowest durable index of the data members, as a leader announced it; None until one
+    /// has.
+    pub fn data_durable_index(&self) -> Option<u64> {
+        self.0
+            .read()
+            .values()
+            .map(|a| a.data_durable_index)
+            .filter(|&d| d > 0)
+            .max()
+    }
+
+    fn record(
+        &self,
+        member: u64,
+        version: &str,
+        witness: bool,
+        durable_index: u64,
+        data_durable_index: u64,
+    ) {
+        let announced = Announced {
+            version: version.to_string(),
+            witness,
+            durable_index,
+            data_durable_index,
+        };
+        if self.0.read().get(&member) == Some(&announced) {
+            return;
+        }
+        self.0.write().insert(member, announced);
     }
 }
 
@@ -71,6 +126,8 @@ pub struct TransportConfig {
     pub connect_timeout: Duration,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// This member is a witness; its peers are told so.
+    pub witness: bool,
 }
 
 impl Default for TransportConfig {
@@ -84,6 +141,7 @@ impl Default for TransportConfig {
             connect_timeout: Duration::from_secs(1),
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(2),
+            witness: false,
         }
     }
 }

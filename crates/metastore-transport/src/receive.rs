@@ -84,7 +84,13 @@ impl RaftPeer for PeerService {
         let mut stream = request.into_inner();
         while let Some(batch) = stream.message().await? {
             self.check(&batch)?;
-            self.versions.record(batch.from, &batch.version);
+            self.versions.record(
+                batch.from,
+                &batch.version,
+                batch.witness,
+                batch.durable_index,
+                batch.data_durable_index,
+            );
             for frame in &batch.messages {
                 let msg =
                     decode_message(frame).map_err(|e| Status::invalid_argument(e.to_string()))?;

@@ -25,6 +25,10 @@ struct PeerQueues {
 pub struct PeerTransport {
     peers: parking_lot::RwLock<HashMap<u64, PeerQueues>>,
     feedback: Arc<OnceLock<PeerFeedback>>,
+    /// This member's durable index, announced on every batch.
+    durable: Arc<std::sync::atomic::AtomicU64>,
+    /// On the leader: the data members' lowest durable index, announced for a witness.
+    data_durable: Arc<std::sync::atomic::AtomicU64>,
     local_id: u64,
     cluster_id: u64,
     config: TransportConfig,
@@ -40,6 +44,8 @@ struct Peer {
     config: TransportConfig,
     feedback: Arc<OnceLock<PeerFeedback>>,
     active_since: Arc<parking_lot::Mutex<Option<Instant>>>,
+    durable: Arc<std::sync::atomic::AtomicU64>,
+    data_durable: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Peer {
@@ -62,6 +68,8 @@ impl PeerTransport {
         let transport = Self {
             peers: Default::default(),
             feedback: Arc::new(OnceLock::new()),
+            durable: Arc::default(),
+            data_durable: Arc::default(),
             local_id,
             cluster_id,
             config,
@@ -96,6 +104,8 @@ impl PeerTransport {
                 config: self.config.clone(),
                 feedback: self.feedback.clone(),
                 active_since: active_since.clone(),
+                durable: self.durable.clone(),
+                data_durable: self.data_durable.clone(),
             };
             tracing::info!(peer = format_args!("{id:x}"), %url, "added a peer");
             self.runtime.spawn(run_peer(peer, control_rx, data_rx));
@@ -110,6 +120,17 @@ impl PeerTransport {
             );
         }
         Ok(())
+    }
+
+    /// Where this member's durable state-machine index is kept up to date, for announcing it
+    /// to peers (a witness trims its log by the data members' lowest).
+    pub fn durable_index_cell(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.durable.clone()
+    }
+
+    /// Where the leader keeps the data members' lowest durable index, announced to peers.
+    pub fn data_durable_index_cell(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.data_durable.clone()
     }
 
     /// Since when the stream to `peer` has been up; None while it is not (etcd's
@@ -319,6 +340,9 @@ async fn stream_until_broken(
             to: peer.id,
             messages: Vec::new(),
             version: crate::VERSION.to_string(),
+            witness: peer.config.witness,
+            durable_index: peer.durable.load(std::sync::atomic::Ordering::Acquire),
+            data_durable_index: peer.data_durable.load(std::sync::atomic::Ordering::Acquire),
         };
         let mut bytes = 0;
         let mut next = Some(first);

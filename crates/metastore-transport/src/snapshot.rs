@@ -151,7 +151,7 @@ pub(crate) async fn receive_snapshot(
             header.to
         )));
     }
-    versions.record(header.from, &header.version);
+    versions.record_version(header.from, &header.version);
     let mut msg = Message::default();
     msg.merge_from_bytes(&header.message)
         .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))?;
