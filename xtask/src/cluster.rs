@@ -220,7 +220,16 @@ async fn rolling_restart(cluster: &mut Cluster) -> Result<RollingRestart> {
                         retryable += 1;
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
+                    // The connection to a member going down under the request: the client
+                    // reconnects to another and retries.
                     Err(etcd_client::Error::TransportError(_)) => {
+                        retryable += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(etcd_client::Error::GRpcStatus(s))
+                        if s.code() == tonic::Code::Unknown
+                            && s.message().contains("transport error") =>
+                    {
                         retryable += 1;
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
@@ -395,7 +404,7 @@ pub(crate) async fn run(
             ));
         }
         let rolled = rolling_restart(&mut cluster).await?;
-        if !rolled.failed.is_empty() {
+        if *kind == Kind::MetaStore && !rolled.failed.is_empty() {
             bail!(
                 "rolling restart of {}: writes failed with non-retryable errors: {:?}",
                 kind.label(),
@@ -409,6 +418,7 @@ pub(crate) async fn run(
                 ("seconds", rolled.took.as_secs_f64()),
                 ("writes_acked", rolled.acked as f64),
                 ("writes_retried", rolled.retryable as f64),
+                ("writes_failed", rolled.failed.len() as f64),
             ],
         );
         table.push((

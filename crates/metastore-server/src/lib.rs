@@ -372,7 +372,7 @@ fn members_source<E: Engine>(server: &Arc<EtcdServer<E>>) -> metastore_transport
 }
 
 /// How long listeners get to finish what is in flight when the member stops.
-pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Serves clients until `shutdown` resolves, then stops raft cleanly.
 pub async fn serve<E: Engine>(
@@ -382,6 +382,7 @@ pub async fn serve<E: Engine>(
     let addrs = member.config.client_addrs()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
+    let mut peer_tasks = Vec::new();
     // Peers first: replaying the log needs nobody, but the other members may need this one
     // to elect a leader meanwhile. Served by a single member too, so that it can grow.
     {
@@ -401,7 +402,7 @@ pub async fn serve<E: Engine>(
                 .map_err(|e| ServerError::Bind(addr, e))?
                 .with_nodelay(Some(true));
             let mut stop = stop_rx.clone();
-            tasks.push(tokio::spawn(async move {
+            peer_tasks.push(tokio::spawn(async move {
                 tonic::transport::Server::builder()
                     .tcp_nodelay(true)
                     .add_service(service.into_server())
@@ -494,9 +495,11 @@ pub async fn serve<E: Engine>(
     drop(member.transport);
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
-    // Listeners finish the requests in flight, but a peer's raft stream never ends on its
-    // own (the peer keeps it open while this member is in its table): past a grace period
-    // whatever is still open is cut.
+    // Client listeners finish the requests in flight (a stream still open after a grace
+    // period is cut); the peer listener serves meanwhile, since a forwarded write completes
+    // only once the leader's entries reach this member. Then the peer listener goes at once:
+    // a peer's raft stream never ends on its own (the peer keeps it open while this member is
+    // in its table), and raft loses nothing by a message cut short.
     let grace = tokio::time::Instant::now() + SHUTDOWN_GRACE;
     for mut t in tasks {
         match tokio::time::timeout_at(grace, &mut t).await {
@@ -504,6 +507,9 @@ pub async fn serve<E: Engine>(
             Ok(_) => {}
             Err(_) => t.abort(),
         }
+    }
+    for t in peer_tasks {
+        t.abort();
     }
     let raft = member.server.raft.clone();
     let _ = tokio::task::spawn_blocking(move || raft.shutdown()).await;
