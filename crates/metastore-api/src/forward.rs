@@ -20,6 +20,18 @@ pub(crate) struct LeaderChannel {
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl<E: Engine> EtcdServer<E> {
+    /// The first client URL `leader` published.
+    pub(crate) fn leader_endpoint(&self, leader: u64) -> Result<Endpoint, Status> {
+        let url = self
+            .client_urls_of(leader)
+            .into_iter()
+            .next()
+            // The leader has not published its client URLs yet (it just started).
+            .ok_or_else(errors::no_leader)?;
+        Endpoint::from_shared(url)
+            .map_err(|e| Status::unavailable(format!("etcdserver: leader URL: {e}")))
+    }
+
     pub(crate) fn leader_channel(&self, leader: u64) -> Result<Channel, Status> {
         let mut cached = self.leader_channel.cached.lock();
         if let Some((id, channel)) = cached.as_ref() {
@@ -27,14 +39,8 @@ impl<E: Engine> EtcdServer<E> {
                 return Ok(channel.clone());
             }
         }
-        let url = self
-            .client_urls_of(leader)
-            .into_iter()
-            .next()
-            // The leader has not published its client URLs yet (it just started).
-            .ok_or_else(errors::no_leader)?;
-        let channel = Endpoint::from_shared(url)
-            .map_err(|e| Status::unavailable(format!("etcdserver: leader URL: {e}")))?
+        let channel = self
+            .leader_endpoint(leader)?
             .connect_timeout(FORWARD_TIMEOUT)
             .timeout(FORWARD_TIMEOUT)
             .tcp_nodelay(true)

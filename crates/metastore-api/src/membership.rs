@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Status;
 
 /// A peer counts as healthy for a reconfiguration only once connected this long (etcd's
@@ -149,13 +149,8 @@ impl<E: Engine> EtcdServer<E> {
         if leader == self.cluster.member_id {
             return Ok(None);
         }
-        let url = self
-            .client_urls_of(leader)
-            .into_iter()
-            .next()
-            .ok_or_else(errors::no_leader)?;
-        let channel = Endpoint::from_shared(url)
-            .map_err(|e| Status::unavailable(format!("etcdserver: leader URL: {e}")))?
+        let channel = self
+            .leader_endpoint(leader)?
             .timeout(CHANGE_TIMEOUT)
             .connect_lazy();
         Ok(Some(ClusterClient::new(channel)))
@@ -273,15 +268,7 @@ impl<E: Engine> EtcdServer<E> {
             Change::Add { peer_urls, learner } => {
                 check_peer_urls(peer_urls)?;
                 let id = (self.membership_config.new_member_id.0)(peer_urls);
-                if members.contains_key(&id) {
-                    return Err(errors::member_exist());
-                }
-                if members
-                    .values()
-                    .any(|m| m.peer_urls.iter().any(|u| peer_urls.contains(u)))
-                {
-                    return Err(errors::peer_url_exist());
-                }
+                check_new_member(members, id, peer_urls)?;
                 if *learner {
                     let learners = members.values().filter(|m| m.is_learner).count();
                     if learners + 1 > self.membership_config.max_learners {
@@ -516,6 +503,24 @@ impl<E: Engine> EtcdServer<E> {
     }
 }
 
+/// etcd's order of checks for a new member: its id, then its peer URLs.
+fn check_new_member(
+    members: &BTreeMap<u64, MemberRecord>,
+    id: u64,
+    peer_urls: &[String],
+) -> Result<(), Status> {
+    if members.contains_key(&id) {
+        return Err(errors::member_exist());
+    }
+    if members
+        .values()
+        .any(|m| m.peer_urls.iter().any(|u| peer_urls.contains(u)))
+    {
+        return Err(errors::peer_url_exist());
+    }
+    Ok(())
+}
+
 fn voters(members: &BTreeMap<u64, MemberRecord>) -> Vec<u64> {
     members
         .values()
@@ -545,6 +550,29 @@ mod tests {
         let err = check_peer_urls(&["x".into()]).expect_err("bad");
         assert_eq!(err.message(), "etcdserver: given member URLs are invalid");
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    }
+
+    /// Two adds of the same peer URLs in the same second get the same id (etcd mixes the
+    /// time in seconds into it): the id is checked first, as etcd does.
+    #[test]
+    fn a_new_member_is_checked_by_id_then_by_peer_urls() {
+        let url = "http://127.0.0.1:2380".to_string();
+        let members: BTreeMap<u64, MemberRecord> = [(
+            7,
+            MemberRecord {
+                id: 7,
+                name: "m1".into(),
+                peer_urls: vec![url.clone()],
+                is_learner: false,
+            },
+        )]
+        .into();
+        let err = check_new_member(&members, 7, std::slice::from_ref(&url)).expect_err("same id");
+        assert_eq!(err.message(), "etcdserver: member ID already exist");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        let err = check_new_member(&members, 8, &[url]).expect_err("same URL");
+        assert_eq!(err.message(), "etcdserver: Peer URLs already exists");
+        assert!(check_new_member(&members, 8, &["http://127.0.0.1:2381".into()]).is_ok());
     }
 
     #[test]

@@ -307,9 +307,11 @@ impl RaftNode {
         // With peers, only what is committed is sure to be applied: an uncommitted tail may be
         // replaced by the next leader, and waiting for it could wait forever. Alone, this member
         // commits its whole log as soon as it leads, so it waits for all of it (a write may have
-        // been acknowledged before the hard state recorded its commit).
+        // been acknowledged before the hard state recorded its commit), and for the empty entry
+        // it appends as it takes leadership: it serves as the leader from its first request, so
+        // leases granted then are timed by a lessor that already leads (no new-leader extension).
         let replay_target = if single_voter {
-            raw.raft.raft_log.last_index()
+            raw.raft.raft_log.last_index() + 1
         } else {
             raw.raft.raft_log.committed
         };

@@ -61,6 +61,8 @@ pub struct Identity {
     /// This member joined a running cluster (`--initial-cluster-state existing`): its log
     /// comes from the leader, not from a bootstrap.
     pub joined: bool,
+    /// Read from the data dir: this is a restart, not a first start.
+    pub restarted: bool,
 }
 
 /// How long a member joining a cluster keeps asking its peers who the cluster is.
@@ -109,6 +111,7 @@ pub async fn identity(
             cluster_id,
             members,
             joined: text.split_whitespace().any(|w| w == JOINED),
+            restarted: true,
         });
     }
     let identity = match cfg.initial_cluster_state {
@@ -177,6 +180,7 @@ async fn bootstrap_identity(
         cluster_id: cluster_id(&ids),
         members,
         joined: false,
+        restarted: false,
     })
 }
 
@@ -239,6 +243,7 @@ async fn join_identity(
                             })
                             .collect(),
                         joined: true,
+                        restarted: false,
                     });
                 }
                 Err(e) => last_error = e.to_string(),

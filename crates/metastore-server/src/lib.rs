@@ -152,8 +152,11 @@ pub async fn start<E: Engine>(
     }
     let boot_records = boot_records(&identity);
     let store = Arc::new(Store::open(engine)?);
-    if store.members().is_empty() && store.applied_index() > 0 && !identity.joined {
-        // A data dir from before the member table: its bootstrap members are the table.
+    if store.members().is_empty() && identity.restarted && !identity.joined {
+        // A data dir from before the member table: its bootstrap members are the table (the
+        // log has no bootstrap entries to give it). For a newer data dir whose table comes
+        // back only with the log replay (the memory engine without a snapshot), this records
+        // the same members the replay then records again, before anything is served.
         store.seed_members(boot_records.clone())?;
     }
     if store.removed_members().contains(&member_id) {
@@ -371,6 +374,29 @@ fn members_source<E: Engine>(server: &Arc<EtcdServer<E>>) -> metastore_transport
     })
 }
 
+/// Serves the peer service on `addr` until `stop` turns true. Binds here, not in the task: a
+/// port that cannot be bound stops the member with an error.
+pub(crate) fn serve_peers(
+    addr: std::net::SocketAddr,
+    service: PeerService,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<Result<(), ServerError>>, ServerError> {
+    let incoming = tonic::transport::server::TcpIncoming::bind(addr)
+        .map_err(|e| ServerError::Bind(addr, e))?
+        .with_nodelay(Some(true));
+    tracing::info!(%addr, "ready to serve peer traffic");
+    Ok(tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(service.into_server())
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+            .map_err(|e| ServerError::Serve(addr, e))
+    }))
+}
+
 /// How long listeners get to finish what is in flight when the member stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -398,21 +424,7 @@ pub async fn serve<E: Engine>(
                     Arc::new(move |id| store.is_removed(id))
                 },
             );
-            let incoming = tonic::transport::server::TcpIncoming::bind(addr)
-                .map_err(|e| ServerError::Bind(addr, e))?
-                .with_nodelay(Some(true));
-            let mut stop = stop_rx.clone();
-            peer_tasks.push(tokio::spawn(async move {
-                tonic::transport::Server::builder()
-                    .tcp_nodelay(true)
-                    .add_service(service.into_server())
-                    .serve_with_incoming_shutdown(incoming, async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
-                    .await
-                    .map_err(|e| ServerError::Serve(addr, e))
-            }));
-            tracing::info!(%addr, "ready to serve peer traffic");
+            peer_tasks.push(serve_peers(addr, service, stop_rx.clone())?);
         }
     }
     // Serve nothing older than what was acknowledged before a restart.

@@ -5,7 +5,7 @@
 
 use crate::config::Config;
 use crate::identity::identity;
-use crate::{bootstrap_of, member_dir, ServerError};
+use crate::{bootstrap_of, member_dir, serve_peers, ServerError};
 use metastore_raft::witness::WitnessLog;
 use metastore_raft::RaftNode;
 use metastore_transport::{
@@ -91,21 +91,7 @@ pub(crate) async fn run(
             members_source.clone(),
             Arc::new(|_| false),
         );
-        let incoming = tonic::transport::server::TcpIncoming::bind(addr)
-            .map_err(|e| ServerError::Bind(addr, e))?
-            .with_nodelay(Some(true));
-        let mut stop = stop_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .add_service(service.into_server())
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-                .map_err(|e| ServerError::Serve(addr, e))
-        }));
-        tracing::info!(%addr, "ready to serve peer traffic");
+        tasks.push(serve_peers(addr, service, stop_rx.clone())?);
     }
     for addr in cfg.client_addrs()? {
         let incoming = tonic::transport::server::TcpIncoming::bind(addr)

@@ -19,6 +19,8 @@ pub struct Member {
     pub data_dir: PathBuf,
     pub log: PathBuf,
     pub child: Option<Child>,
+    /// Started with `--witness`: it serves no clients, so client-side checks skip it.
+    pub witness: bool,
 }
 
 pub struct Cluster {
@@ -99,6 +101,7 @@ impl Cluster {
                 data_dir: root.path().join(format!("m{}", i + 1)),
                 log: root.path().join(format!("m{}.log", i + 1)),
                 child: None,
+                witness: false,
             })
             .collect();
         let initial_cluster = members
@@ -157,6 +160,13 @@ impl Cluster {
         m.child = Some(cmd.spawn().expect("spawn metastore"));
     }
 
+    /// Starts member `i` as a witness (`--witness`).
+    pub fn spawn_witness(&mut self, i: usize) {
+        let ic = self.initial_cluster.clone();
+        self.members[i].witness = true;
+        self.spawn_with(i, &ic, &["--witness"]);
+    }
+
     /// A slot for a member outside the initial cluster (ports, data dir, log), to be added at
     /// runtime; nothing started.
     pub fn add_slot(&mut self) -> usize {
@@ -182,6 +192,7 @@ impl Cluster {
             log: self._root.path().join(format!("{name}.log")),
             name,
             child: None,
+            witness: false,
         });
         i
     }
@@ -283,7 +294,7 @@ impl Cluster {
         loop {
             let mut seen = Vec::new();
             for (i, m) in self.members.iter().enumerate() {
-                if m.child.is_none() {
+                if m.child.is_none() || m.witness {
                     continue;
                 }
                 let status = async {

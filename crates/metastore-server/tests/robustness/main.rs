@@ -332,3 +332,44 @@ async fn add_promote_and_remove_a_member() {
     let history = load.stop().await;
     verify(&cluster, "add_promote_remove", &history, started).await;
 }
+
+/// Two data members and a witness, each fault in turn under load: the witness killed and
+/// restarted, the leader killed and restarted (the witness may be elected, and must hand
+/// leadership over), the witness cut off and healed. With one member of three down the other
+/// two are a quorum, so writes go on throughout; the history must be linearizable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_data_members_and_a_witness_under_faults() {
+    let _turn = SERIAL.lock().await;
+    let started = Instant::now();
+    let mut cluster = Cluster::create_proxied(3);
+    cluster.extra_args = cluster_harness::SMALL_LOG_ARGS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    cluster.spawn(0);
+    cluster.spawn(1);
+    cluster.spawn_witness(2);
+    cluster.leader(Duration::from_secs(30)).await;
+    let data: Vec<String> = (0..2).map(|i| cluster.endpoint(i)).collect();
+    let load = Workload::start(&data, CLIENTS_PER_MEMBER, Instant::now());
+    tokio::time::sleep(WARM_UP).await;
+
+    cluster.kill9(2);
+    tokio::time::sleep(fault_duration()).await;
+    cluster.spawn_witness(2);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let leader = cluster.leader(Duration::from_secs(30)).await;
+    cluster.kill9(leader);
+    tokio::time::sleep(fault_duration()).await;
+    cluster.spawn(leader);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    cluster.proxy(2).blackhole();
+    tokio::time::sleep(fault_duration()).await;
+    cluster.proxy(2).pass();
+
+    tokio::time::sleep(AFTER_HEAL).await;
+    let history = load.stop().await;
+    verify(&cluster, "witness_faults", &history, started).await;
+}
