@@ -48,13 +48,19 @@ pub(crate) enum Change {
 
 /// Keeps `EtcdServer::is_learner` in step with the member table.
 pub(crate) fn spawn_learner_flag<E: Engine>(server: &Arc<EtcdServer<E>>) {
-    let store = server.store.clone();
+    // Weak: the store (and a RocksDB engine under it) must close when the server goes, not
+    // when the runtime drops this task at exit.
+    let store = Arc::downgrade(&server.store);
     let flag = server.is_learner.clone();
     let id = server.cluster.member_id;
-    let mut changes = store.membership_changes();
+    let mut changes = server.store.membership_changes();
     tokio::spawn(async move {
         loop {
-            let learner = store.members().get(&id).is_some_and(|m| m.is_learner);
+            let Some(s) = store.upgrade() else {
+                return;
+            };
+            let learner = s.members().get(&id).is_some_and(|m| m.is_learner);
+            drop(s);
             flag.store(learner, Ordering::Release);
             if changes.changed().await.is_err() {
                 return;

@@ -296,10 +296,16 @@ fn peer_map(table: &std::collections::BTreeMap<u64, MemberRecord>) -> HashMap<u6
 
 /// Keeps the transport's peers equal to the member table's as membership changes apply.
 fn spawn_peer_sync<E: Engine>(server: &Arc<EtcdServer<E>>, transport: Arc<PeerTransport>) {
-    let store = server.store.clone();
-    let mut changes = store.membership_changes();
+    // Weak: the store (and a RocksDB engine under it) must close when the server goes, not
+    // when the runtime drops this task at exit.
+    let store = Arc::downgrade(&server.store);
+    let transport = Arc::downgrade(&transport);
+    let mut changes = server.store.membership_changes();
     tokio::spawn(async move {
         while changes.changed().await.is_ok() {
+            let (Some(store), Some(transport)) = (store.upgrade(), transport.upgrade()) else {
+                return;
+            };
             let table = store.members();
             // A member that joined has no table until the leader's log or snapshot gives it
             // one: keep the peers it joined with meanwhile.
@@ -420,8 +426,9 @@ pub async fn serve<E: Engine>(
                 member.peer_versions.clone(),
                 members_source(&member.server),
                 {
-                    let store = member.server.store.clone();
-                    Arc::new(move |id| store.is_removed(id))
+                    // Weak: the peer service may be dropped after the server at exit.
+                    let store = Arc::downgrade(&member.server.store);
+                    Arc::new(move |id| store.upgrade().is_some_and(|s| s.is_removed(id)))
                 },
             );
             peer_tasks.push(serve_peers(addr, service, stop_rx.clone())?);
