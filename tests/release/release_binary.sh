@@ -26,7 +26,10 @@ if ((size < max_bytes)); then pass "release binary under 40 MB ($size bytes)"; e
 fi
 if command -v readelf >/dev/null 2>&1; then
   # Line tables stay for readable profiles: the binary keeps a .debug_line section.
-  if readelf -S -W "$BIN" | grep -q '\.debug_line'; then pass "release binary keeps line tables"; else
+  # Read whole first: `readelf | grep -q` under pipefail fails when grep exits early and
+  # readelf dies of SIGPIPE, which happens or not by timing.
+  sections="$(readelf -S -W "$BIN")"
+  if grep -q '\.debug_line' <<<"$sections"; then pass "release binary keeps line tables"; else
     fail "release binary keeps line tables" "no .debug_line section"
   fi
 fi
