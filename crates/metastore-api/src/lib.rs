@@ -7,12 +7,15 @@
 pub mod apply;
 mod batch;
 pub mod cluster_version;
+pub mod compactor;
 mod concurrency;
 pub mod errors;
 mod forward;
+pub mod http;
 pub mod lease;
 mod members;
 mod membership;
+pub mod observe;
 mod services;
 pub mod validate;
 mod watch;
@@ -61,6 +64,16 @@ impl Default for Limits {
             max_request_bytes: 1536 * 1024,
             max_txn_ops: 128,
             quota_backend_bytes: DEFAULT_QUOTA_BYTES,
+        }
+    }
+}
+
+impl Limits {
+    /// The backend quota in force (0 configured means etcd's default).
+    pub fn quota_bytes(&self) -> u64 {
+        match self.quota_backend_bytes {
+            0 => DEFAULT_QUOTA_BYTES,
+            q => q,
         }
     }
 }
@@ -240,6 +253,8 @@ pub struct EtcdServer<E: Engine> {
     /// This member is a learner: it serves only what etcd lets a learner serve.
     is_learner: Arc<std::sync::atomic::AtomicBool>,
     election_timeout: Duration,
+    /// `grpc.health.v1.Health`'s statuses: serving from start to shutdown, as etcd.
+    pub grpc_health: tonic_health::server::HealthReporter,
 }
 
 impl<E: Engine> EtcdServer<E> {
@@ -285,6 +300,7 @@ impl<E: Engine> EtcdServer<E> {
             membership_lock: tokio::sync::Mutex::new(()),
             is_learner: Arc::default(),
             election_timeout: services.election_timeout,
+            grpc_health: tonic_health::server::HealthReporter::new(),
         });
         membership::spawn_learner_flag(&server);
         lease::spawn_lease_clock(Arc::downgrade(&server), services.election_timeout);
@@ -300,10 +316,7 @@ impl<E: Engine> EtcdServer<E> {
             return Err(errors::request_too_large());
         }
         if metastore_mvcc::adds_data(&cmd) {
-            let quota = match self.limits.quota_backend_bytes {
-                0 => DEFAULT_QUOTA_BYTES,
-                q => q,
-            };
+            let quota = self.limits.quota_bytes();
             let size = self.store.engine().size_bytes() + cmd.encoded_len() as u64;
             // etcd: available while size + cost < quota.
             if size >= quota {

@@ -52,6 +52,11 @@ pub fn routes<E: Engine>(server: Arc<EtcdServer<E>>) -> tonic::service::Routes {
         raft: server.raft.clone(),
         is_learner: server.is_learner.clone(),
     };
+    let grpc_metrics = crate::observe::GrpcMetrics::new(server.store.engine().name());
+    let http = crate::http::http_routes(server.clone());
+    let health = tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(server.grpc_health.clone()),
+    );
     let svc = Svc(server);
     let router = tonic::service::Routes::new(
         KvServer::new(svc.clone())
@@ -77,9 +82,16 @@ pub fn routes<E: Engine>(server: Arc<EtcdServer<E>>) -> tonic::service::Routes {
             .max_decoding_message_size(limit)
             .max_encoding_message_size(usize::MAX),
     )
+    .add_service(health)
     .into_axum_router()
     .fallback(unimplemented_fallback)
-    .layer(axum::middleware::from_fn_with_state(gate, gate_request));
+    .layer(axum::middleware::from_fn_with_state(gate, gate_request))
+    // Probes and scrapes are answered by a learner too, and outside the gRPC gate.
+    .merge(http)
+    .layer(axum::middleware::from_fn_with_state(
+        grpc_metrics,
+        crate::observe::grpc_layer,
+    ));
     tonic::service::Routes::from(router)
 }
 
@@ -92,6 +104,8 @@ struct Gate {
 /// What a learner serves, as etcd: Status, serializable Range (checked in `range`), and the
 /// Snapshot stream.
 const LEARNER_METHODS: &[&str] = &[
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
     "/etcdserverpb.Maintenance/Status",
     "/etcdserverpb.KV/Range",
     "/etcdserverpb.Maintenance/Snapshot",

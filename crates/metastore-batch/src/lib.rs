@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
@@ -182,6 +182,24 @@ impl<R> Completer<R> {
 pub struct BatchStats {
     pub batches: AtomicU64,
     pub commands: AtomicU64,
+    /// Requests submitted and not answered yet (etcd's `proposals_pending`).
+    pub pending: AtomicI64,
+}
+
+/// Counts a request as pending for as long as it lives.
+struct PendingGuard<'a>(&'a AtomicI64);
+
+impl<'a> PendingGuard<'a> {
+    fn new(pending: &'a AtomicI64) -> Self {
+        pending.fetch_add(1, Ordering::Relaxed);
+        Self(pending)
+    }
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 pub struct BatchProposer<R> {
@@ -223,15 +241,22 @@ impl<R: Send + 'static> BatchProposer<R> {
 
     /// Submits one command and waits for its applied result.
     pub async fn submit(&self, cmd: Command) -> Result<R, BatchError> {
+        let _pending = PendingGuard::new(&self.stats.pending);
         let (reply, rx) = oneshot::channel();
         self.tx
             .send((cmd, reply))
             .map_err(|_| BatchError::Stopped)?;
-        match tokio::time::timeout(self.timeout, rx).await {
+        let result = match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(BatchError::Stopped),
             Err(_) => Err(BatchError::Timeout),
+        };
+        if result.is_err() {
+            // A request the state machine answered with an error (a failed txn compare, a
+            // missing lease) is an applied proposal; only one that never applied fails.
+            metrics::counter!("etcd_server_proposals_failed_total").increment(1);
         }
+        result
     }
 
     pub fn completer(&self) -> Completer<R> {
@@ -291,6 +316,7 @@ async fn run<R: Send + 'static>(
             }
         }
         let id = ids.next();
+        metrics::histogram!("metastore_raft_proposal_batch_size").record(commands.len() as f64);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats
             .commands

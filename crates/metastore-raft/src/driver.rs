@@ -495,6 +495,10 @@ impl Driver {
         self.last_term = term;
         if leader_changed {
             tracing::info!(term, leader, id = self.shared.id, "raft leader changed");
+            if leader != 0 {
+                // As etcd counts them: every new leader seen, not the leaderless gaps.
+                metrics::counter!("etcd_server_leader_changes_seen_total").increment(1);
+            }
         }
         if leader_changed || term != self.last_term_published {
             self.last_term_published = term;

@@ -2,6 +2,7 @@
 
 use crate::logging::LogFormat;
 use clap::Parser;
+use metastore_api::compactor::{parse_retention, CompactionMode, Retention};
 use metastore_api::{LeaseConfig, Limits};
 use metastore_batch::BatchConfig;
 use metastore_raft::RaftConfig;
@@ -43,6 +44,16 @@ pub enum StorageKind {
     Rocksdb,
 }
 
+fn parse_mode(text: &str) -> Result<CompactionMode, String> {
+    match text {
+        "periodic" => Ok(CompactionMode::Periodic),
+        "revision" => Ok(CompactionMode::Revision),
+        other => Err(format!(
+            "unknown auto-compaction mode {other:?} (periodic or revision)"
+        )),
+    }
+}
+
 /// gRPC server tuning (layer 1 of the plans).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case")]
@@ -78,6 +89,9 @@ pub struct Config {
     pub advertise_client_urls: String,
     pub listen_peer_urls: String,
     pub initial_advertise_peer_urls: String,
+    /// Extra listeners that serve only `/metrics` and the health endpoints (etcd's
+    /// `--listen-metrics-urls`); empty: none.
+    pub listen_metrics_urls: String,
     pub initial_cluster: String,
     pub initial_cluster_token: String,
     pub initial_cluster_state: ClusterState,
@@ -102,6 +116,13 @@ pub struct Config {
     pub snapshot_retention: usize,
     /// Interval of watch progress notifications, ms (etcd: 10 min).
     pub watch_progress_notify_interval_ms: u64,
+    /// etcd's `--auto-compaction-mode`: `periodic` or `revision`.
+    pub auto_compaction_mode: CompactionMode,
+    /// etcd's `--auto-compaction-retention`: hours or a duration (periodic), revisions
+    /// (revision); `0` turns auto-compaction off.
+    pub auto_compaction_retention: String,
+    /// How often the revision mode checks, ms (etcd: 5 minutes; shorter only for tests).
+    pub auto_compaction_revision_interval_ms: u64,
     pub rocksdb: RocksDbConfig,
     pub lease: LeaseConfig,
     pub grpc: GrpcConfig,
@@ -118,6 +139,7 @@ impl Default for Config {
             advertise_client_urls: "http://127.0.0.1:2379".into(),
             listen_peer_urls: "http://127.0.0.1:2380".into(),
             initial_advertise_peer_urls: "http://127.0.0.1:2380".into(),
+            listen_metrics_urls: String::new(),
             initial_cluster: String::new(),
             initial_cluster_token: "etcd-cluster".into(),
             initial_cluster_state: ClusterState::New,
@@ -132,6 +154,9 @@ impl Default for Config {
             snapshot_count: 10_000,
             snapshot_retention: 3,
             watch_progress_notify_interval_ms: 600_000,
+            auto_compaction_mode: CompactionMode::Periodic,
+            auto_compaction_retention: "0".into(),
+            auto_compaction_revision_interval_ms: 300_000,
             rocksdb: RocksDbConfig::default(),
             lease: LeaseConfig::default(),
             grpc: GrpcConfig::default(),
@@ -190,6 +215,17 @@ pub struct Flags {
     /// Comma-separated peer URLs advertised to the cluster.
     #[arg(long)]
     pub initial_advertise_peer_urls: Option<String>,
+    /// Comma-separated URLs that serve `/metrics` and the health endpoints only.
+    #[arg(long)]
+    pub listen_metrics_urls: Option<String>,
+    /// Auto-compaction: `periodic` (keep a span of time) or `revision` (keep a number of
+    /// revisions).
+    #[arg(long, value_parser = parse_mode)]
+    pub auto_compaction_mode: Option<CompactionMode>,
+    /// What auto-compaction keeps: hours or a duration such as `30m` (periodic), revisions
+    /// (revision); `0` (the default) turns it off.
+    #[arg(long)]
+    pub auto_compaction_retention: Option<String>,
     /// Initial cluster configuration: name=peer-url,...
     #[arg(long)]
     pub initial_cluster: Option<String>,
@@ -264,6 +300,7 @@ impl Config {
             advertise_client_urls,
             listen_peer_urls,
             initial_advertise_peer_urls,
+            listen_metrics_urls,
             initial_cluster,
             initial_cluster_token,
             initial_cluster_state,
@@ -272,7 +309,9 @@ impl Config {
             storage,
             log_level,
             log_format,
-            log_outputs
+            log_outputs,
+            auto_compaction_mode,
+            auto_compaction_retention
         );
         if flags.witness {
             cfg.witness = true;
@@ -309,11 +348,22 @@ impl Config {
         if cfg.initial_cluster.is_empty() {
             cfg.initial_cluster = format!("{}={}", cfg.name, cfg.initial_advertise_peer_urls);
         }
+        cfg.auto_compaction()?;
         Ok(cfg)
     }
 
     pub fn client_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
         split(&self.listen_client_urls).map(parse_url).collect()
+    }
+
+    /// The auto-compaction retention, checked against the mode.
+    pub fn auto_compaction(&self) -> Result<Retention, ConfigError> {
+        parse_retention(self.auto_compaction_mode, &self.auto_compaction_retention)
+            .map_err(|e| ConfigError::Unsupported(e.to_string()))
+    }
+
+    pub fn metrics_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+        split(&self.listen_metrics_urls).map(parse_url).collect()
     }
 
     pub fn peer_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {

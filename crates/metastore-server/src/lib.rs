@@ -55,6 +55,8 @@ pub enum ServerError {
     Transport(String),
     #[error("the member has been permanently removed from the cluster")]
     Removed,
+    #[error(transparent)]
+    Metrics(#[from] metastore_api::observe::ObserveError),
 }
 
 /// A started member: the shared server state and its client listeners' addresses.
@@ -138,6 +140,7 @@ pub async fn start<E: Engine>(
     durable: Option<u64>,
 ) -> Result<Member<E>, ServerError> {
     let flags = cfg.initial_members()?;
+    metastore_api::observe::install()?;
     let member_dir = member_dir(&cfg)?;
     let identity = identity(&member_dir, &cfg, &flags).await?;
     let (member_id, cluster_id) = (identity.member_id, identity.cluster_id);
@@ -240,6 +243,11 @@ pub async fn start<E: Engine>(
                 })),
             },
         },
+    );
+    metastore_api::compactor::spawn(
+        &server,
+        cfg.auto_compaction()?,
+        Duration::from_millis(cfg.auto_compaction_revision_interval_ms.max(1)),
     );
     spawn_peer_sync(&server, transport.clone());
     spawn_data_durable_announcer(&server, &transport, peer_versions.clone());
@@ -448,6 +456,8 @@ pub async fn serve<E: Engine>(
         let routes = metastore_api::routes(member.server.clone());
         let mut stop = stop_rx.clone();
         let builder = tonic::transport::Server::builder()
+            // HTTP/1.1 beside h2 on the one port, as Go's server: curl, probes and scrapers.
+            .accept_http1(true)
             .tcp_nodelay(grpc.tcp_nodelay)
             .max_concurrent_streams(grpc.max_concurrent_streams)
             .initial_stream_window_size(grpc.initial_stream_window_size)
@@ -472,6 +482,24 @@ pub async fn serve<E: Engine>(
                 .map_err(|e| ServerError::Serve(addr, e))
         }));
         tracing::info!(%addr, "ready to serve client requests");
+    }
+    for addr in member.config.metrics_addrs()? {
+        let routes =
+            tonic::service::Routes::from(metastore_api::http::http_routes(member.server.clone()));
+        let incoming = tonic::transport::server::TcpIncoming::bind(addr)
+            .map_err(|e| ServerError::Bind(addr, e))?;
+        let mut stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .accept_http1(true)
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+                .map_err(|e| ServerError::Serve(addr, e))
+        }));
+        tracing::info!(%addr, "ready to serve /metrics");
     }
     // Under systemd (`Type=notify`, configs/metastore.service) the unit turns active only now,
     // with the log replayed and every listener bound, as etcd signals it. Outside systemd
@@ -512,6 +540,11 @@ pub async fn serve<E: Engine>(
         }
     }
     drop(member.transport);
+    member
+        .server
+        .grpc_health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
     // Client listeners finish the requests in flight (a stream still open after a grace

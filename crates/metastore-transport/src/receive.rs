@@ -82,8 +82,17 @@ impl RaftPeer for PeerService {
         request: Request<Streaming<MessageBatch>>,
     ) -> Result<Response<StreamEnd>, Status> {
         let mut stream = request.into_inner();
+        let mut received_bytes = None;
         while let Some(batch) = stream.message().await? {
             self.check(&batch)?;
+            received_bytes
+                .get_or_insert_with(|| {
+                    metrics::counter!(
+                        "etcd_network_peer_received_bytes_total",
+                        "From" => format!("{:x}", batch.from)
+                    )
+                })
+                .increment(batch.messages.iter().map(|m| m.len() as u64).sum());
             self.versions.record(
                 batch.from,
                 &batch.version,

@@ -50,6 +50,8 @@ struct Peer {
 
 impl Peer {
     fn unreachable(&self) {
+        metrics::counter!("etcd_network_peer_sent_failures_total", "To" => format!("{:x}", self.id))
+            .increment(1);
         if let Some(f) = self.feedback.get() {
             f.unreachable(self.id);
         }
@@ -248,7 +250,9 @@ async fn run_peer(
             }
         };
         *peer.active_since.lock() = Some(Instant::now());
+        let prober = tokio::spawn(probe_round_trips(peer.id, channel.clone()));
         let ended = stream_until_broken(&peer, channel, &mut control, &mut data).await;
+        prober.abort();
         *peer.active_since.lock() = None;
         match ended {
             StreamEnd::TransportGone => return,
@@ -303,6 +307,8 @@ async fn stream_until_broken(
             .await
     });
     let (mut control_open, mut data_open) = (true, true);
+    let sent_bytes =
+        metrics::counter!("etcd_network_peer_sent_bytes_total", "To" => format!("{:x}", peer.id));
     loop {
         if !control_open && !data_open {
             // The peer left the member table (or the transport was dropped): close the
@@ -359,6 +365,7 @@ async fn stream_until_broken(
             }
             next = control.try_recv().ok().or_else(|| data.try_recv().ok());
         }
+        sent_bytes.increment(bytes as u64);
         if tx.send(batch).await.is_err() {
             // The call ended; its result says why.
             return match call.await {
@@ -367,5 +374,30 @@ async fn stream_until_broken(
                 Err(join) => StreamEnd::Broken(tonic::Status::internal(join.to_string())),
             };
         }
+    }
+}
+
+/// How often the round trip to a connected peer is measured (etcd's prober: every 5 s).
+const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Measures the round trip of a small request to the peer, on the raft stream's connection,
+/// as etcd's `etcd_network_peer_round_trip_time_seconds`; a failed probe records nothing (the
+/// stream's own failure is counted where it breaks).
+async fn probe_round_trips(peer_id: u64, channel: Channel) {
+    let rtt = metrics::histogram!(
+        "etcd_network_peer_round_trip_time_seconds",
+        "To" => format!("{peer_id:x}")
+    );
+    let mut client = RaftPeerClient::new(channel);
+    loop {
+        let started = Instant::now();
+        if client
+            .members(metastore_proto::metastore::peer::MembersRequest {})
+            .await
+            .is_ok()
+        {
+            rtt.record(started.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(PROBE_INTERVAL).await;
     }
 }

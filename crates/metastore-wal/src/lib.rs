@@ -593,7 +593,12 @@ impl Wal {
         if self.opts.sync {
             let path = active_path(w);
             let f = w.active.as_ref().ok_or(WalError::Poisoned)?;
+            let started = std::time::Instant::now();
             f.sync_data().map_err(io_err(&path))?;
+            let took = started.elapsed().as_secs_f64();
+            // etcd's name for dashboards and alerts written for etcd, and the plans' own.
+            metrics::histogram!("etcd_disk_wal_fsync_duration_seconds").record(took);
+            metrics::histogram!("metastore_wal_fsync_duration_seconds").record(took);
             self.fsyncs.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
