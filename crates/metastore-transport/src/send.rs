@@ -233,6 +233,9 @@ async fn run_peer(
     mut data: mpsc::Receiver<Message>,
 ) {
     let mut backoff = peer.config.min_backoff;
+    // Present at 0 from the start, so that dashboards show the peer before its first failure.
+    metrics::counter!("etcd_network_peer_sent_failures_total", "To" => format!("{:x}", peer.id))
+        .increment(0);
     loop {
         let channel = match connect(&peer).await {
             Ok(c) => c,
