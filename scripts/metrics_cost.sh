@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# What recording the metrics costs: the release binary of BASE (a commit before the metrics) and
+# of HEAD take turns, ROUNDS times, serving `metastore-bench put` and `range -s` at 256 clients
+# for SECONDS each (memory engine, single member, fresh data dir per run). Medians and the
+# HEAD/BASE ratios go to bench-results/<date>-metrics-cost.md, with a scrape of HEAD's
+# /metrics taken after its last run (proof that it recorded while measured).
+#
+#   bash scripts/metrics_cost.sh [BASE] [ROUNDS] [SECONDS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+base_rev="${1:-d584b56}"
+rounds="${2:-5}"
+seconds="${3:-5}"
+target="${CARGO_TARGET_DIR:-target}"
+work="$(mktemp -d)"
+pids=()
+cleanup() {
+  kill "${pids[@]}" 2>/dev/null || true
+  git worktree remove --force "$work/src" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+build() { # <source dir> <out dir>
+  (cd "$1" && cargo build --release -p metastore-server -p metastore-bench >&2)
+  mkdir -p "$2"
+  cp "$target/release/metastore" "$target/release/metastore-bench" "$2/"
+}
+git worktree add --detach "$work/src" "$base_rev" >&2
+build "$work/src" "$work/base"
+build . "$work/head"
+bench="$work/head/metastore-bench"
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# ops/s and server CPU µs per op of one JSON report.
+fields() { python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.0f %.2f" % (r["ops_per_sec"], r.get("server_cpu_us_per_op") or 0))'; }
+
+# One run: start the server, measure put then range, stop. Prints
+# "put_ops put_cpu range_ops range_cpu".
+run() { # <bin dir> <scrape file or empty>
+  local c p dir pid put range
+  c="$(port)"; p="$(port)"; dir="$(mktemp -d -p "$work")"
+  "$1/metastore" --data-dir "$dir" --listen-client-urls "http://127.0.0.1:$c" \
+    --advertise-client-urls "http://127.0.0.1:$c" --listen-peer-urls "http://127.0.0.1:$p" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$p" --log-level warn 2>>"$work/server.log" &
+  pid=$!; pids+=("$pid")
+  sleep 1.5
+  put="$("$bench" --endpoints "127.0.0.1:$c" --conns 100 --clients 256 --duration "${seconds}s" \
+    --server-pid "$pid" --json --no-progress put | fields)"
+  range="$("$bench" --endpoints "127.0.0.1:$c" --conns 100 --clients 256 --duration "${seconds}s" \
+    --server-pid "$pid" --json --no-progress range --consistency s | fields)"
+  if [[ -n "$2" ]]; then curl -s "http://127.0.0.1:$c/metrics" >"$2"; fi
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  rm -rf "$dir"
+  echo "$put $range"
+}
+
+declare -a bp bpc br brc hp hpc hr hrc
+for ((r = 0; r < rounds; r++)); do
+  read -r a b c d < <(run "$work/base" "")
+  bp+=("$a"); bpc+=("$b"); br+=("$c"); brc+=("$d")
+  echo "round $((r + 1)) base: put $a/s ${b}us, range $c/s ${d}us" >&2
+  read -r a b c d < <(run "$work/head" "$work/scrape.txt")
+  hp+=("$a"); hpc+=("$b"); hr+=("$c"); hrc+=("$d")
+  echo "round $((r + 1)) head: put $a/s ${b}us, range $c/s ${d}us" >&2
+done
+median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", a / b}'; }
+row() { # <name> <base ops> <head ops> <base cpu> <head cpu>
+  printf '| %s | %.0f | %.0f | %s | %.1f | %.1f | %s |\n' "$1" "$2" "$3" "$(ratio "$3" "$2")" \
+    "$4" "$5" "$(ratio "$5" "$4")"
+}
+out="bench-results/$(date +%F)-metrics-cost.md"
+{
+  echo "# The cost of recording metrics: $base_rev (no metrics) vs $(git rev-parse --short HEAD)"
+  echo
+  echo "Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); command: \`bash scripts/metrics_cost.sh $base_rev $rounds $seconds\`"
+  echo
+  echo "Single member, memory engine, release builds taking turns $rounds times, a fresh data dir each run;"
+  echo "\`metastore-bench --clients 256 --conns 100 --duration ${seconds}s\` \`put\`, then \`range --consistency s\`; medians."
+  echo
+  echo "| workload | base ops/s | head ops/s | head / base | base server CPU µs/op | head server CPU µs/op | head / base |"
+  echo "|---|---|---|---|---|---|---|"
+  row "put c256" "$(median "${bp[@]}")" "$(median "${hp[@]}")" "$(median "${bpc[@]}")" "$(median "${hpc[@]}")"
+  row "range -s c256" "$(median "${br[@]}")" "$(median "${hr[@]}")" "$(median "${brc[@]}")" "$(median "${hrc[@]}")"
+  echo
+  echo "Every round, ops/s: put base ${bp[*]}, head ${hp[*]}; range base ${br[*]}, head ${hr[*]}."
+  echo "Server CPU µs/op: put base ${bpc[*]}, head ${hpc[*]}; range base ${brc[*]}, head ${hrc[*]}."
+  echo
+  echo "HEAD's scrape after its last run (a few series):"
+  echo
+  echo '```'
+  grep -E '^grpc_server_handled_total\{grpc_type="unary",grpc_service="etcdserverpb.KV",grpc_method="(Put|Range)",grpc_code="OK"\}|^etcd_disk_wal_fsync_duration_seconds_count|^metastore_raft_proposal_batch_size_(sum|count)' "$work/scrape.txt" || true
+  echo '```'
+} >"$out"
+cat "$out"
