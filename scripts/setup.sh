@@ -5,6 +5,8 @@
 # - etcdctl (Debian package etcd-client): the end-to-end script drives the server with it.
 # - clang and libclang: rust-rocksdb generates its RocksDB bindings with bindgen.
 # - systemd-analyze (Debian package systemd): a test verifies configs/metastore.service with it.
+# - etcd (Debian package etcd-server): the JSON gateway test sends the same requests to a real
+#   etcd and compares the answers.
 set -euo pipefail
 need=()
 command -v clang >/dev/null 2>&1 || need+=(clang)
@@ -12,6 +14,7 @@ dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -ne 0 ] && SUDO="sudo"

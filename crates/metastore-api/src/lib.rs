@@ -11,6 +11,7 @@ pub mod compactor;
 mod concurrency;
 pub mod errors;
 mod forward;
+pub mod gateway;
 pub mod http;
 pub mod lease;
 mod members;
@@ -200,6 +201,10 @@ pub struct ServiceConfig {
     /// The versions peers announced, for the cluster version.
     pub peer_versions: PeerVersionSource,
     pub membership: MembershipConfig,
+    /// Origins allowed to call the HTTP endpoints from a browser (etcd's `--cors`).
+    pub cors: http::Cors,
+    /// etcd's `--metrics extensive`: also record per-method gRPC latency histograms.
+    pub extensive_metrics: bool,
 }
 
 impl Default for ServiceConfig {
@@ -210,6 +215,8 @@ impl Default for ServiceConfig {
             election_timeout: Duration::from_secs(1),
             peer_versions: PeerVersionSource::default(),
             membership: MembershipConfig::default(),
+            cors: http::Cors::default(),
+            extensive_metrics: false,
         }
     }
 }
@@ -255,6 +262,8 @@ pub struct EtcdServer<E: Engine> {
     election_timeout: Duration,
     /// `grpc.health.v1.Health`'s statuses: serving from start to shutdown, as etcd.
     pub grpc_health: tonic_health::server::HealthReporter,
+    pub(crate) cors: http::Cors,
+    pub(crate) extensive_metrics: bool,
 }
 
 impl<E: Engine> EtcdServer<E> {
@@ -301,6 +310,8 @@ impl<E: Engine> EtcdServer<E> {
             is_learner: Arc::default(),
             election_timeout: services.election_timeout,
             grpc_health: tonic_health::server::HealthReporter::new(),
+            cors: services.cors.clone(),
+            extensive_metrics: services.extensive_metrics,
         });
         membership::spawn_learner_flag(&server);
         lease::spawn_lease_clock(Arc::downgrade(&server), services.election_timeout);

@@ -34,6 +34,10 @@ pub const UNIMPLEMENTED_SERVICES: &[&str] = &["etcdserverpb.Auth"];
 /// reaches our check and gets etcd's "request is too large" instead of a transport error.
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
+/// etcd's Cluster service answers headers without a revision (its `ClusterServer.header`):
+/// membership is not part of the key space's history.
+const CLUSTER_HEADER_REVISION: i64 = 0;
+
 /// How long a linearizable read waits for its ReadIndex barrier.
 const READ_TIMEOUT: Duration = Duration::from_secs(7);
 
@@ -46,14 +50,24 @@ impl<E: Engine> Clone for Svc<E> {
 }
 
 /// All services in one route table, with an `Unimplemented` fallback for everything else.
-pub fn routes<E: Engine>(server: Arc<EtcdServer<E>>) -> tonic::service::Routes {
+/// `listen` is the address this route table is served on: the JSON gateway dials it.
+pub fn routes<E: Engine>(
+    server: Arc<EtcdServer<E>>,
+    listen: std::net::SocketAddr,
+) -> tonic::service::Routes {
     let limit = server.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let gate = Gate {
         raft: server.raft.clone(),
         is_learner: server.is_learner.clone(),
     };
-    let grpc_metrics = crate::observe::GrpcMetrics::new(server.store.engine().name());
-    let http = crate::http::http_routes(server.clone());
+    let grpc_metrics =
+        crate::observe::GrpcMetrics::new(server.store.engine().name(), server.extensive_metrics);
+    let http = crate::http::http_routes(server.clone())
+        .merge(crate::gateway::gateway_routes(listen))
+        .layer(axum::middleware::from_fn_with_state(
+            server.cors.clone(),
+            crate::http::cors,
+        ));
     let health = tonic_health::pb::health_server::HealthServer::new(
         tonic_health::server::HealthService::from_health_reporter(server.grpc_health.clone()),
     );
@@ -432,7 +446,7 @@ impl<E: Engine> Cluster for Svc<E> {
             })
             .await?;
         Ok(Response::new(MemberAddResponse {
-            header: Some(self.0.header(self.0.store.current_revision())),
+            header: Some(self.0.header(CLUSTER_HEADER_REVISION)),
             member,
             members,
         }))
@@ -450,7 +464,7 @@ impl<E: Engine> Cluster for Svc<E> {
             })
             .await?;
         Ok(Response::new(MemberRemoveResponse {
-            header: Some(self.0.header(self.0.store.current_revision())),
+            header: Some(self.0.header(CLUSTER_HEADER_REVISION)),
             members,
         }))
     }
@@ -471,7 +485,7 @@ impl<E: Engine> Cluster for Svc<E> {
             })
             .await?;
         Ok(Response::new(MemberUpdateResponse {
-            header: Some(self.0.header(self.0.store.current_revision())),
+            header: Some(self.0.header(CLUSTER_HEADER_REVISION)),
             members,
         }))
     }
@@ -482,7 +496,7 @@ impl<E: Engine> Cluster for Svc<E> {
     ) -> Result<Response<MemberListResponse>, Status> {
         self.read_barrier(!request.get_ref().linearizable).await?;
         Ok(Response::new(MemberListResponse {
-            header: Some(self.0.header(self.0.store.current_revision())),
+            header: Some(self.0.header(CLUSTER_HEADER_REVISION)),
             members: self.0.member_list(),
         }))
     }
@@ -499,7 +513,7 @@ impl<E: Engine> Cluster for Svc<E> {
             })
             .await?;
         Ok(Response::new(MemberPromoteResponse {
-            header: Some(self.0.header(self.0.store.current_revision())),
+            header: Some(self.0.header(CLUSTER_HEADER_REVISION)),
             members,
         }))
     }

@@ -54,6 +54,15 @@ fn parse_mode(text: &str) -> Result<CompactionMode, String> {
     }
 }
 
+/// etcd's `--metrics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricsLevel {
+    #[default]
+    Basic,
+    Extensive,
+}
+
 /// gRPC server tuning (layer 1 of the plans).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case")]
@@ -92,6 +101,10 @@ pub struct Config {
     /// Extra listeners that serve only `/metrics` and the health endpoints (etcd's
     /// `--listen-metrics-urls`); empty: none.
     pub listen_metrics_urls: String,
+    /// Origins allowed to call the HTTP endpoints from a browser (etcd's `--cors`; `*`: any).
+    pub cors: String,
+    /// etcd's `--metrics`: `basic`, or `extensive` to add per-method gRPC latency histograms.
+    pub metrics: MetricsLevel,
     pub initial_cluster: String,
     pub initial_cluster_token: String,
     pub initial_cluster_state: ClusterState,
@@ -140,6 +153,8 @@ impl Default for Config {
             listen_peer_urls: "http://127.0.0.1:2380".into(),
             initial_advertise_peer_urls: "http://127.0.0.1:2380".into(),
             listen_metrics_urls: String::new(),
+            cors: "*".into(),
+            metrics: MetricsLevel::Basic,
             initial_cluster: String::new(),
             initial_cluster_token: "etcd-cluster".into(),
             initial_cluster_state: ClusterState::New,
@@ -218,6 +233,14 @@ pub struct Flags {
     /// Comma-separated URLs that serve `/metrics` and the health endpoints only.
     #[arg(long)]
     pub listen_metrics_urls: Option<String>,
+    /// Comma-separated origins allowed to call the HTTP endpoints and the JSON gateway from a
+    /// browser (`*`: any, the default).
+    #[arg(long)]
+    pub cors: Option<String>,
+    /// `basic`, or `extensive`: also per-method gRPC latency histograms
+    /// (`grpc_server_handling_seconds`, which etcd-mixin's slow-request alert reads).
+    #[arg(long, value_enum)]
+    pub metrics: Option<MetricsLevel>,
     /// Auto-compaction: `periodic` (keep a span of time) or `revision` (keep a number of
     /// revisions).
     #[arg(long, value_parser = parse_mode)]
@@ -301,6 +324,8 @@ impl Config {
             listen_peer_urls,
             initial_advertise_peer_urls,
             listen_metrics_urls,
+            cors,
+            metrics,
             initial_cluster,
             initial_cluster_token,
             initial_cluster_state,

@@ -222,6 +222,8 @@ pub async fn start<E: Engine>(
                 cfg.watch_progress_notify_interval_ms.max(1),
             ),
             election_timeout: cfg.raft.tick_interval * cfg.raft.election_tick as u32,
+            cors: metastore_api::http::Cors::new(&cfg.cors),
+            extensive_metrics: cfg.metrics == config::MetricsLevel::Extensive,
             peer_versions: {
                 let versions = peer_versions.clone();
                 PeerVersionSource(Arc::new(move |id| versions.get(id)))
@@ -453,7 +455,7 @@ pub async fn serve<E: Engine>(
     );
     let grpc = &member.config.grpc;
     for addr in addrs {
-        let routes = metastore_api::routes(member.server.clone());
+        let routes = metastore_api::routes(member.server.clone(), addr);
         let mut stop = stop_rx.clone();
         let builder = tonic::transport::Server::builder()
             // HTTP/1.1 beside h2 on the one port, as Go's server: curl, probes and scrapers.

@@ -147,7 +147,13 @@ fn metric_names_ignore_labels_and_groupings() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_and_alerts_read_exported_series_and_health_follows_the_quorum() {
-    let mut cluster = Cluster::start(3);
+    // etcd-mixin's slow-request alert reads the per-method latency histograms, which etcd
+    // (and MetaStore) record with `--metrics extensive`.
+    let mut cluster = Cluster::create(3);
+    cluster.extra_args = vec!["--metrics".into(), "extensive".into()];
+    for i in 0..3 {
+        cluster.spawn(i);
+    }
     let leader = cluster.leader(Duration::from_secs(20)).await;
     let mut client = cluster.client(leader).await;
     for i in 0..50 {

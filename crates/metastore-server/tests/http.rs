@@ -217,7 +217,7 @@ fn series(scrape: &str, name_and_labels: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_carry_etcds_series_and_they_move_under_load() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with_args(&["--metrics", "extensive"]).await;
     let url = format!("{}/metrics", server.endpoint());
     let before = get(&url);
     assert_eq!(before.status, 200);

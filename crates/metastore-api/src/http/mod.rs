@@ -102,6 +102,82 @@ async fn version<E: Engine>(server: Arc<EtcdServer<E>>, method: Method) -> Respo
         .into_response()
 }
 
+/// etcd's `--cors`: the origins whose browsers may call the HTTP endpoints and the gateway
+/// (`*`, etcd's default, allows any).
+#[derive(Clone, Debug)]
+pub struct Cors {
+    origins: Arc<Vec<String>>,
+}
+
+impl Cors {
+    /// A comma-separated list of origins, as etcd's flag takes it.
+    pub fn new(list: &str) -> Self {
+        let origins = list
+            .split(',')
+            .map(str::trim)
+            .filter(|o| !o.is_empty())
+            .map(String::from)
+            .collect();
+        Self {
+            origins: Arc::new(origins),
+        }
+    }
+
+    fn allowed(&self, origin: Option<&str>) -> Option<String> {
+        if self.origins.iter().any(|o| o == "*") {
+            return Some("*".to_string());
+        }
+        let origin = origin?;
+        self.origins
+            .iter()
+            .any(|o| o == origin)
+            .then(|| origin.to_string())
+    }
+}
+
+impl Default for Cors {
+    fn default() -> Self {
+        Self::new("*")
+    }
+}
+
+/// etcd's CORS handling of every plain HTTP request: the allow headers for an allowed origin,
+/// and an empty 200 for a preflight `OPTIONS`.
+pub(crate) async fn cors(
+    axum::extract::State(cors): axum::extract::State<Cors>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let origin = request
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let allowed = cors.allowed(origin.as_deref());
+    let preflight = request.method() == Method::OPTIONS;
+    let mut response = if preflight {
+        StatusCode::OK.into_response()
+    } else {
+        next.run(request).await
+    };
+    if preflight {
+        response.headers_mut().remove(header::ALLOW);
+    }
+    if let Some(origin) = allowed.and_then(|o| http::HeaderValue::from_str(&o).ok()) {
+        let headers = response.headers_mut();
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            http::HeaderValue::from_static("POST, GET, OPTIONS, PUT, DELETE"),
+        );
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            http::HeaderValue::from_static("accept, content-type, authorization"),
+        );
+    }
+    response
+}
+
 /// Go's `http.Error`: plain text, `nosniff`, the message and a newline.
 fn go_http_error(status: StatusCode, message: &str) -> Response {
     (

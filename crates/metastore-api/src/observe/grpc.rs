@@ -4,10 +4,11 @@
 use axum::body::Body;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
-use metrics::{Counter, Gauge, Histogram};
+use metrics::{Counter, Histogram};
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -100,16 +101,22 @@ const METHODS: &[(&str, &[(&str, &str)])] = &[
     ),
 ];
 
-/// The metric handles of one method, looked up once: a request then costs a few atomic adds.
+/// One method's counts. The hot path only adds to plain atomics; [`publish`] copies them into
+/// the exported counters at scrape time (an increment through the facade per call, times
+/// four series, cost a measurable share of a put).
 struct MethodMetrics {
     service: &'static str,
     method: &'static str,
     kind: &'static str,
     engine: &'static str,
-    started: Counter,
-    handled_ok: Counter,
-    handling: Histogram,
-    op_ok: Counter,
+    started: AtomicU64,
+    ok: AtomicU64,
+    failed: AtomicU64,
+    started_series: Counter,
+    handled_ok_series: Counter,
+    op_ok_series: Counter,
+    /// etcd records it only with `--metrics extensive`.
+    handling: Option<Histogram>,
     op_duration: Histogram,
 }
 
@@ -119,6 +126,7 @@ impl MethodMetrics {
         method: &'static str,
         kind: &'static str,
         engine: &'static str,
+        extensive: bool,
     ) -> Self {
         let labels = [
             ("grpc_type", kind),
@@ -130,25 +138,30 @@ impl MethodMetrics {
             method,
             kind,
             engine,
-            started: metrics::counter!("grpc_server_started_total", &labels),
-            handled_ok: metrics::counter!(
+            started: AtomicU64::new(0),
+            ok: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            started_series: metrics::counter!("grpc_server_started_total", &labels),
+            handled_ok_series: metrics::counter!(
                 "grpc_server_handled_total",
                 "grpc_type" => kind, "grpc_service" => service, "grpc_method" => method, "grpc_code" => "OK"
             ),
-            handling: metrics::histogram!("grpc_server_handling_seconds", &labels),
-            op_ok: metrics::counter!(
+            op_ok_series: metrics::counter!(
                 "metastore_ops_total",
                 "operation" => method, "storage_engine" => engine, "status" => "ok"
             ),
+            handling: extensive
+                .then(|| metrics::histogram!("grpc_server_handling_seconds", &labels)),
             op_duration: metrics::histogram!("metastore_op_duration_seconds", "operation" => method),
         }
     }
 
     fn finish(&self, code: tonic::Code, took: Duration) {
         if code == tonic::Code::Ok {
-            self.handled_ok.increment(1);
-            self.op_ok.increment(1);
+            self.ok.fetch_add(1, Ordering::Relaxed);
         } else {
+            // Failures are rare: their series are looked up as they happen.
+            self.failed.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(
                 "grpc_server_handled_total",
                 "grpc_type" => self.kind,
@@ -163,7 +176,9 @@ impl MethodMetrics {
             )
             .increment(1);
         }
-        self.handling.record(took.as_secs_f64());
+        if let Some(h) = &self.handling {
+            h.record(took.as_secs_f64());
+        }
         if self.kind == "unary" {
             self.op_duration.record(took.as_secs_f64());
         }
@@ -194,33 +209,69 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// Every known method's handles, keyed by its path (`/etcdserverpb.KV/Put`).
+/// Every known method's counts, keyed by its path (`/etcdserverpb.KV/Put`), and the bytes.
+pub(crate) struct Table {
+    methods: HashMap<String, Arc<MethodMetrics>>,
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+/// One table per process, as the exported series are.
+static TABLE: OnceLock<Arc<Table>> = OnceLock::new();
+
+/// The gRPC layer's state (cheap to clone).
 #[derive(Clone)]
 pub(crate) struct GrpcMetrics {
-    methods: Arc<HashMap<String, Arc<MethodMetrics>>>,
-    sent: Counter,
-    received: Counter,
-    inflight: Gauge,
+    table: Arc<Table>,
 }
 
 impl GrpcMetrics {
-    pub(crate) fn new(engine: &'static str) -> Self {
-        let mut methods = HashMap::new();
-        for (service, list) in METHODS {
-            for (method, kind) in *list {
-                methods.insert(
-                    format!("/{service}/{method}"),
-                    Arc::new(MethodMetrics::new(service, method, kind, engine)),
-                );
+    /// `extensive`: also record `grpc_server_handling_seconds` (etcd's `--metrics extensive`).
+    pub(crate) fn new(engine: &'static str, extensive: bool) -> Self {
+        let table = TABLE.get_or_init(|| {
+            let mut methods = HashMap::new();
+            for (service, list) in METHODS {
+                for (method, kind) in *list {
+                    methods.insert(
+                        format!("/{service}/{method}"),
+                        Arc::new(MethodMetrics::new(service, method, kind, engine, extensive)),
+                    );
+                }
             }
-        }
+            Arc::new(Table {
+                methods,
+                sent: AtomicU64::new(0),
+                received: AtomicU64::new(0),
+            })
+        });
         Self {
-            methods: Arc::new(methods),
-            sent: metrics::counter!("etcd_network_client_grpc_sent_bytes_total"),
-            received: metrics::counter!("etcd_network_client_grpc_received_bytes_total"),
-            inflight: metrics::gauge!("metastore_grpc_inflight_requests"),
+            table: table.clone(),
         }
     }
+}
+
+/// Copies the counts into the exported series (called at each scrape).
+pub(crate) fn publish() {
+    let Some(table) = TABLE.get() else {
+        return;
+    };
+    let mut open = 0u64;
+    for m in table.methods.values() {
+        let (started, ok, failed) = (
+            m.started.load(Ordering::Relaxed),
+            m.ok.load(Ordering::Relaxed),
+            m.failed.load(Ordering::Relaxed),
+        );
+        m.started_series.absolute(started);
+        m.handled_ok_series.absolute(ok);
+        m.op_ok_series.absolute(ok);
+        open += started.saturating_sub(ok + failed);
+    }
+    metrics::gauge!("metastore_grpc_inflight_requests").set(open as f64);
+    metrics::counter!("etcd_network_client_grpc_sent_bytes_total")
+        .absolute(table.sent.load(Ordering::Relaxed));
+    metrics::counter!("etcd_network_client_grpc_received_bytes_total")
+        .absolute(table.received.load(Ordering::Relaxed));
 }
 
 /// Records a gRPC call: started when it arrives, handled (with its status code) when its
@@ -230,22 +281,22 @@ pub(crate) async fn grpc_layer(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    let Some(metrics) = grpc.methods.get(request.uri().path()) else {
+    let Some(metrics) = grpc.table.methods.get(request.uri().path()) else {
         return next.run(request).await;
     };
-    metrics.started.increment(1);
-    grpc.inflight.increment(1.0);
+    metrics.started.fetch_add(1, Ordering::Relaxed);
     // Recorded as Canceled if the client goes before the handler answers.
     let mut pending = Pending(Some(Finish {
         metrics: metrics.clone(),
         started: Instant::now(),
         code: None,
-        inflight: grpc.inflight.clone(),
     }));
+    let table = grpc.table.clone();
     let request = request.map(|body| {
         Body::new(Counted {
             inner: body,
-            bytes: grpc.received.clone(),
+            table: table.clone(),
+            sent: false,
         })
     });
     let response = next.run(request).await;
@@ -264,15 +315,16 @@ pub(crate) async fn grpc_layer(
         Body::new(Observed {
             inner: body,
             finish,
-            sent: grpc.sent.clone(),
+            table,
         })
     })
 }
 
-/// Counts the data bytes of a body into `bytes`.
+/// Counts the data bytes of a body into the table (`sent`: the response side).
 struct Counted {
     inner: Body,
-    bytes: Counter,
+    table: Arc<Table>,
+    sent: bool,
 }
 
 impl http_body::Body for Counted {
@@ -286,7 +338,12 @@ impl http_body::Body for Counted {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
-                self.bytes.increment(data.len() as u64);
+                let total = if self.sent {
+                    &self.table.sent
+                } else {
+                    &self.table.received
+                };
+                total.fetch_add(data.len() as u64, Ordering::Relaxed);
             }
         }
         polled
@@ -303,14 +360,12 @@ impl http_body::Body for Counted {
 
 struct Finish {
     metrics: Arc<MethodMetrics>,
-    inflight: Gauge,
     started: Instant,
     code: Option<tonic::Code>,
 }
 
 impl Finish {
     fn record(self, fallback: tonic::Code) {
-        self.inflight.decrement(1.0);
         self.metrics
             .finish(self.code.unwrap_or(fallback), self.started.elapsed());
     }
@@ -332,7 +387,7 @@ impl Drop for Pending {
 struct Observed {
     inner: Body,
     finish: Option<Finish>,
-    sent: Counter,
+    table: Arc<Table>,
 }
 
 impl Observed {
@@ -355,7 +410,9 @@ impl http_body::Body for Observed {
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    self.sent.increment(data.len() as u64);
+                    self.table
+                        .sent
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
                 } else if let Some(trailers) = frame.trailers_ref() {
                     let code = trailers
                         .get("grpc-status")

@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use grpc::publish as publish_grpc;
 pub(crate) use grpc::{grpc_layer, GrpcMetrics};
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +97,7 @@ pub fn install() -> Result<(), ObserveError> {
 pub(crate) fn render<E: Engine>(server: &EtcdServer<E>) -> Option<String> {
     let handle = HANDLE.get()?;
     sample(server);
+    publish_grpc();
     metrics_process::Collector::default().collect();
     Some(handle.render())
 }
