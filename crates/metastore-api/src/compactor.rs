@@ -64,7 +64,7 @@ pub fn parse_retention(mode: CompactionMode, text: &str) -> Result<Retention, Re
 }
 
 /// Go's `time.ParseDuration` for non-negative durations: `300ms`, `1.5h`, `2h45m`, `0`.
-fn parse_go_duration(text: &str) -> Option<Duration> {
+pub fn parse_go_duration(text: &str) -> Option<Duration> {
     if text == "0" {
         return Some(Duration::ZERO);
     }

@@ -11,6 +11,7 @@ pub mod compactor;
 mod concurrency;
 pub mod errors;
 mod forward;
+mod front;
 pub mod gateway;
 pub mod http;
 pub mod lease;
@@ -18,6 +19,7 @@ mod members;
 mod membership;
 pub mod observe;
 mod services;
+mod slowlog;
 pub mod validate;
 mod watch;
 
@@ -205,6 +207,8 @@ pub struct ServiceConfig {
     pub cors: http::Cors,
     /// etcd's `--metrics extensive`: also record per-method gRPC latency histograms.
     pub extensive_metrics: bool,
+    /// KV requests slower than this are logged (etcd's `--experimental-warning-apply-duration`).
+    pub warning_apply_duration: Duration,
 }
 
 impl Default for ServiceConfig {
@@ -217,6 +221,7 @@ impl Default for ServiceConfig {
             membership: MembershipConfig::default(),
             cors: http::Cors::default(),
             extensive_metrics: false,
+            warning_apply_duration: Duration::from_millis(100),
         }
     }
 }
@@ -264,6 +269,7 @@ pub struct EtcdServer<E: Engine> {
     pub grpc_health: tonic_health::server::HealthReporter,
     pub(crate) cors: http::Cors,
     pub(crate) extensive_metrics: bool,
+    pub(crate) warning_apply_duration: Duration,
 }
 
 impl<E: Engine> EtcdServer<E> {
@@ -312,6 +318,7 @@ impl<E: Engine> EtcdServer<E> {
             grpc_health: tonic_health::server::HealthReporter::new(),
             cors: services.cors.clone(),
             extensive_metrics: services.extensive_metrics,
+            warning_apply_duration: services.warning_apply_duration,
         });
         membership::spawn_learner_flag(&server);
         lease::spawn_lease_clock(Arc::downgrade(&server), services.election_timeout);

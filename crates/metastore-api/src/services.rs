@@ -1,6 +1,7 @@
 //! The tonic service implementations and the route table.
 
 use crate::membership::Change;
+use crate::slowlog::{Asked, SlowLog};
 use crate::{errors, validate, EtcdServer, ETCD_API_VERSION};
 use futures::stream::BoxStream;
 use metastore_engine::Engine;
@@ -56,12 +57,14 @@ pub fn routes<E: Engine>(
     listen: std::net::SocketAddr,
 ) -> tonic::service::Routes {
     let limit = server.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
-    let gate = Gate {
+    let front = crate::front::FrontLayer {
         raft: server.raft.clone(),
         is_learner: server.is_learner.clone(),
+        metrics: crate::observe::GrpcMetrics::new(
+            server.store.engine().name(),
+            server.extensive_metrics,
+        ),
     };
-    let grpc_metrics =
-        crate::observe::GrpcMetrics::new(server.store.engine().name(), server.extensive_metrics);
     let http = crate::http::http_routes(server.clone())
         .merge(crate::gateway::gateway_routes(listen))
         .layer(axum::middleware::from_fn_with_state(
@@ -99,54 +102,10 @@ pub fn routes<E: Engine>(
     .add_service(health)
     .into_axum_router()
     .fallback(unimplemented_fallback)
-    .layer(axum::middleware::from_fn_with_state(gate, gate_request))
+    .layer(front)
     // Probes and scrapes are answered by a learner too, and outside the gRPC gate.
-    .merge(http)
-    .layer(axum::middleware::from_fn_with_state(
-        grpc_metrics,
-        crate::observe::grpc_layer,
-    ));
+    .merge(http);
     tonic::service::Routes::from(router)
-}
-
-#[derive(Clone)]
-struct Gate {
-    raft: metastore_raft::RaftNode,
-    is_learner: Arc<std::sync::atomic::AtomicBool>,
-}
-
-/// What a learner serves, as etcd: Status, serializable Range (checked in `range`), and the
-/// Snapshot stream.
-const LEARNER_METHODS: &[&str] = &[
-    "/grpc.health.v1.Health/Check",
-    "/grpc.health.v1.Health/Watch",
-    "/etcdserverpb.Maintenance/Status",
-    "/etcdserverpb.KV/Range",
-    "/etcdserverpb.Maintenance/Snapshot",
-];
-
-/// Checks made before any service sees a request: a learner refuses what etcd's learners
-/// refuse (`etcdserver: rpc not supported for learner`), and etcd's `hasleader` metadata
-/// (clientv3's `WithRequireLeader`) makes a request fail with `etcdserver: no leader` while
-/// this member knows no leader, instead of waiting.
-async fn gate_request(
-    axum::extract::State(gate): axum::extract::State<Gate>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    if gate.is_learner.load(std::sync::atomic::Ordering::Acquire)
-        && !LEARNER_METHODS.contains(&request.uri().path())
-    {
-        return errors::not_supported_for_learner().into_http();
-    }
-    let asked = request
-        .headers()
-        .get("hasleader")
-        .is_some_and(|v| v.as_bytes() == b"true");
-    if asked && gate.raft.status().leader_id == 0 {
-        return errors::no_leader().into_http();
-    }
-    next.run(request).await
 }
 
 /// What a witness answers every client request.
@@ -182,6 +141,29 @@ impl<E: Engine> Svc<E> {
         self.0.submit(op).await
     }
 
+    async fn serve_range(&self, req: &RangeRequest) -> Result<RangeResponse, Status> {
+        self.read_barrier(req.serializable).await?;
+        let mut resp = self.0.store.range(req).map_err(errors::from_mvcc)?;
+        self.0.fill_header(&mut resp.header);
+        Ok(resp)
+    }
+
+    async fn serve_txn(&self, req: TxnRequest, read_only: bool) -> Result<TxnResponse, Status> {
+        let mut resp = if read_only {
+            self.read_barrier(validate::txn_is_serializable(&req))
+                .await?;
+            self.0.store.read_txn(&req).map_err(errors::from_mvcc)?
+        } else {
+            match self.propose(Op::Txn(req)).await? {
+                ApplyResponse::Txn(resp) => resp,
+                _ => return Err(unexpected("txn")),
+            }
+        };
+        // As etcd: only the outer header carries the cluster fields.
+        self.0.fill_header(&mut resp.header);
+        Ok(resp)
+    }
+
     pub(crate) async fn read_barrier(&self, serializable: bool) -> Result<(), Status> {
         if serializable {
             return Ok(());
@@ -210,22 +192,47 @@ impl<E: Engine> Kv for Svc<E> {
         if !req.serializable && self.0.is_learner() {
             return Err(errors::not_supported_for_learner());
         }
-        self.read_barrier(req.serializable).await?;
-        let mut resp = self.0.store.range(&req).map_err(errors::from_mvcc)?;
-        self.0.fill_header(&mut resp.header);
-        Ok(Response::new(resp))
+        let slow = SlowLog::start(self.0.warning_apply_duration);
+        let answer = self.serve_range(&req).await;
+        slow.finish(
+            "read-only range ",
+            || Asked::Range {
+                key: req.key.clone(),
+                range_end: req.range_end.clone(),
+                limit: req.limit,
+                revision: req.revision,
+                serializable: req.serializable,
+            },
+            answer.as_ref(),
+            answer.as_ref().ok().map(|r| r.kvs.len()),
+        );
+        answer.map(Response::new)
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let req = request.into_inner();
         validate::check_put(&req)?;
-        match self.propose(Op::Put(req)).await? {
-            ApplyResponse::Put(mut resp) => {
+        let slow = SlowLog::start(self.0.warning_apply_duration);
+        let (key, value_size, lease) = (req.key.clone(), req.value.len(), req.lease);
+        let answer = match self.propose(Op::Put(req)).await {
+            Ok(ApplyResponse::Put(mut resp)) => {
                 self.0.fill_header(&mut resp.header);
-                Ok(Response::new(resp))
+                Ok(resp)
             }
-            _ => Err(unexpected("put")),
-        }
+            Ok(_) => Err(unexpected("put")),
+            Err(e) => Err(e),
+        };
+        slow.finish(
+            "",
+            || Asked::Put {
+                key,
+                value_size,
+                lease,
+            },
+            answer.as_ref(),
+            None,
+        );
+        answer.map(Response::new)
     }
 
     async fn delete_range(
@@ -234,31 +241,40 @@ impl<E: Engine> Kv for Svc<E> {
     ) -> Result<Response<DeleteRangeResponse>, Status> {
         let req = request.into_inner();
         validate::check_delete(&req)?;
-        match self.propose(Op::DeleteRange(req)).await? {
-            ApplyResponse::DeleteRange(mut resp) => {
+        let slow = SlowLog::start(self.0.warning_apply_duration);
+        let (key, range_end) = (req.key.clone(), req.range_end.clone());
+        let answer = match self.propose(Op::DeleteRange(req)).await {
+            Ok(ApplyResponse::DeleteRange(mut resp)) => {
                 self.0.fill_header(&mut resp.header);
-                Ok(Response::new(resp))
+                Ok(resp)
             }
-            _ => Err(unexpected("delete")),
-        }
+            Ok(_) => Err(unexpected("delete")),
+            Err(e) => Err(e),
+        };
+        slow.finish(
+            "",
+            || Asked::DeleteRange { key, range_end },
+            answer.as_ref(),
+            None,
+        );
+        answer.map(Response::new)
     }
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let req = request.into_inner();
         validate::check_txn(&req, self.0.limits.max_txn_ops)?;
-        let mut resp = if Store::<E>::txn_is_read_only(&req) {
-            self.read_barrier(validate::txn_is_serializable(&req))
-                .await?;
-            self.0.store.read_txn(&req).map_err(errors::from_mvcc)?
-        } else {
-            match self.propose(Op::Txn(req)).await? {
-                ApplyResponse::Txn(resp) => resp,
-                _ => return Err(unexpected("txn")),
-            }
+        let slow = SlowLog::start(self.0.warning_apply_duration);
+        let read_only = Store::<E>::txn_is_read_only(&req);
+        let asked = Asked::Txn {
+            compares: req.compare.len(),
+            success: req.success.len(),
+            failure: req.failure.len(),
+            first_key: req.compare.first().map(|c| c.key.clone()),
         };
-        // As etcd: only the outer header carries the cluster fields.
-        self.0.fill_header(&mut resp.header);
-        Ok(Response::new(resp))
+        let answer = self.serve_txn(req, read_only).await;
+        let prefix = if read_only { "read-only txn " } else { "" };
+        slow.finish(prefix, || asked, answer.as_ref(), None);
+        answer.map(Response::new)
     }
 
     async fn compact(

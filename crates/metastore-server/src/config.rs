@@ -105,6 +105,9 @@ pub struct Config {
     pub cors: String,
     /// etcd's `--metrics`: `basic`, or `extensive` to add per-method gRPC latency histograms.
     pub metrics: MetricsLevel,
+    /// KV requests slower than this are logged, "apply request took too long" (a Go duration,
+    /// etcd's `--experimental-warning-apply-duration`).
+    pub warning_apply_duration: String,
     pub initial_cluster: String,
     pub initial_cluster_token: String,
     pub initial_cluster_state: ClusterState,
@@ -155,6 +158,7 @@ impl Default for Config {
             listen_metrics_urls: String::new(),
             cors: "*".into(),
             metrics: MetricsLevel::Basic,
+            warning_apply_duration: "100ms".into(),
             initial_cluster: String::new(),
             initial_cluster_token: "etcd-cluster".into(),
             initial_cluster_state: ClusterState::New,
@@ -241,6 +245,9 @@ pub struct Flags {
     /// (`grpc_server_handling_seconds`, which etcd-mixin's slow-request alert reads).
     #[arg(long, value_enum)]
     pub metrics: Option<MetricsLevel>,
+    /// Log KV requests slower than this (a duration such as `100ms`, the default).
+    #[arg(long, alias = "experimental-warning-apply-duration")]
+    pub warning_apply_duration: Option<String>,
     /// Auto-compaction: `periodic` (keep a span of time) or `revision` (keep a number of
     /// revisions).
     #[arg(long, value_parser = parse_mode)]
@@ -326,6 +333,7 @@ impl Config {
             listen_metrics_urls,
             cors,
             metrics,
+            warning_apply_duration,
             initial_cluster,
             initial_cluster_token,
             initial_cluster_state,
@@ -374,11 +382,22 @@ impl Config {
             cfg.initial_cluster = format!("{}={}", cfg.name, cfg.initial_advertise_peer_urls);
         }
         cfg.auto_compaction()?;
+        cfg.warning_apply_duration()?;
         Ok(cfg)
     }
 
     pub fn client_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
         split(&self.listen_client_urls).map(parse_url).collect()
+    }
+
+    /// The slow request threshold.
+    pub fn warning_apply_duration(&self) -> Result<std::time::Duration, ConfigError> {
+        metastore_api::compactor::parse_go_duration(&self.warning_apply_duration).ok_or_else(|| {
+            ConfigError::Unsupported(format!(
+                "invalid --warning-apply-duration {:?} (a duration such as 100ms)",
+                self.warning_apply_duration
+            ))
+        })
     }
 
     /// The auto-compaction retention, checked against the mode.

@@ -224,6 +224,7 @@ pub async fn start<E: Engine>(
             election_timeout: cfg.raft.tick_interval * cfg.raft.election_tick as u32,
             cors: metastore_api::http::Cors::new(&cfg.cors),
             extensive_metrics: cfg.metrics == config::MetricsLevel::Extensive,
+            warning_apply_duration: cfg.warning_apply_duration()?,
             peer_versions: {
                 let versions = peer_versions.clone();
                 PeerVersionSource(Arc::new(move |id| versions.get(id)))

@@ -136,6 +136,51 @@ async fn json_logs_are_one_object_per_line_on_every_output() {
     }
 }
 
+// Multi-threaded: the dropped client's connection must close while `terminate` blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_requests_are_logged_with_keys_and_sizes_never_values() {
+    let mut srv =
+        TestServer::start_with_args(&["--warning-apply-duration", "1ns", "--log-format", "json"])
+            .await;
+    let mut client = srv.client().await;
+    let secret = "a-value-no-log-may-hold";
+    client.put("slowkey", secret, None).await.expect("put");
+    client.get("slowkey", None).await.expect("get");
+    drop(client);
+    assert!(srv
+        .terminate(Duration::from_secs(20))
+        .is_some_and(|s| s.success()));
+    let root = srv.data_dir().parent().expect("root").to_path_buf();
+    let log = std::fs::read_to_string(root.join("metastore-1.stderr.log")).expect("log");
+    let slow: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["message"] == "apply request took too long")
+        .collect();
+    let put = slow
+        .iter()
+        .find(|e| e["prefix"] == "")
+        .unwrap_or_else(|| panic!("no slow put: {log}"));
+    assert_eq!(
+        put["request"],
+        format!(r#"put:<key:"slowkey" value_size:{} >"#, secret.len())
+    );
+    assert_eq!(put["level"], "WARN");
+    assert!(put["response"]
+        .as_str()
+        .is_some_and(|r| r.starts_with("size:")));
+    assert!(put["took"].is_string() && put["expected_duration"] == "1ns");
+    let range = slow
+        .iter()
+        .find(|e| e["prefix"] == "read-only range ")
+        .unwrap_or_else(|| panic!("no slow range: {log}"));
+    assert_eq!(range["request"], r#"key:"slowkey" "#);
+    assert!(range["response"]
+        .as_str()
+        .is_some_and(|r| r.starts_with("range_response_count:1 size:")));
+    assert!(!log.contains(secret), "a value reached the log: {log}");
+}
+
 #[test]
 fn a_bad_log_output_is_refused_at_start() {
     let out = Command::new(binary())

@@ -2,6 +2,7 @@
 //! with its code, handling time), plus bytes both ways and the calls open now.
 
 use axum::body::Body;
+use axum::response::Response;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use metrics::{Counter, Histogram};
@@ -274,57 +275,55 @@ pub(crate) fn publish() {
         .absolute(table.received.load(Ordering::Relaxed));
 }
 
-/// Records a gRPC call: started when it arrives, handled (with its status code) when its
-/// response body ends or is dropped, bytes both ways. Plain HTTP requests pass untouched.
-pub(crate) async fn grpc_layer(
-    axum::extract::State(grpc): axum::extract::State<GrpcMetrics>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let Some(metrics) = grpc.table.methods.get(request.uri().path()) else {
-        return next.run(request).await;
-    };
-    metrics.started.fetch_add(1, Ordering::Relaxed);
-    // Recorded as Canceled if the client goes before the handler answers.
-    let mut pending = Pending(Some(Finish {
-        metrics: metrics.clone(),
-        started: Instant::now(),
-        code: None,
-    }));
-    let table = grpc.table.clone();
-    let request = request.map(|body| {
-        Body::new(Counted {
+impl GrpcMetrics {
+    /// Records a gRPC call's start, and counts the request's body as it is read; None for a
+    /// path that is no known method (plain HTTP, or an unknown method the fallback answers).
+    pub(crate) fn start(&self, request: &mut http::Request<Body>) -> Option<Pending> {
+        let metrics = self.table.methods.get(request.uri().path())?;
+        metrics.started.fetch_add(1, Ordering::Relaxed);
+        let body = std::mem::take(request.body_mut());
+        *request.body_mut() = Body::new(Counted {
             inner: body,
-            table: table.clone(),
-            sent: false,
-        })
-    });
-    let response = next.run(request).await;
-    // A trailers-only response (every error tonic answers) carries its status in the headers.
-    let header_code = response
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i32>().ok())
-        .map(tonic::Code::from_i32);
-    let finish = pending.0.take().map(|mut f| {
-        f.code = header_code;
-        f
-    });
-    response.map(|body| {
-        Body::new(Observed {
-            inner: body,
-            finish,
-            table,
-        })
-    })
+            table: self.table.clone(),
+        });
+        Some(Pending(Some(Finish {
+            metrics: metrics.clone(),
+            started: Instant::now(),
+            code: None,
+            table: self.table.clone(),
+        })))
+    }
 }
 
-/// Counts the data bytes of a body into the table (`sent`: the response side).
+impl Pending {
+    /// The handler answered: the call is handled (with its status code) once the response
+    /// body ends or is dropped, and the body's bytes are counted.
+    pub(crate) fn answered(mut self, response: Response) -> Response {
+        // A trailers-only response (every error tonic answers) carries its status in the
+        // headers.
+        let header_code = response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i32>().ok())
+            .map(tonic::Code::from_i32);
+        let finish = self.0.take().map(|mut f| {
+            f.code = header_code;
+            f
+        });
+        response.map(|body| {
+            Body::new(Observed {
+                inner: body,
+                finish,
+            })
+        })
+    }
+}
+
+/// Counts the data bytes of a request body into the table.
 struct Counted {
     inner: Body,
     table: Arc<Table>,
-    sent: bool,
 }
 
 impl http_body::Body for Counted {
@@ -338,12 +337,9 @@ impl http_body::Body for Counted {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
-                let total = if self.sent {
-                    &self.table.sent
-                } else {
-                    &self.table.received
-                };
-                total.fetch_add(data.len() as u64, Ordering::Relaxed);
+                self.table
+                    .received
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
             }
         }
         polled
@@ -362,6 +358,7 @@ struct Finish {
     metrics: Arc<MethodMetrics>,
     started: Instant,
     code: Option<tonic::Code>,
+    table: Arc<Table>,
 }
 
 impl Finish {
@@ -371,8 +368,8 @@ impl Finish {
     }
 }
 
-/// A call whose handler has not answered yet.
-struct Pending(Option<Finish>);
+/// A call whose handler has not answered yet (recorded as Canceled if the client goes first).
+pub(crate) struct Pending(Option<Finish>);
 
 impl Drop for Pending {
     fn drop(&mut self) {
@@ -387,7 +384,6 @@ impl Drop for Pending {
 struct Observed {
     inner: Body,
     finish: Option<Finish>,
-    table: Arc<Table>,
 }
 
 impl Observed {
@@ -410,9 +406,9 @@ impl http_body::Body for Observed {
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    self.table
-                        .sent
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if let Some(f) = &self.finish {
+                        f.table.sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
                 } else if let Some(trailers) = frame.trailers_ref() {
                     let code = trailers
                         .get("grpc-status")

@@ -4,7 +4,7 @@
 //! Each crate records through the `metrics` facade where the event happens (the WAL its
 //! fsyncs, raft its leader changes, the transport its peers' bytes and round trips); this
 //! module installs the process's one recorder, gives each histogram etcd's buckets, records
-//! every gRPC call ([`grpc_layer`]), and samples the server's state (leader, indexes, sizes)
+//! every gRPC call (through [`crate::front`]), and samples the server's state (leader, indexes, sizes)
 //! at each scrape instead of on a timer.
 
 mod grpc;
@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use grpc::publish as publish_grpc;
-pub(crate) use grpc::{grpc_layer, GrpcMetrics};
+pub(crate) use grpc::GrpcMetrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ObserveError {
@@ -88,6 +88,7 @@ pub fn install() -> Result<(), ObserveError> {
     metrics_process::Collector::default().describe();
     // Present (at 0) before the first one, so that rate() and alerts see the series.
     metrics::counter!("etcd_server_proposals_failed_total").increment(0);
+    metrics::counter!("etcd_server_slow_apply_total").increment(0);
     metrics::counter!("etcd_server_leader_changes_seen_total").increment(0);
     Ok(())
 }
@@ -138,6 +139,10 @@ fn sample<E: Engine>(server: &EtcdServer<E>) {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "etcd_server_slow_apply_total",
+        "The total number of slow apply requests (likely overloaded from slow disk)."
+    );
     describe_gauge!(
         "etcd_server_has_leader",
         "Whether or not a leader exists. 1 is existence, 0 is not."
