@@ -17,6 +17,7 @@ pids=()
 cleanup() {
   kill "${pids[@]}" 2>/dev/null || true
   git worktree remove --force "$work/src" 2>/dev/null || true
+  git worktree remove --force "$work/head-src" 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -26,9 +27,11 @@ build() { # <source dir> <out dir>
   mkdir -p "$2"
   cp "$target/release/metastore" "$target/release/metastore-bench" "$2/"
 }
+# Both from clean worktrees of their commits (HEAD: the last commit, not the working tree).
 git worktree add --detach "$work/src" "$base_rev" >&2
+git worktree add --detach "$work/head-src" HEAD >&2
 build "$work/src" "$work/base"
-build . "$work/head"
+build "$work/head-src" "$work/head"
 bench="$work/head/metastore-bench"
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
