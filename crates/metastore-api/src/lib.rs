@@ -5,6 +5,7 @@
 //! A read is served from the local store, after a ReadIndex barrier unless it is serializable.
 
 pub mod apply;
+mod backup;
 mod batch;
 pub mod cluster_version;
 pub mod compactor;
@@ -209,6 +210,9 @@ pub struct ServiceConfig {
     pub extensive_metrics: bool,
     /// KV requests slower than this are logged (etcd's `--experimental-warning-apply-duration`).
     pub warning_apply_duration: Duration,
+    /// Where `Maintenance.Snapshot` writes its file before streaming it (the member's
+    /// directory; None: the system's temporary directory).
+    pub snapshot_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ServiceConfig {
@@ -222,6 +226,7 @@ impl Default for ServiceConfig {
             cors: http::Cors::default(),
             extensive_metrics: false,
             warning_apply_duration: Duration::from_millis(100),
+            snapshot_dir: None,
         }
     }
 }
@@ -270,6 +275,7 @@ pub struct EtcdServer<E: Engine> {
     pub(crate) cors: http::Cors,
     pub(crate) extensive_metrics: bool,
     pub(crate) warning_apply_duration: Duration,
+    pub(crate) snapshot_dir: Option<std::path::PathBuf>,
 }
 
 impl<E: Engine> EtcdServer<E> {
@@ -319,6 +325,7 @@ impl<E: Engine> EtcdServer<E> {
             cors: services.cors.clone(),
             extensive_metrics: services.extensive_metrics,
             warning_apply_duration: services.warning_apply_duration,
+            snapshot_dir: services.snapshot_dir.clone(),
         });
         membership::spawn_learner_flag(&server);
         lease::spawn_lease_clock(Arc::downgrade(&server), services.election_timeout);

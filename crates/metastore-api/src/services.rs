@@ -418,8 +418,8 @@ impl<E: Engine> Maintenance for Svc<E> {
         &self,
         _request: Request<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
-        Err(Status::unimplemented(
-            "metastore: Maintenance.Snapshot is not implemented yet",
+        Ok(Response::new(
+            crate::backup::snapshot_stream(self.0.clone()).await?,
         ))
     }
 

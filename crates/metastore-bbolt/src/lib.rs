@@ -240,7 +240,8 @@ impl<W: Write + Seek> BoltWriter<W> {
             self.out.seek(SeekFrom::Start(txid * PAGE_SIZE as u64))?;
             self.out.write_all(&page)?;
         }
-        self.out.seek(SeekFrom::Start(high_water * PAGE_SIZE as u64))?;
+        self.out
+            .seek(SeekFrom::Start(high_water * PAGE_SIZE as u64))?;
         self.out.flush()?;
         Ok((self.out, high_water * PAGE_SIZE as u64))
     }

@@ -6,6 +6,9 @@ use super::*;
 use std::collections::BTreeMap;
 use std::io::Cursor;
 
+/// Bucket name → its pairs in order.
+type Buckets = BTreeMap<Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>>;
+
 fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
@@ -31,7 +34,10 @@ impl Reader<'_> {
             assert!(!self.seen[p], "page {p} reached twice");
             self.seen[p] = true;
         }
-        (u16_at(page, 8), &self.file[at..at + (overflow + 1) * PAGE_SIZE])
+        (
+            u16_at(page, 8),
+            &self.file[at..at + (overflow + 1) * PAGE_SIZE],
+        )
     }
 
     /// Every (key, value, flags) under the node at `id`, in order.
@@ -52,7 +58,10 @@ impl Reader<'_> {
             } else {
                 assert_eq!(flags, LEAF_FLAG);
                 let (f, pos) = (u32_at(&page, at), u32_at(&page, at + 4) as usize);
-                let (ksize, vsize) = (u32_at(&page, at + 8) as usize, u32_at(&page, at + 12) as usize);
+                let (ksize, vsize) = (
+                    u32_at(&page, at + 8) as usize,
+                    u32_at(&page, at + 12) as usize,
+                );
                 let key = page[at + pos..at + pos + ksize].to_vec();
                 let value = page[at + pos + ksize..at + pos + ksize + vsize].to_vec();
                 first.get_or_insert(key.clone());
@@ -63,7 +72,7 @@ impl Reader<'_> {
     }
 }
 
-fn read(file: &[u8]) -> BTreeMap<Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>> {
+fn read(file: &[u8]) -> Buckets {
     let mut metas = Vec::new();
     for id in 0..2 {
         let meta = &file[id * PAGE_SIZE + PAGE_HEADER..];
@@ -90,7 +99,10 @@ fn read(file: &[u8]) -> BTreeMap<Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>> {
     let mut previous: Option<Vec<u8>> = None;
     for (name, value, flags) in top {
         assert_eq!(flags, BUCKET_LEAF_FLAG);
-        assert!(previous.as_ref().is_none_or(|p| *p < name), "buckets sorted");
+        assert!(
+            previous.as_ref().is_none_or(|p| *p < name),
+            "buckets sorted"
+        );
         previous = Some(name.clone());
         let mut pairs = Vec::new();
         reader.walk(u64_at(&value, 0), &mut pairs);
@@ -101,7 +113,7 @@ fn read(file: &[u8]) -> BTreeMap<Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>> {
     buckets
 }
 
-fn write(buckets: &BTreeMap<Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>>) -> Vec<u8> {
+fn write(buckets: &Buckets) -> Vec<u8> {
     let mut db = BoltWriter::new(Cursor::new(Vec::new())).expect("new");
     // Written out of order: the root bucket sorts them.
     for (name, pairs) in buckets.iter().rev() {
@@ -128,7 +140,11 @@ fn small_empty_and_large_buckets_round_trip() {
     // Enough pairs for three branch levels, a value spanning overflow pages among them.
     let many: Vec<(Vec<u8>, Vec<u8>)> = (0..200_000u64)
         .map(|i| {
-            let value = if i == 777 { vec![7u8; 3 * PAGE_SIZE] } else { i.to_le_bytes().to_vec() };
+            let value = if i == 777 {
+                vec![7u8; 3 * PAGE_SIZE]
+            } else {
+                i.to_le_bytes().to_vec()
+            };
             (format!("key/{i:08}").into_bytes(), value)
         })
         .collect();
@@ -142,8 +158,17 @@ fn out_of_order_keys_are_refused() {
     let mut db = BoltWriter::new(Cursor::new(Vec::new())).expect("new");
     db.begin_bucket(b"b").expect("begin");
     db.put(b"b", b"1").expect("put");
-    assert!(matches!(db.put(b"a", b"2"), Err(BoltError::Unsorted { .. })));
-    assert!(matches!(db.put(b"b", b"2"), Err(BoltError::Unsorted { .. })));
+    assert!(matches!(
+        db.put(b"a", b"2"),
+        Err(BoltError::Unsorted { .. })
+    ));
+    assert!(matches!(
+        db.put(b"b", b"2"),
+        Err(BoltError::Unsorted { .. })
+    ));
     db.end_bucket().expect("end");
-    assert!(matches!(db.begin_bucket(b"b"), Err(BoltError::DuplicateBucket(_))));
+    assert!(matches!(
+        db.begin_bucket(b"b"),
+        Err(BoltError::DuplicateBucket(_))
+    ));
 }

@@ -14,6 +14,8 @@ use std::io::{Read, Write};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 
+mod etcd;
+
 const MAGIC: &[u8; 8] = b"MSSNAP01";
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> MvccError {

@@ -36,9 +36,9 @@ pub use install::{interrupted_install, replace_engine_contents};
 
 type Result<T> = std::result::Result<T, MvccError>;
 
-const META_APPLIED: &[u8] = b"applied_index";
+pub(crate) const META_APPLIED: &[u8] = b"applied_index";
 const META_REVISION: &[u8] = b"revision";
-const META_COMPACT: &[u8] = b"compact_revision";
+pub(crate) const META_COMPACT: &[u8] = b"compact_revision";
 
 /// The result of one applied command. Headers carry only the revision; the API layer adds the
 /// cluster/member/term fields.
@@ -108,7 +108,7 @@ fn rev_key(rev: Revision, tombstone: bool) -> Bytes {
     k.into()
 }
 
-fn parse_rev_key(k: &[u8]) -> Option<(Revision, bool)> {
+pub(crate) fn parse_rev_key(k: &[u8]) -> Option<(Revision, bool)> {
     if k.len() != 16 && !(k.len() == 17 && k[16] == b't') {
         return None;
     }

@@ -225,6 +225,7 @@ pub async fn start<E: Engine>(
             cors: metastore_api::http::Cors::new(&cfg.cors),
             extensive_metrics: cfg.metrics == config::MetricsLevel::Extensive,
             warning_apply_duration: cfg.warning_apply_duration()?,
+            snapshot_dir: Some(member_dir.clone()),
             peer_versions: {
                 let versions = peer_versions.clone();
                 PeerVersionSource(Arc::new(move |id| versions.get(id)))
