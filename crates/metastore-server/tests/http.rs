@@ -251,6 +251,15 @@ async fn metrics_carry_etcds_series_and_they_move_under_load() {
     assert!(missing.is_err(), "a put on a missing lease fails");
 
     let after = get(&url).body;
+    // The suite runs on either engine.
+    let engine = after
+        .lines()
+        .find_map(|l| l.strip_prefix("metastore_storage_engine_info{storage_engine=\""))
+        .and_then(|rest| rest.split('"').next())
+        .expect("the engine's info series")
+        .to_string();
+    let ops_ok =
+        format!(r#"metastore_ops_total{{operation="Put",storage_engine="{engine}",status="ok"}}"#);
     let put_ok = r#"grpc_server_handled_total{grpc_type="unary",grpc_service="etcdserverpb.KV",grpc_method="Put",grpc_code="OK"}"#;
     let put_started = r#"grpc_server_started_total{grpc_type="unary",grpc_service="etcdserverpb.KV",grpc_method="Put"}"#;
     let put_not_found = r#"grpc_server_handled_total{grpc_type="unary",grpc_service="etcdserverpb.KV",grpc_method="Put",grpc_code="NotFound"}"#;
@@ -278,7 +287,7 @@ async fn metrics_carry_etcds_series_and_they_move_under_load() {
         "etcd_network_client_grpc_sent_bytes_total",
         "metastore_raft_proposal_batch_size_count",
         r#"grpc_server_handling_seconds_count{grpc_type="unary",grpc_service="etcdserverpb.KV",grpc_method="Put"}"#,
-        r#"metastore_ops_total{operation="Put",storage_engine="memory",status="ok"}"#,
+        ops_ok.as_str(),
         r#"metastore_op_duration_seconds_count{operation="Put"}"#,
     ] {
         let (b, a) = (series(&before, name).unwrap_or(0.0), series(&after, name));
