@@ -12,6 +12,9 @@
 //! # }
 //! ```
 
+mod reader;
+
+pub use reader::BoltReader;
 use std::io::{Seek, SeekFrom, Write};
 
 /// bbolt's magic number and file format version.
@@ -41,6 +44,8 @@ pub enum BoltError {
     Misuse(&'static str),
     #[error("a key or value of {0} bytes is larger than bbolt allows")]
     TooLarge(usize),
+    #[error("not a valid bbolt file: {0}")]
+    Corrupt(String),
 }
 
 /// One page's worth of elements being gathered.

@@ -172,3 +172,46 @@ fn out_of_order_keys_are_refused() {
         Err(BoltError::DuplicateBucket(_))
     ));
 }
+
+#[test]
+fn the_reader_reads_what_the_writer_wrote() {
+    let mut buckets = Buckets::new();
+    buckets.insert(b"alarm".to_vec(), Vec::new());
+    buckets.insert(
+        b"key".to_vec(),
+        (0..20_000u32)
+            .map(|i| (i.to_be_bytes().to_vec(), vec![i as u8; (i % 300) as usize]))
+            .collect(),
+    );
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("db");
+    std::fs::write(&path, write(&buckets)).expect("write");
+    let reader = BoltReader::open(&path).expect("open");
+    assert_eq!(reader.size(), std::fs::metadata(&path).expect("meta").len());
+    assert_eq!(
+        reader.bucket_names().expect("names"),
+        vec![b"alarm".to_vec(), b"key".to_vec()]
+    );
+    for (name, pairs) in &buckets {
+        let mut read = Vec::new();
+        assert!(reader
+            .for_each(name, &mut |k, v| {
+                read.push((k.to_vec(), v.to_vec()));
+                Ok(true)
+            })
+            .expect("walk"));
+        assert_eq!(&read, pairs);
+    }
+    assert!(!reader
+        .for_each(b"nope", &mut |_, _| Ok(true))
+        .expect("walk"));
+    // A damaged meta checksum on both metas: refused, not misread.
+    let mut bytes = std::fs::read(&path).expect("read");
+    bytes[PAGE_HEADER + 20] ^= 1;
+    bytes[PAGE_SIZE + PAGE_HEADER + 20] ^= 1;
+    std::fs::write(&path, bytes).expect("write");
+    assert!(matches!(
+        BoltReader::open(&path),
+        Err(BoltError::Corrupt(_))
+    ));
+}

@@ -15,6 +15,13 @@ use std::ops::Bound;
 use std::path::{Path, PathBuf};
 
 mod etcd;
+mod etcd_import;
+
+pub use etcd::{etcd_backend_status, EtcdBackendStatus};
+pub use etcd_import::{
+    import_etcd_backend, ImportOptions, ImportSummary, AUTH_ENABLED, AUTH_REVISION,
+    AUTH_ROLE_PREFIX, AUTH_USER_PREFIX,
+};
 
 const MAGIC: &[u8; 8] = b"MSSNAP01";
 

@@ -37,7 +37,7 @@ pub use install::{interrupted_install, replace_engine_contents};
 type Result<T> = std::result::Result<T, MvccError>;
 
 pub(crate) const META_APPLIED: &[u8] = b"applied_index";
-const META_REVISION: &[u8] = b"revision";
+pub(crate) const META_REVISION: &[u8] = b"revision";
 pub(crate) const META_COMPACT: &[u8] = b"compact_revision";
 
 /// The result of one applied command. Headers carry only the revision; the API layer adds the

@@ -118,21 +118,26 @@ pub async fn identity(
         ClusterState::New => bootstrap_identity(cfg, flags).await?,
         ClusterState::Existing => join_identity(cfg, flags).await?,
     };
+    write_identity(dir, &identity)?;
+    Ok(identity)
+}
+
+/// Fixes `identity` in the member dir `dir`: later starts read it and ignore the flags.
+pub(crate) fn write_identity(dir: &Path, identity: &Identity) -> Result<(), ServerError> {
     let write = |path: &Path, text: String| {
         std::fs::write(path, text).map_err(|e| ServerError::DataDir(path.to_path_buf(), e))
     };
     // Members first: a crash between the two writes leaves no identity, so the next start
     // derives it again.
-    write(&members_path, format_members(&identity.members))?;
+    write(&dir.join("members"), format_members(&identity.members))?;
     let joined = if identity.joined { JOINED } else { "" };
     write(
-        &id_path,
+        &dir.join("identity"),
         format!(
             "{:x} {:x} {joined}\n",
             identity.member_id, identity.cluster_id
         ),
-    )?;
-    Ok(identity)
+    )
 }
 
 /// Marks the identity of a member that joined a running cluster.
@@ -142,19 +147,9 @@ async fn bootstrap_identity(
     cfg: &Config,
     flags: &[(String, Vec<String>)],
 ) -> Result<Identity, ServerError> {
-    let members: Vec<BootMember> = flags
-        .iter()
-        .map(|(name, urls)| BootMember {
-            id: member_id(urls, &cfg.initial_cluster_token),
-            name: name.clone(),
-            peer_urls: urls.clone(),
-        })
-        .collect();
-    let me = members
-        .iter()
-        .find(|m| m.name == cfg.name)
-        .map(|m| m.id)
-        .unwrap_or_default();
+    let identity = new_cluster_identity(cfg, flags);
+    let me = identity.member_id;
+    let members = &identity.members;
     // etcd's `isMemberBootstrapped`: a member whose data dir was wiped must not bootstrap a
     // second time next to a cluster that already runs with it (it would start a new log and
     // diverge); it has to be removed and added again.
@@ -174,14 +169,33 @@ async fn bootstrap_identity(
             }
         }
     }
+    Ok(identity)
+}
+
+/// The ids a new cluster's member gets from `--initial-cluster`, `--initial-cluster-token` and
+/// `--name` (etcd's `NewClusterFromURLsMap`); member id 0 when the name is not among them.
+pub(crate) fn new_cluster_identity(cfg: &Config, flags: &[(String, Vec<String>)]) -> Identity {
+    let members: Vec<BootMember> = flags
+        .iter()
+        .map(|(name, urls)| BootMember {
+            id: member_id(urls, &cfg.initial_cluster_token),
+            name: name.clone(),
+            peer_urls: urls.clone(),
+        })
+        .collect();
+    let me = members
+        .iter()
+        .find(|m| m.name == cfg.name)
+        .map(|m| m.id)
+        .unwrap_or_default();
     let ids: Vec<u64> = members.iter().map(|m| m.id).collect();
-    Ok(Identity {
+    Identity {
         member_id: me,
         cluster_id: cluster_id(&ids),
         members,
         joined: false,
         restarted: false,
-    })
+    }
 }
 
 /// `--initial-cluster-state existing`: asks the other members of `--initial-cluster` for

@@ -4,6 +4,8 @@
 pub mod config;
 mod identity;
 pub mod logging;
+pub mod restore;
+pub mod tools;
 pub mod version;
 mod witness;
 

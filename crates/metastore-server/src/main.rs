@@ -1,5 +1,5 @@
 use clap::Parser;
-use metastore_server::config::{Cli, Config, Subcommand};
+use metastore_server::config::{Cli, Config, SnapshotCommand, Subcommand};
 use metastore_server::{logging, version};
 use std::process::ExitCode;
 
@@ -11,9 +11,45 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if cli.version || cli.command == Some(Subcommand::Version) {
+    if cli.version || matches!(cli.command, Some(Subcommand::Version)) {
         print!("{}", version::version_text());
         return ExitCode::SUCCESS;
+    }
+    if let Some(Subcommand::Snapshot(SnapshotCommand::Status { file, write_out })) = &cli.command {
+        return match metastore_server::tools::snapshot_status(file, write_out) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("Error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(Subcommand::Snapshot(SnapshotCommand::Restore {
+        file,
+        skip_hash_check,
+        bump_revision,
+        mark_compacted,
+        flags,
+    })) = cli.command
+    {
+        let options = metastore_server::restore::RestoreOptions {
+            skip_hash_check,
+            bump_revision,
+            mark_compacted,
+        };
+        return match metastore_server::restore::snapshot_restore(&file, *flags, options) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("Error: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let config = match Config::load(cli.flags) {
         Ok(c) => c,

@@ -1,7 +1,8 @@
 //! Backups in etcd's format, read by etcd's own tools: `etcdctl snapshot save` against
 //! MetaStore (while writes go on), `etcdctl snapshot status` and `snapshot restore` on the
 //! file (bbolt reads it), and a real etcd started on the restored data dir serves the same
-//! keys, values, revisions and leases.
+//! keys, values, revisions and leases. And the way in: an etcd's snapshot restored by
+//! `metastore snapshot restore` serves the same in MetaStore, and goes back to etcd.
 
 mod common;
 
@@ -86,9 +87,106 @@ fn decode_base64(s: &str) -> Vec<u8> {
     out
 }
 
-struct Etcd(Child);
+fn metastore(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_metastore"))
+        .args(args)
+        .output()
+        .expect("run metastore");
+    assert!(out.status.success(), "metastore {args:?}: {out:?}");
+    String::from_utf8(out.stdout).expect("utf-8")
+}
 
-impl Drop for Etcd {
+/// A child process (etcd or a MetaStore server) killed when the test ends.
+struct Process(Child);
+
+impl Process {
+    /// A fresh etcd on loopback; its client endpoint once it answers.
+    fn etcd(dir: &std::path::Path) -> (Process, String) {
+        let (client_port, peer_port) = (free_port(), free_port());
+        let ep = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let etcd = Process(
+            Command::new("etcd")
+                .args(["--name", "e", "--data-dir", dir.to_str().expect("utf-8")])
+                .args(["--listen-client-urls", &ep, "--advertise-client-urls", &ep])
+                .args([
+                    "--listen-peer-urls",
+                    &peer,
+                    "--initial-advertise-peer-urls",
+                    &peer,
+                ])
+                .args(["--initial-cluster", &format!("e={peer}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start etcd (Debian's etcd-server)"),
+        );
+        wait_healthy(&ep);
+        (etcd, ep)
+    }
+}
+
+fn wait_healthy(ep: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                ep.trim_start_matches("http://"),
+                "endpoint",
+                "health",
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            return;
+        }
+        assert!(Instant::now() < deadline, "etcd at {ep} did not start");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn snapshot_status_reads_etcds_own_files_as_etcdctl_does() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (_etcd, ep) = Process::etcd(&dir.path().join("etcd"));
+    for i in 0..500 {
+        etcdctl(&ep, &["put", &format!("k{i}"), &"v".repeat(i % 50 + 1)]);
+        if i % 100 == 0 {
+            etcdctl(&ep, &["del", &format!("k{}", i / 2)]);
+        }
+    }
+    let lease = etcdctl(&ep, &["lease", "grant", "300"]);
+    let id = lease
+        .split_whitespace()
+        .nth(1)
+        .expect("lease id")
+        .to_string();
+    etcdctl(&ep, &["put", "leased", "v", "--lease", &id]);
+    etcdctl(&ep, &["compaction", "300"]);
+    let file = dir.path().join("etcd.db");
+    let file = file.to_str().expect("utf-8");
+    etcdctl(&ep, &["snapshot", "save", file]);
+    for format in ["json", "simple", "table"] {
+        assert_eq!(
+            metastore(&["snapshot", "status", file, "-w", format]),
+            etcdctl(&ep, &["snapshot", "status", file, "-w", format]),
+            "{format}"
+        );
+    }
+    let bad = Command::new(env!("CARGO_BIN_EXE_metastore"))
+        .args([
+            "snapshot",
+            "status",
+            dir.path().join("nope").to_str().expect("utf-8"),
+        ])
+        .output()
+        .expect("run");
+    assert!(!bad.status.success());
+}
+
+impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -161,6 +259,17 @@ async fn an_etcdctl_snapshot_of_metastore_restores_into_etcd() {
             "json",
         ],
     ));
+    // Our reading of the file is etcdctl's.
+    assert_eq!(
+        json(&metastore(&[
+            "snapshot",
+            "status",
+            file.to_str().expect("utf-8"),
+            "-w",
+            "json"
+        ])),
+        status
+    );
     let revision = status["revision"].as_i64().expect("revision");
     assert!(revision >= 403, "{status}");
     assert!(status["totalKey"].as_i64().expect("keys") > 300, "{status}");
@@ -179,7 +288,7 @@ async fn an_etcdctl_snapshot_of_metastore_restores_into_etcd() {
         .output()
         .expect("restore");
     assert!(out.status.success(), "restore: {out:?}");
-    let _etcd = Etcd(
+    let _etcd = Process(
         Command::new("etcd")
             .args([
                 "--name",
@@ -257,4 +366,307 @@ async fn an_etcdctl_snapshot_of_metastore_restores_into_etcd() {
         &["lease", "timetolive", &format!("{lease:x}"), "--keys"],
     );
     assert!(ttl.contains("leased"), "{ttl}");
+}
+
+/// `metastore` with these arguments; (success, stdout, stderr).
+fn metastore_output(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_metastore"))
+        .args(args)
+        .output()
+        .expect("run metastore");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `--storage` as the suite runs (METASTORE_TEST_STORAGE), for the restore and the server.
+fn storage() -> String {
+    std::env::var("METASTORE_TEST_STORAGE").unwrap_or_else(|_| "memory".into())
+}
+
+/// A MetaStore server on `data_dir` with the flags `metastore snapshot restore` was given.
+fn start_metastore(data_dir: &std::path::Path, client_port: u16, peer: &str) -> (Process, String) {
+    let ep = format!("http://127.0.0.1:{client_port}");
+    let log = std::fs::File::create(data_dir.with_extension("log")).expect("log file");
+    let child = Command::new(env!("CARGO_BIN_EXE_metastore"))
+        .args([
+            "--name",
+            "m",
+            "--data-dir",
+            data_dir.to_str().expect("utf-8"),
+        ])
+        .args(["--storage", &storage()])
+        .args(["--listen-client-urls", &ep, "--advertise-client-urls", &ep])
+        .args([
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+        ])
+        .args(["--initial-cluster", &format!("m={peer}")])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start metastore");
+    let process = Process(child);
+    wait_healthy(&ep);
+    (process, ep)
+}
+
+fn hashkv(ep: &str) -> String {
+    let out = etcdctl(ep, &["endpoint", "hashkv", "-w", "json"]);
+    json(&out)[0]["HashKV"]["hash"].to_string()
+}
+
+#[test]
+fn an_etcd_snapshot_restores_into_metastore_and_goes_back() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (etcd, ep) = Process::etcd(&dir.path().join("etcd"));
+    for i in 0..300 {
+        etcdctl(&ep, &["put", &format!("key/{i:03}"), &format!("v{i}")]);
+    }
+    for i in 0..100 {
+        etcdctl(&ep, &["put", &format!("key/{i:03}"), &format!("w{i}")]);
+    }
+    for i in (250..300).step_by(5) {
+        etcdctl(&ep, &["del", &format!("key/{i:03}")]);
+    }
+    let lease = etcdctl(&ep, &["lease", "grant", "600"]);
+    let lease = lease
+        .split_whitespace()
+        .nth(1)
+        .expect("lease id")
+        .to_string();
+    etcdctl(&ep, &["put", "leased/a", "x", "--lease", &lease]);
+    etcdctl(&ep, &["put", "leased/b", "y", "--lease", &lease]);
+    etcdctl(&ep, &["compaction", "200"]);
+    etcdctl(&ep, &["put", "big", &"z".repeat(100_000)]);
+    etcdctl(&ep, &["user", "add", "alice", "--new-user-password=secret"]);
+    etcdctl(&ep, &["role", "add", "readers"]);
+    etcdctl(&ep, &["user", "grant-role", "alice", "readers"]);
+    let file = dir.path().join("etcd.db");
+    let file_arg = file.to_str().expect("utf-8");
+    etcdctl(&ep, &["snapshot", "save", file_arg]);
+
+    let peer = format!("http://127.0.0.1:{}", free_port());
+    let restored = dir.path().join("restored");
+    let restore_args = |data_dir: &std::path::Path, file: &str| -> Vec<String> {
+        [
+            "snapshot",
+            "restore",
+            file,
+            "--data-dir",
+            data_dir.to_str().expect("utf-8"),
+            "--name",
+            "m",
+            "--initial-cluster",
+            &format!("m={peer}"),
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--storage",
+            &storage(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let args = restore_args(&restored, file_arg);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out, err) = metastore_output(&args);
+    assert!(ok, "restore: {out}{err}");
+    assert!(out.contains("1 user(s) and 1 role(s)"), "{out}");
+    // A data dir is never restored over.
+    let (ok, _, err) = metastore_output(&args);
+    assert!(!ok);
+    assert!(err.contains("not empty"), "{err}");
+
+    let (mut server, ms) = start_metastore(&restored, free_port(), &peer);
+    let compare = |ms: &str| {
+        // The same keys, values, create/mod revisions and leases, now and in the history
+        // kept after the compaction; the same compaction point; the same revision.
+        assert_eq!(contents(ms, 0), contents(&ep, 0));
+        assert_eq!(contents(ms, 260), contents(&ep, 260));
+        assert_eq!(contents(ms, 201), contents(&ep, 201));
+        let below = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                ms.trim_start_matches("http://"),
+                "get",
+                "key/000",
+                "--rev=150",
+            ])
+            .output()
+            .expect("get");
+        assert!(
+            String::from_utf8_lossy(&below.stderr).contains("required revision has been compacted"),
+            "{below:?}"
+        );
+        let header = |e: &str| {
+            json(&etcdctl(e, &["get", "nothing", "-w", "json"]))["header"]["revision"].clone()
+        };
+        assert_eq!(header(ms), header(&ep));
+        // etcd's HashKV over the same history gives the same hash.
+        assert_eq!(hashkv(ms), hashkv(&ep));
+        let ttl = etcdctl(ms, &["lease", "timetolive", &lease, "--keys"]);
+        assert!(
+            ttl.contains("leased/a") && ttl.contains("leased/b"),
+            "{ttl}"
+        );
+    };
+    compare(&ms);
+    // The restored state is the member's own: it survives a restart.
+    drop(server);
+    let (restarted, ms) = start_metastore(&restored, free_port(), &peer);
+    server = restarted;
+    compare(&ms);
+
+    // And back: a write in MetaStore, a snapshot, etcd's restore; the users come back too.
+    etcdctl(&ms, &["put", "written/in/metastore", "1"]);
+    let back = dir.path().join("back.db");
+    etcdctl(&ms, &["snapshot", "save", back.to_str().expect("utf-8")]);
+    drop(server);
+    drop(etcd);
+    let etcd_peer = format!("http://127.0.0.1:{}", free_port());
+    let etcd_dir = dir.path().join("etcd-again");
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["snapshot", "restore", back.to_str().expect("utf-8")])
+        .args(["--data-dir", etcd_dir.to_str().expect("utf-8")])
+        .args([
+            "--name",
+            "e",
+            "--initial-cluster",
+            &format!("e={etcd_peer}"),
+        ])
+        .args(["--initial-advertise-peer-urls", &etcd_peer])
+        .output()
+        .expect("etcd restore");
+    assert!(out.status.success(), "{out:?}");
+    let etcd_ep = format!("http://127.0.0.1:{}", free_port());
+    let _etcd = Process(
+        Command::new("etcd")
+            .args([
+                "--name",
+                "e",
+                "--data-dir",
+                etcd_dir.to_str().expect("utf-8"),
+            ])
+            .args([
+                "--listen-client-urls",
+                &etcd_ep,
+                "--advertise-client-urls",
+                &etcd_ep,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &etcd_peer,
+                "--initial-advertise-peer-urls",
+                &etcd_peer,
+            ])
+            .args(["--initial-cluster", &format!("e={etcd_peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start etcd"),
+    );
+    wait_healthy(&etcd_ep);
+    let got = contents(&etcd_ep, 0);
+    assert!(
+        got.iter().any(|(k, ..)| k == "written/in/metastore"),
+        "{got:?}"
+    );
+    assert!(etcdctl(&etcd_ep, &["user", "get", "alice"]).contains("readers"));
+    assert!(etcdctl(&etcd_ep, &["role", "list"]).contains("readers"));
+}
+
+#[test]
+fn restore_refuses_a_file_whose_hash_is_missing_or_wrong() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (_etcd, ep) = Process::etcd(&dir.path().join("etcd"));
+    etcdctl(&ep, &["put", "k", "v"]);
+    let file = dir.path().join("etcd.db");
+    etcdctl(&ep, &["snapshot", "save", file.to_str().expect("utf-8")]);
+    let bytes = std::fs::read(&file).expect("read");
+    let peer = format!("http://127.0.0.1:{}", free_port());
+    let restore = |file: &std::path::Path, data_dir: &str, extra: &[&str]| {
+        let data_dir = dir.path().join(data_dir);
+        let mut args = vec![
+            "snapshot".to_string(),
+            "restore".into(),
+            file.to_str().expect("utf-8").into(),
+            "--data-dir".into(),
+            data_dir.to_str().expect("utf-8").into(),
+            "--name".into(),
+            "m".into(),
+            "--initial-cluster".into(),
+            format!("m={peer}"),
+            "--initial-advertise-peer-urls".into(),
+            peer.clone(),
+            "--storage".into(),
+            storage(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let result = metastore_output(&args);
+        (result, data_dir)
+    };
+    // No hash (a backend copied from a data dir): refused unless told to skip the check.
+    let no_hash = dir.path().join("no-hash.db");
+    std::fs::write(&no_hash, &bytes[..bytes.len() - 32]).expect("write");
+    let ((ok, _, err), data_dir) = restore(&no_hash, "a", &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("snapshot missing hash but --skip-hash-check=false"),
+        "{err}"
+    );
+    assert!(!data_dir.join("member").exists());
+    let ((ok, out, err), _) = restore(&no_hash, "b", &["--skip-hash-check"]);
+    assert!(ok, "{out}{err}");
+    // One byte changed: the hash does not match.
+    let mut damaged = bytes.clone();
+    damaged[5000] ^= 0xff;
+    let bad = dir.path().join("bad.db");
+    std::fs::write(&bad, &damaged).expect("write");
+    let ((ok, _, err), data_dir) = restore(&bad, "c", &[]);
+    assert!(!ok);
+    assert!(err.contains("expected sha256"), "{err}");
+    assert!(!data_dir.join("member").exists());
+    // --bump-revision needs --mark-compacted, as etcdutl says.
+    let ((ok, _, err), _) = restore(&file, "d", &["--bump-revision", "1000"]);
+    assert!(!ok);
+    assert!(err.contains("--mark-compacted required"), "{err}");
+    // Bumped and marked compacted: the revision moved on, and nothing before it is served.
+    let ((ok, out, err), data_dir) =
+        restore(&file, "e", &["--bump-revision", "1000", "--mark-compacted"]);
+    assert!(ok, "{out}{err}");
+    let (_server, ms) = start_metastore(&data_dir, free_port(), &peer);
+    let header = json(&etcdctl(&ms, &["get", "k", "-w", "json"]));
+    assert_eq!(
+        header["header"]["revision"].as_i64(),
+        Some(1002),
+        "{header}"
+    );
+    assert_eq!(
+        header["kvs"][0]["mod_revision"].as_i64(),
+        Some(2),
+        "{header}"
+    );
+    let old = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            ms.trim_start_matches("http://"),
+            "get",
+            "k",
+            "--rev=1001",
+        ])
+        .output()
+        .expect("get");
+    assert!(
+        String::from_utf8_lossy(&old.stderr).contains("required revision has been compacted"),
+        "{old:?}"
+    );
 }

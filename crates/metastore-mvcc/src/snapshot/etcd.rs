@@ -9,9 +9,12 @@
 //!   (`scheduledCompactRev` / `finishedCompactRev`, as etcd's 17-byte revisions).
 //! - `lease`: one `leasepb.Lease` per lease, keyed by its 8-byte big-endian id (our lease
 //!   record has the same fields and numbers).
-//! - `cluster`: `clusterVersion`; `alarm`, `auth`, `authUsers`, `authRoles`, `members`,
-//!   `members_removed` (restore writes the new members itself).
+//! - `auth`, `authUsers`, `authRoles`: what a restore from etcd brought over (etcd's own
+//!   encoding, kept as is); empty otherwise.
+//! - `cluster`: `clusterVersion`; `alarm`, `members`, `members_removed` empty (a restore
+//!   writes the new members itself).
 
+use super::etcd_import::{AUTH_ENABLED, AUTH_REVISION, AUTH_ROLE_PREFIX, AUTH_USER_PREFIX};
 use super::SnapshotCapture;
 use crate::MvccError;
 use metastore_bbolt::{BoltError, BoltWriter};
@@ -55,15 +58,33 @@ impl SnapshotCapture {
         let applied = meta_value(crate::store::META_APPLIED).map(u64::from_be_bytes);
         let compact = meta_value(crate::store::META_COMPACT).map(i64::from_be_bytes);
 
-        let empty: &[&[u8]] = &[
-            b"alarm",
-            b"auth",
-            b"authRoles",
-            b"authUsers",
-            b"members",
-            b"members_removed",
-        ];
-        for name in empty {
+        // Pairs in byte order within each bucket, as bbolt wants them (buckets in any order).
+        db.begin_bucket(b"alarm").map_err(bolt_err)?;
+        db.end_bucket().map_err(bolt_err)?;
+        // The auth buckets as a restore from etcd brought them (see `etcd_import`).
+        db.begin_bucket(b"auth").map_err(bolt_err)?;
+        for (ours, etcds) in [
+            (AUTH_ENABLED, &b"authEnabled"[..]),
+            (AUTH_REVISION, &b"authRevision"[..]),
+        ] {
+            if let Some((_, v)) = self.meta.iter().find(|(k, _)| k.as_ref() == ours) {
+                db.put(etcds, v).map_err(bolt_err)?;
+            }
+        }
+        db.end_bucket().map_err(bolt_err)?;
+        for (bucket, prefix) in [
+            (&b"authRoles"[..], AUTH_ROLE_PREFIX),
+            (&b"authUsers"[..], AUTH_USER_PREFIX),
+        ] {
+            db.begin_bucket(bucket).map_err(bolt_err)?;
+            for (k, v) in &self.meta {
+                if let Some(name) = k.strip_prefix(prefix) {
+                    db.put(name, v).map_err(bolt_err)?;
+                }
+            }
+            db.end_bucket().map_err(bolt_err)?;
+        }
+        for name in [&b"members"[..], b"members_removed"] {
             db.begin_bucket(name).map_err(bolt_err)?;
             db.end_bucket().map_err(bolt_err)?;
         }
@@ -129,4 +150,53 @@ impl SnapshotCapture {
             .map_err(|e| MvccError::Engine(format!("etcd backup file: {e}")))?;
         Ok(len)
     }
+}
+
+/// What `etcdctl snapshot status` reports of an etcd backend file.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EtcdBackendStatus {
+    /// CRC-32C over every bucket's name, keys and values, in order (etcd's status hash).
+    pub hash: u32,
+    /// The main revision of the last record of the `key` bucket.
+    pub revision: i64,
+    /// Pairs in all buckets.
+    pub total_key: u64,
+    /// The database's size in pages, in bytes.
+    pub total_size: u64,
+}
+
+/// Reads an etcd backend file (one from `etcdctl snapshot save`, against etcd or MetaStore) as
+/// etcd's `snapshot status` does; a file ending in the SHA-256 `snapshot save` appends is read
+/// without it.
+pub fn etcd_backend_status(path: &std::path::Path) -> Result<EtcdBackendStatus, MvccError> {
+    let io = |e: BoltError| MvccError::Engine(format!("{}: {e}", path.display()));
+    let reader = metastore_bbolt::BoltReader::open(path).map_err(io)?;
+    let crc = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+    let mut digest = crc.digest();
+    let mut status = EtcdBackendStatus {
+        hash: 0,
+        revision: 0,
+        total_key: 0,
+        total_size: reader.size(),
+    };
+    for name in reader.bucket_names().map_err(io)? {
+        digest.update(&name);
+        let is_key = name == b"key";
+        reader
+            .for_each(&name, &mut |k, v| {
+                digest.update(k);
+                digest.update(v);
+                if is_key {
+                    if let Some(main) = k.get(..8).and_then(|m| <[u8; 8]>::try_from(m).ok()) {
+                        status.revision = i64::from_be_bytes(main);
+                    }
+                }
+                status.total_key += 1;
+                Ok(true)
+            })
+            .map_err(io)?;
+    }
+    status.hash = digest.finalize();
+    Ok(status)
 }
