@@ -233,6 +233,17 @@ async fn rolling_restart(cluster: &mut Cluster) -> Result<RollingRestart> {
                         retryable += 1;
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
+                    // A request the stopping member refused with its HTTP/2 GOAWAY (NO_ERROR):
+                    // RFC 9113 §6.8 — never processed, safe to retry; grpc-go retries it
+                    // transparently, tonic reports it as Internal.
+                    Err(etcd_client::Error::GRpcStatus(s))
+                        if s.code() == tonic::Code::Internal
+                            && format!("{s:?}").contains("GoAway")
+                            && format!("{s:?}").contains("NO_ERROR") =>
+                    {
+                        retryable += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
                     Err(e) => failed.push(e.to_string()),
                 }
             }
