@@ -282,9 +282,14 @@ impl<E: Engine> Kv for Svc<E> {
         request: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
         let req = request.into_inner();
-        // Compaction is applied synchronously in the apply loop, so `physical` is always met.
+        let (revision, physical) = (req.revision, req.physical);
         match self.propose(Op::Compaction(req)).await? {
             ApplyResponse::Compaction(mut resp) => {
+                // The apply loop only publishes the compaction; the records go in steps on
+                // the compactor thread. `physical` answers once they are gone, as etcd's.
+                while physical && !self.0.store.physically_compacted(revision) {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
                 self.0.fill_header(&mut resp.header);
                 Ok(Response::new(resp))
             }

@@ -151,11 +151,7 @@ impl BoltReader {
 
     /// Calls `visit` with each pair of the top-level bucket `name` in key order (nested
     /// buckets skipped) until it returns false; Ok(false) if there is no such bucket.
-    pub fn for_each(
-        &self,
-        name: &[u8],
-        visit: &mut PairVisitor<'_>,
-    ) -> Result<bool, BoltError> {
+    pub fn for_each(&self, name: &[u8], visit: &mut PairVisitor<'_>) -> Result<bool, BoltError> {
         let mut root = None;
         self.walk(&Root::Page(self.root), 0, &mut |k, v, flags| {
             if flags & BUCKET_LEAF_FLAG != 0 && k == name {

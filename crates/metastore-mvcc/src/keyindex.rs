@@ -192,8 +192,40 @@ impl KeyIndex {
     /// the caller can delete their records.
     pub fn compact(&self, rev: i64) -> Vec<IndexRev> {
         let mut dropped = Vec::new();
+        let mut after = None;
+        loop {
+            let (mut step, next) = self.compact_step(rev, after.as_ref(), usize::MAX);
+            dropped.append(&mut step);
+            match next {
+                Some(k) => after = Some(k),
+                None => return dropped,
+            }
+        }
+    }
+
+    /// [`compact`](Self::compact) of at most `limit` keys, those after `after` (from the first
+    /// key when None). Returns the dropped revisions and the last key visited when keys may
+    /// remain (None: the end was reached). Only the single writer may call this.
+    pub fn compact_step(
+        &self,
+        rev: i64,
+        after: Option<&Bytes>,
+        limit: usize,
+    ) -> (Vec<IndexRev>, Option<Bytes>) {
+        let mut dropped = Vec::new();
         let mut emptied = Vec::new();
-        for entry in self.keys.iter() {
+        let lower = match after {
+            Some(k) => Bound::Excluded(&k[..]),
+            None => Bound::Unbounded,
+        };
+        let mut visited = 0usize;
+        let mut last = None;
+        for entry in self.keys.range::<[u8], _>((lower, Bound::Unbounded)) {
+            if visited == limit {
+                break;
+            }
+            visited += 1;
+            last = Some(entry.key().clone());
             let mut revs = entry.value().write();
             let pos = revs.partition_point(|r| r.rev.main <= rev);
             if pos == 0 {
@@ -221,7 +253,8 @@ impl KeyIndex {
                 }
             }
         }
-        dropped
+        let more = visited == limit;
+        (dropped, if more { last } else { None })
     }
 
     /// Forgets every key (the state is being replaced by a snapshot). Only the single writer

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 mod cluster_version;
+mod compaction;
 mod hash;
 mod install;
 mod members;
@@ -96,6 +97,8 @@ pub struct Store<E: Engine> {
     /// Readers hold it shared; installing a snapshot from the leader holds it exclusively, so
     /// that no read ever sees the half-replaced state.
     install_gate: parking_lot::RwLock<()>,
+    /// Physical compaction in progress; see `compaction`.
+    compaction: compaction::Compaction,
 }
 
 fn rev_key(rev: Revision, tombstone: bool) -> Bytes {
@@ -233,6 +236,7 @@ impl<E: Engine> Store<E> {
             snapshot_scan: Arc::default(),
             deferred_deletes: Mutex::new(Vec::new()),
             install_gate: parking_lot::RwLock::new(()),
+            compaction: Default::default(),
         };
         store.load_alarms()?;
         if compact >= 0 {
@@ -653,27 +657,7 @@ impl<E: Engine> Store<E> {
         // Publish first: a reader that then sees a trimmed index also sees the new compact
         // revision when it re-checks, and reports Compacted instead of a partial answer.
         self.compact_rev.store(rev, Ordering::SeqCst);
-        let dropped: Vec<Bytes> = self
-            .index
-            .compact(rev)
-            .into_iter()
-            .map(|d| rev_key(d.rev, d.tombstone))
-            .collect();
-        if self.snapshot_scan.load(Ordering::Acquire) > 0 {
-            // A snapshot capture is still reading the records of its state: leave them until
-            // it is done (readers never reach them: the index no longer points to them).
-            self.deferred_deletes.lock().extend(dropped);
-            return Ok(());
-        }
-        self.flush_deferred_deletes()?;
-        let mut batch = WriteBatch::new();
-        for k in dropped {
-            batch.delete(Space::Kv, k);
-        }
-        if !batch.is_empty() {
-            self.engine.write(batch)?;
-        }
-        Ok(())
+        self.schedule_compaction(rev)
     }
 
     // ---- reads -------------------------------------------------------------------------------

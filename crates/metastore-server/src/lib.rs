@@ -183,6 +183,7 @@ pub async fn start<E: Engine>(
             .map_err(|e| ServerError::Transport(e.to_string()))?,
     );
     store.spawn_watch_sync().map_err(ServerError::Thread)?;
+    store.spawn_compactor().map_err(ServerError::Thread)?;
     let slot = CompleterSlot::default();
     let durable = durable.unwrap_or_else(|| store.applied_index());
     let driver = ApplyDriver::new(

@@ -62,6 +62,17 @@ pub fn install() -> Result<(), ObserveError> {
                 .map(|i| 0.0001 * f64::powi(2.0, i))
                 .collect::<Vec<_>>(),
         )?
+        // etcd's: 1 ms .. 4 s per pause, 100 ms .. 13 min per compaction.
+        .set_buckets_for_metric(
+            Matcher::Full("etcd_debugging_mvcc_db_compaction_pause_duration_milliseconds".into()),
+            &(0..13).map(|i| f64::powi(2.0, i)).collect::<Vec<_>>(),
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("etcd_debugging_mvcc_db_compaction_total_duration_milliseconds".into()),
+            &(0..14)
+                .map(|i| 100.0 * f64::powi(2.0, i))
+                .collect::<Vec<_>>(),
+        )?
         .set_buckets_for_metric(
             Matcher::Full("metastore_op_duration_seconds".into()),
             &[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1],
@@ -230,6 +241,18 @@ fn describe() {
         "Current backend storage quota size in bytes."
     );
     describe_gauge!("etcd_debugging_mvcc_keys_total", "Total number of keys.");
+    describe_histogram!(
+        "etcd_debugging_mvcc_db_compaction_pause_duration_milliseconds",
+        "Bucketed histogram of db compaction pause duration."
+    );
+    describe_histogram!(
+        "etcd_debugging_mvcc_db_compaction_total_duration_milliseconds",
+        "Bucketed histogram of db compaction total duration."
+    );
+    describe_counter!(
+        "etcd_debugging_mvcc_db_compaction_keys_total",
+        "Total number of db keys compacted."
+    );
     describe_gauge!(
         "etcd_debugging_mvcc_current_revision",
         "The current revision of store."

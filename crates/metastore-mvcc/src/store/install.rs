@@ -99,6 +99,8 @@ impl<E: Engine> Store<E> {
         self.alarms.write().clear();
         self.load_alarms()?;
         self.compact_rev.store(compact, Ordering::SeqCst);
+        // The leader's capture may hold records its compaction had not dropped yet.
+        self.restart_compaction(compact)?;
         self.current_rev.store(revision, Ordering::Release);
         self.applied_index.store(applied, Ordering::Release);
         self.leases.clear();
