@@ -108,6 +108,17 @@ pub trait Engine: Send + Sync + 'static {
         visit: &mut dyn FnMut(&[u8], &Bytes) -> bool,
     ) -> Result<()>;
 
+    /// [`scan`](Self::scan) for reads of a whole space or most of it (snapshots, hashes, the
+    /// index rebuild): an engine with a cache leaves it as it is.
+    fn scan_bulk(
+        &self,
+        space: Space,
+        range: (Bound<&[u8]>, Bound<&[u8]>),
+        visit: &mut dyn FnMut(&[u8], &Bytes) -> bool,
+    ) -> Result<()> {
+        self.scan(space, range, visit)
+    }
+
     /// Applies a batch.
     fn write(&self, batch: WriteBatch) -> Result<()>;
 

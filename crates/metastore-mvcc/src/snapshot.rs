@@ -209,7 +209,7 @@ impl SnapshotCapture {
         let pause_per_busy = 1.0 / self.pace - 1.0;
         let mut in_chunk = 0usize;
         let mut chunk_started = std::time::Instant::now();
-        engine.scan(Space::Kv, (Bound::Unbounded, end), &mut |k, v| {
+        engine.scan_bulk(Space::Kv, (Bound::Unbounded, end), &mut |k, v| {
             if pause_per_busy > 0.0 {
                 in_chunk += 1;
                 if in_chunk == PACE_CHUNK {

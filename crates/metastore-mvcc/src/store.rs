@@ -174,7 +174,7 @@ fn header(revision: i64) -> Option<ResponseHeader> {
 fn rebuild_index(engine: &dyn Engine, index: &KeyIndex) -> Result<i64> {
     let mut max_rev = 1i64;
     let mut err = None;
-    engine.scan(
+    engine.scan_bulk(
         Space::Kv,
         (Bound::Unbounded, Bound::Unbounded),
         &mut |k, v| {

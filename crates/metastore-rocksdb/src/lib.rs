@@ -108,6 +108,52 @@ impl RocksDbEngine {
     }
 
     /// Compacts the whole key range (etcd's Defragment, for this engine).
+    /// A forward scan; `fill_cache: false` for reads of everything (snapshots, hashes, the
+    /// index rebuild), which would otherwise push the block cache's working set out and grow it
+    /// to its full size.
+    fn scan_with(
+        &self,
+        space: Space,
+        range: (Bound<&[u8]>, Bound<&[u8]>),
+        visit: &mut dyn FnMut(&[u8], &Bytes) -> bool,
+        fill_cache: bool,
+    ) -> Result<()> {
+        let p = prefix(space);
+        let start = match range.0 {
+            Bound::Included(k) | Bound::Excluded(k) => full_key(space, k),
+            Bound::Unbounded => vec![p],
+        };
+        let upper = match range.1 {
+            Bound::Included(k) | Bound::Excluded(k) => full_key(space, k),
+            Bound::Unbounded => vec![p + 1],
+        };
+        let mut ro = ReadOptions::default();
+        ro.fill_cache(fill_cache);
+        ro.set_iterate_upper_bound(upper.clone());
+        for item in self
+            .db
+            .iterator_opt(IteratorMode::From(&start, Direction::Forward), ro)
+        {
+            let (k, v) = item.map_err(io)?;
+            let key = &k[1..];
+            if let Bound::Excluded(lo) = range.0 {
+                if key == lo {
+                    continue;
+                }
+            }
+            if !visit(key, &Bytes::from(v.into_vec())) {
+                return Ok(());
+            }
+        }
+        // The iterator's upper bound is exclusive: an inclusive one is looked up last.
+        if let Bound::Included(hi) = range.1 {
+            if let Some(v) = self.get(space, hi)? {
+                visit(hi, &v);
+            }
+        }
+        Ok(())
+    }
+
     pub fn compact_all(&self) {
         self.db.compact_range(None::<&[u8]>, None::<&[u8]>);
     }
@@ -136,39 +182,16 @@ impl Engine for RocksDbEngine {
         range: (Bound<&[u8]>, Bound<&[u8]>),
         visit: &mut dyn FnMut(&[u8], &Bytes) -> bool,
     ) -> Result<()> {
-        let p = prefix(space);
-        let start = match range.0 {
-            Bound::Included(k) | Bound::Excluded(k) => full_key(space, k),
-            Bound::Unbounded => vec![p],
-        };
-        let upper = match range.1 {
-            Bound::Included(k) | Bound::Excluded(k) => full_key(space, k),
-            Bound::Unbounded => vec![p + 1],
-        };
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(upper.clone());
-        for item in self
-            .db
-            .iterator_opt(IteratorMode::From(&start, Direction::Forward), ro)
-        {
-            let (k, v) = item.map_err(io)?;
-            let key = &k[1..];
-            if let Bound::Excluded(lo) = range.0 {
-                if key == lo {
-                    continue;
-                }
-            }
-            if !visit(key, &Bytes::from(v.into_vec())) {
-                return Ok(());
-            }
-        }
-        // The iterator's upper bound is exclusive: an inclusive one is looked up last.
-        if let Bound::Included(hi) = range.1 {
-            if let Some(v) = self.get(space, hi)? {
-                visit(hi, &v);
-            }
-        }
-        Ok(())
+        self.scan_with(space, range, visit, true)
+    }
+
+    fn scan_bulk(
+        &self,
+        space: Space,
+        range: (Bound<&[u8]>, Bound<&[u8]>),
+        visit: &mut dyn FnMut(&[u8], &Bytes) -> bool,
+    ) -> Result<()> {
+        self.scan_with(space, range, visit, false)
     }
 
     fn write(&self, batch: WriteBatch) -> Result<()> {

@@ -98,7 +98,7 @@ impl SnapshotCapture {
             None => Bound::Unbounded,
         };
         let mut failure = None;
-        engine.scan(Space::Kv, (Bound::Unbounded, end), &mut |k, v| {
+        engine.scan_bulk(Space::Kv, (Bound::Unbounded, end), &mut |k, v| {
             let Some((rev, tombstone)) = crate::store::parse_rev_key(k) else {
                 return true;
             };

@@ -106,7 +106,7 @@ impl<E: Engine> Store<E> {
         let upper = at.saturating_add(1).to_be_bytes();
         let mut key_buf = Vec::with_capacity(18);
         let mut failure = None;
-        self.engine.scan(
+        self.engine.scan_bulk(
             Space::Kv,
             (Bound::Unbounded, Bound::Excluded(&upper[..])),
             &mut |k, v| {
