@@ -23,6 +23,10 @@ cleanup() {
 trap cleanup EXIT
 
 build() { # <source dir> <out dir>
+  # Cargo's unit hashes do not depend on the workspace's path and its freshness check compares
+  # source mtimes with the last build's: without this, a worktree checked out before the other
+  # one was built would reuse that build's crates wherever its sources look older.
+  find "$1" -name '*.rs' -o -name 'Cargo.toml' -o -name '*.proto' | xargs touch
   (cd "$1" && cargo build --release -p metastore-server -p metastore-bench >&2)
   mkdir -p "$2"
   cp "$target/release/metastore" "$target/release/metastore-bench" "$2/"
