@@ -102,20 +102,25 @@ struct Process(Child);
 impl Process {
     /// A fresh etcd on loopback; its client endpoint once it answers.
     fn etcd(dir: &std::path::Path) -> (Process, String) {
-        let (client_port, peer_port) = (free_port(), free_port());
-        let ep = format!("http://127.0.0.1:{client_port}");
-        let peer = format!("http://127.0.0.1:{peer_port}");
+        let peer = format!("http://127.0.0.1:{}", free_port());
+        Process::etcd_named(dir, "e", &peer)
+    }
+
+    /// etcd member `name` on `dir` (a data dir `etcdctl snapshot restore` made, or a new one)
+    /// with the peer URL it was given; its client endpoint once it answers.
+    fn etcd_named(dir: &std::path::Path, name: &str, peer: &str) -> (Process, String) {
+        let ep = format!("http://127.0.0.1:{}", free_port());
         let etcd = Process(
             Command::new("etcd")
-                .args(["--name", "e", "--data-dir", dir.to_str().expect("utf-8")])
+                .args(["--name", name, "--data-dir", dir.to_str().expect("utf-8")])
                 .args(["--listen-client-urls", &ep, "--advertise-client-urls", &ep])
                 .args([
                     "--listen-peer-urls",
-                    &peer,
+                    peer,
                     "--initial-advertise-peer-urls",
-                    &peer,
+                    peer,
                 ])
-                .args(["--initial-cluster", &format!("e={peer}")])
+                .args(["--initial-cluster", &format!("{name}={peer}")])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -124,6 +129,24 @@ impl Process {
         wait_healthy(&ep);
         (etcd, ep)
     }
+}
+
+/// `etcdctl snapshot restore` of `file` into `data_dir` for a one-member cluster.
+fn etcd_restore(file: &std::path::Path, data_dir: &std::path::Path, name: &str, peer: &str) {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["snapshot", "restore", file.to_str().expect("utf-8")])
+        .args(["--data-dir", data_dir.to_str().expect("utf-8")])
+        .args([
+            "--name",
+            name,
+            "--initial-cluster",
+            &format!("{name}={peer}"),
+        ])
+        .args(["--initial-advertise-peer-urls", peer])
+        .output()
+        .expect("etcdctl snapshot restore");
+    assert!(out.status.success(), "etcdctl snapshot restore: {out:?}");
 }
 
 fn wait_healthy(ep: &str) {
@@ -275,63 +298,10 @@ async fn an_etcdctl_snapshot_of_metastore_restores_into_etcd() {
     assert!(status["totalKey"].as_i64().expect("keys") > 300, "{status}");
 
     // Restore with etcd's tool, start etcd on it.
-    let (client_port, peer_port) = (free_port(), free_port());
-    let etcd_ep = format!("http://127.0.0.1:{client_port}");
-    let peer = format!("http://127.0.0.1:{peer_port}");
+    let peer = format!("http://127.0.0.1:{}", free_port());
     let restored = dir.path().join("restored");
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["snapshot", "restore", file.to_str().expect("utf-8")])
-        .args(["--data-dir", restored.to_str().expect("utf-8")])
-        .args(["--name", "r", "--initial-cluster", &format!("r={peer}")])
-        .args(["--initial-advertise-peer-urls", &peer])
-        .output()
-        .expect("restore");
-    assert!(out.status.success(), "restore: {out:?}");
-    let _etcd = Process(
-        Command::new("etcd")
-            .args([
-                "--name",
-                "r",
-                "--data-dir",
-                restored.to_str().expect("utf-8"),
-            ])
-            .args([
-                "--listen-client-urls",
-                &etcd_ep,
-                "--advertise-client-urls",
-                &etcd_ep,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("r={peer}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start etcd (Debian's etcd-server)"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ok = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .args([
-                "--endpoints",
-                etcd_ep.trim_start_matches("http://"),
-                "endpoint",
-                "health",
-            ])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if ok {
-            break;
-        }
-        assert!(Instant::now() < deadline, "restored etcd did not start");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    etcd_restore(&file, &restored, "r", &peer);
+    let (_etcd, etcd_ep) = Process::etcd_named(&restored, "r", &peer);
 
     // The same keys, values and revisions as MetaStore at the snapshot's revision.
     let ours = contents(&ep, revision);
@@ -531,48 +501,8 @@ fn an_etcd_snapshot_restores_into_metastore_and_goes_back() {
     drop(etcd);
     let etcd_peer = format!("http://127.0.0.1:{}", free_port());
     let etcd_dir = dir.path().join("etcd-again");
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["snapshot", "restore", back.to_str().expect("utf-8")])
-        .args(["--data-dir", etcd_dir.to_str().expect("utf-8")])
-        .args([
-            "--name",
-            "e",
-            "--initial-cluster",
-            &format!("e={etcd_peer}"),
-        ])
-        .args(["--initial-advertise-peer-urls", &etcd_peer])
-        .output()
-        .expect("etcd restore");
-    assert!(out.status.success(), "{out:?}");
-    let etcd_ep = format!("http://127.0.0.1:{}", free_port());
-    let _etcd = Process(
-        Command::new("etcd")
-            .args([
-                "--name",
-                "e",
-                "--data-dir",
-                etcd_dir.to_str().expect("utf-8"),
-            ])
-            .args([
-                "--listen-client-urls",
-                &etcd_ep,
-                "--advertise-client-urls",
-                &etcd_ep,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &etcd_peer,
-                "--initial-advertise-peer-urls",
-                &etcd_peer,
-            ])
-            .args(["--initial-cluster", &format!("e={etcd_peer}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start etcd"),
-    );
-    wait_healthy(&etcd_ep);
+    etcd_restore(&back, &etcd_dir, "e", &etcd_peer);
+    let (_etcd, etcd_ep) = Process::etcd_named(&etcd_dir, "e", &etcd_peer);
     let got = contents(&etcd_ep, 0);
     assert!(
         got.iter().any(|(k, ..)| k == "written/in/metastore"),

@@ -92,7 +92,9 @@ impl<E: Engine> Store<E> {
     }
 
     /// Keeps physical compaction from deleting records until the hold is dropped. Taken under
-    /// the writer lock, so no compaction is half-way when the revisions are read.
+    /// the writer lock, so the revisions read belong together; a compaction may still be
+    /// between two steps, which the hash does not see: it keeps records by what the index says
+    /// is visible, not by what is left in the engine.
     fn hold_records(&self) -> (ScanHold, i64, i64) {
         let _writer = self.writer.lock();
         (
