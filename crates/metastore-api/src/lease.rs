@@ -19,6 +19,7 @@ use metastore_proto::etcdserverpb::{
     LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
 use metastore_proto::internal::command::Op;
+use metastore_raft::RaftStatus;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -58,6 +59,9 @@ struct Clock {
     /// Term in which these deadlines were set; 0 = not leader.
     term: u64,
     deadlines: HashMap<i64, Instant>,
+    /// Grants applied in a term this clock has not taken up yet, with that term: the first
+    /// tick of the term keeps them as they are instead of extending them like older leases.
+    early: HashMap<i64, (u64, Instant)>,
     revoking: HashSet<i64>,
     /// Checkpoints computed from the current deadlines are being replicated.
     checkpointing: bool,
@@ -74,11 +78,19 @@ fn secs(n: i64) -> Duration {
 }
 
 impl LeaseClock {
-    fn set(&self, id: i64, ttl: i64) {
-        self.inner
-            .lock()
-            .deadlines
-            .insert(id, Instant::now() + secs(ttl));
+    /// Times a lease granted while raft says this member leads `term`; a follower keeps no
+    /// clock (the lease is timed when it becomes leader, as every other lease).
+    fn set(&self, id: i64, ttl: i64, status: &RaftStatus) {
+        if !status.is_leader {
+            return;
+        }
+        let (term, deadline) = (status.term, Instant::now() + secs(ttl));
+        let mut c = self.inner.lock();
+        if c.term == term {
+            c.deadlines.insert(id, deadline);
+        } else {
+            c.early.insert(id, (term, deadline));
+        }
     }
 
     fn forget(&self, id: i64) {
@@ -124,10 +136,17 @@ pub fn spawn_lease_clock<E: Engine>(server: Weak<EtcdServer<E>>, election_timeou
                 // its last checkpointed remaining TTL plus one election timeout, so that clients
                 // get the time to find it before anything expires.
                 let extend = if c.term != status.term {
+                    let early = std::mem::take(&mut c.early);
                     *c = Clock {
                         term: status.term,
                         ..Default::default()
                     };
+                    c.deadlines.extend(
+                        early
+                            .into_iter()
+                            .filter(|(_, (term, _))| *term == status.term)
+                            .map(|(id, (_, deadline))| (id, deadline)),
+                    );
                     next_checkpoint = now + interval;
                     election_timeout
                 } else {
@@ -226,7 +245,7 @@ impl<E: Engine> EtcdServer<E> {
 
     /// Starts the leader's clock for a lease just granted.
     pub(crate) fn track_lease(&self, id: i64, ttl: i64) {
-        self.lease_clock.set(id, ttl);
+        self.lease_clock.set(id, ttl, &self.raft.status());
     }
 
     async fn renew(&self, id: i64) -> Result<i64, Status> {
@@ -295,7 +314,7 @@ impl<E: Engine> Lease for Svc<E> {
         let (id, ttl) = (req.id, req.ttl);
         match self.0.submit(Op::LeaseGrant(req)).await? {
             ApplyResponse::LeaseGrant(mut resp) => {
-                self.0.lease_clock.set(id, ttl);
+                self.0.track_lease(id, ttl);
                 self.0.fill_header(&mut resp.header);
                 Ok(Response::new(resp))
             }
