@@ -202,6 +202,7 @@ fn measure<E: Engine>(engine: Arc<E>, args: &EngineArgs) -> Result<Rates> {
         let end = (i + args.batch).min(args.keys);
         let cmds: Vec<Command> = (i..end)
             .map(|k| Command {
+                auth: None,
                 op: Some(Op::Put(PutRequest {
                     key: key(k),
                     value: value.clone(),

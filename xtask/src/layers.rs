@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 fn put_command(i: u64, val_size: usize) -> Command {
     Command {
+        auth: None,
         op: Some(Op::Put(PutRequest {
             key: Bytes::from(format!("{i:08}")),
             value: Bytes::from(vec![b'v'; val_size]),

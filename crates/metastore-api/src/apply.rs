@@ -361,6 +361,7 @@ mod tests {
         let batch = Batch {
             id: 1,
             commands: vec![Command {
+                auth: None,
                 op: Some(Op::Put(PutRequest {
                     key: "k".into(),
                     value: "v".into(),

@@ -31,6 +31,7 @@ impl<E: Engine> Batch for Svc<E> {
         &self,
         request: Request<BatchPutRequest>,
     ) -> Result<Response<BatchPutResponse>, Status> {
+        let who = self.0.auth_info(request.metadata())?;
         let puts = request.into_inner().puts;
         if puts.is_empty() {
             return Err(Status::invalid_argument("metastore: empty batch"));
@@ -50,7 +51,8 @@ impl<E: Engine> Batch for Svc<E> {
         };
         // The txn checks: every put's own rules, and no key twice.
         validate::check_txn(&txn, MAX_BATCH_OPS)?;
-        let resp = match self.0.submit(Op::Txn(txn)).await? {
+        let header = crate::EtcdServer::<E>::auth_header(who.as_ref());
+        let resp = match self.0.submit_as(Op::Txn(txn), Some(header)).await? {
             ApplyResponse::Txn(resp) => resp,
             _ => return Err(unexpected("batch put")),
         };

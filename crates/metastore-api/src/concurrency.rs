@@ -196,13 +196,16 @@ impl<E: Engine> EtcdServer<E> {
     }
 
     async fn txn(self: &Arc<Self>, txn: TxnRequest) -> Result<TxnResponse, Status> {
-        match self.submit(Op::Txn(txn)).await? {
+        let who = crate::auth::caller();
+        let header = Self::auth_header(who.as_ref());
+        match self.submit_as(Op::Txn(txn), Some(header)).await? {
             ApplyResponse::Txn(resp) => Ok(resp),
             _ => Err(unexpected("txn")),
         }
     }
 
     fn read(&self, req: &RangeRequest) -> Result<RangeResponse, Status> {
+        self.check_read(crate::auth::caller().as_ref(), &req.key, &req.range_end)?;
         self.store.range(req).map_err(crate::errors::from_mvcc)
     }
 
@@ -239,12 +242,16 @@ impl<E: Engine> EtcdServer<E> {
     }
 
     async fn delete_key(self: &Arc<Self>, key: Bytes) -> Result<ResponseHeader, Status> {
+        let header = Self::auth_header(crate::auth::caller().as_ref());
         match self
-            .submit(Op::DeleteRange(DeleteRangeRequest {
-                key,
-                range_end: Bytes::new(),
-                prev_kv: false,
-            }))
+            .submit_as(
+                Op::DeleteRange(DeleteRangeRequest {
+                    key,
+                    range_end: Bytes::new(),
+                    prev_kv: false,
+                }),
+                Some(header),
+            )
             .await?
         {
             ApplyResponse::DeleteRange(r) => {
@@ -383,40 +390,50 @@ impl<E: Engine> Drop for CleanupOnDrop<E> {
 #[tonic::async_trait]
 impl<E: Engine> Lock for Svc<E> {
     async fn lock(&self, request: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
-        let req = request.into_inner();
-        let lease = self
-            .0
-            .session_lease(req.lease)
+        let who = self.0.auth_info(request.metadata())?;
+        crate::auth::CALLER
+            .scope(who, async move {
+                let req = request.into_inner();
+                let lease = self
+                    .0
+                    .session_lease(req.lease)
+                    .await
+                    .map_err(as_client_error)?;
+                let mut guard = CleanupOnDrop {
+                    server: self.0.clone(),
+                    key: None,
+                };
+                let (header, key, _) = self
+                    .0
+                    .acquire(&req.name, lease, Bytes::new(), false, &mut guard)
+                    .await
+                    .map_err(as_client_error)?;
+                guard.key = None;
+                Ok(Response::new(LockResponse {
+                    header: Some(header),
+                    key,
+                }))
+            })
             .await
-            .map_err(as_client_error)?;
-        let mut guard = CleanupOnDrop {
-            server: self.0.clone(),
-            key: None,
-        };
-        let (header, key, _) = self
-            .0
-            .acquire(&req.name, lease, Bytes::new(), false, &mut guard)
-            .await
-            .map_err(as_client_error)?;
-        guard.key = None;
-        Ok(Response::new(LockResponse {
-            header: Some(header),
-            key,
-        }))
     }
 
     async fn unlock(
         &self,
         request: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
-        let header = self
-            .0
-            .delete_key(request.into_inner().key)
+        let who = self.0.auth_info(request.metadata())?;
+        crate::auth::CALLER
+            .scope(who, async move {
+                let header = self
+                    .0
+                    .delete_key(request.into_inner().key)
+                    .await
+                    .map_err(as_client_error)?;
+                Ok(Response::new(UnlockResponse {
+                    header: Some(header),
+                }))
+            })
             .await
-            .map_err(as_client_error)?;
-        Ok(Response::new(UnlockResponse {
-            header: Some(header),
-        }))
     }
 }
 
@@ -426,73 +443,88 @@ impl<E: Engine> Election for Svc<E> {
         &self,
         request: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
-        let req = request.into_inner();
-        let lease = self
-            .0
-            .session_lease(req.lease)
+        let who = self.0.auth_info(request.metadata())?;
+        crate::auth::CALLER
+            .scope(who, async move {
+                let req = request.into_inner();
+                let lease = self
+                    .0
+                    .session_lease(req.lease)
+                    .await
+                    .map_err(as_client_error)?;
+                let mut guard = CleanupOnDrop {
+                    server: self.0.clone(),
+                    key: None,
+                };
+                let (header, key, rev) = self
+                    .0
+                    .acquire(&req.name, lease, req.value, true, &mut guard)
+                    .await
+                    .map_err(as_client_error)?;
+                guard.key = None;
+                Ok(Response::new(CampaignResponse {
+                    header: Some(header),
+                    leader: Some(LeaderKey {
+                        name: req.name,
+                        key,
+                        rev,
+                        lease,
+                    }),
+                }))
+            })
             .await
-            .map_err(as_client_error)?;
-        let mut guard = CleanupOnDrop {
-            server: self.0.clone(),
-            key: None,
-        };
-        let (header, key, rev) = self
-            .0
-            .acquire(&req.name, lease, req.value, true, &mut guard)
-            .await
-            .map_err(as_client_error)?;
-        guard.key = None;
-        Ok(Response::new(CampaignResponse {
-            header: Some(header),
-            leader: Some(LeaderKey {
-                name: req.name,
-                key,
-                rev,
-                lease,
-            }),
-        }))
     }
 
     async fn proclaim(
         &self,
         request: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
-        let req = request.into_inner();
-        let leader = req.leader.ok_or_else(|| unknown(ERR_MISSING_LEADER_KEY))?;
-        let header = self
-            .0
-            .proclaim(&leader.key, leader.rev, leader.lease, req.value)
+        let who = self.0.auth_info(request.metadata())?;
+        crate::auth::CALLER
+            .scope(who, async move {
+                let req = request.into_inner();
+                let leader = req.leader.ok_or_else(|| unknown(ERR_MISSING_LEADER_KEY))?;
+                let header = self
+                    .0
+                    .proclaim(&leader.key, leader.rev, leader.lease, req.value)
+                    .await
+                    .map_err(as_client_error)?;
+                Ok(Response::new(ProclaimResponse {
+                    header: Some(header),
+                }))
+            })
             .await
-            .map_err(as_client_error)?;
-        Ok(Response::new(ProclaimResponse {
-            header: Some(header),
-        }))
     }
 
     async fn leader(
         &self,
         request: Request<LeaderRequest>,
     ) -> Result<Response<LeaderResponse>, Status> {
-        let req = request.into_inner();
-        self.read_barrier(false).await.map_err(as_client_error)?;
-        let mut prefix = req.name.to_vec();
-        prefix.push(b'/');
-        let resp = self
-            .0
-            .read(&by_create(&prefix, range_request::SortOrder::Ascend, 0))
-            .map_err(as_client_error)?;
-        let kv = resp
-            .kvs
-            .into_iter()
-            .next()
-            .ok_or_else(|| unknown(ERR_ELECTION_NO_LEADER))?;
-        Ok(Response::new(LeaderResponse {
-            header: Some(
-                self.0
-                    .header(resp.header.map(|h| h.revision).unwrap_or_default()),
-            ),
-            kv: Some(kv),
-        }))
+        let who = self.0.auth_info(request.metadata())?;
+        crate::auth::CALLER
+            .scope(who, async move {
+                let req = request.into_inner();
+                self.read_barrier(false).await.map_err(as_client_error)?;
+                let mut prefix = req.name.to_vec();
+                prefix.push(b'/');
+                let resp = self
+                    .0
+                    .read(&by_create(&prefix, range_request::SortOrder::Ascend, 0))
+                    .map_err(as_client_error)?;
+                let kv = resp
+                    .kvs
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| unknown(ERR_ELECTION_NO_LEADER))?;
+                Ok(Response::new(LeaderResponse {
+                    header: Some(
+                        self.0
+                            .header(resp.header.map(|h| h.revision).unwrap_or_default()),
+                    ),
+                    kv: Some(kv),
+                }))
+            })
+            .await
     }
 
     type ObserveStream = BoxStream<'static, Result<LeaderResponse, Status>>;
@@ -501,7 +533,12 @@ impl<E: Engine> Election for Svc<E> {
         &self,
         request: Request<LeaderRequest>,
     ) -> Result<Response<Self::ObserveStream>, Status> {
+        // etcd observes through a get and a watch on the election's prefix: READ on it.
+        let who = self.0.auth_info(request.metadata())?;
         let req = request.into_inner();
+        let prefix = [&req.name[..], b"/"].concat();
+        self.0
+            .check_read(who.as_ref(), &prefix, &prefix_end(&prefix))?;
         let server = self.0.clone();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
@@ -516,28 +553,33 @@ impl<E: Engine> Election for Svc<E> {
         &self,
         request: Request<ResignRequest>,
     ) -> Result<Response<ResignResponse>, Status> {
-        let req = request.into_inner();
-        let leader = req.leader.ok_or_else(|| unknown(ERR_MISSING_LEADER_KEY))?;
-        let txn = TxnRequest {
-            compare: vec![create_rev_is(&leader.key, leader.rev)],
-            success: vec![RequestOp {
-                request: Some(request_op::Request::RequestDeleteRange(
-                    DeleteRangeRequest {
-                        key: leader.key.clone(),
-                        range_end: Bytes::new(),
-                        prev_kv: false,
-                    },
-                )),
-            }],
-            failure: vec![],
-        };
-        let resp = self.0.txn(txn).await.map_err(as_client_error)?;
-        Ok(Response::new(ResignResponse {
-            header: Some(
-                self.0
-                    .header(resp.header.map(|h| h.revision).unwrap_or_default()),
-            ),
-        }))
+        let who = self.0.auth_info(request.metadata())?;
+        crate::auth::CALLER
+            .scope(who, async move {
+                let req = request.into_inner();
+                let leader = req.leader.ok_or_else(|| unknown(ERR_MISSING_LEADER_KEY))?;
+                let txn = TxnRequest {
+                    compare: vec![create_rev_is(&leader.key, leader.rev)],
+                    success: vec![RequestOp {
+                        request: Some(request_op::Request::RequestDeleteRange(
+                            DeleteRangeRequest {
+                                key: leader.key.clone(),
+                                range_end: Bytes::new(),
+                                prev_kv: false,
+                            },
+                        )),
+                    }],
+                    failure: vec![],
+                };
+                let resp = self.0.txn(txn).await.map_err(as_client_error)?;
+                Ok(Response::new(ResignResponse {
+                    header: Some(
+                        self.0
+                            .header(resp.header.map(|h| h.revision).unwrap_or_default()),
+                    ),
+                }))
+            })
+            .await
     }
 }
 

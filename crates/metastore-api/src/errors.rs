@@ -2,6 +2,7 @@
 //! them to their typed errors.
 
 use metastore_batch::BatchError;
+use metastore_mvcc::auth::AuthError;
 use metastore_mvcc::MvccError;
 use metastore_raft::RaftError;
 use tonic::Status;
@@ -113,12 +114,63 @@ pub fn from_mvcc(e: MvccError) -> Status {
         MvccError::KeyNotFound => key_not_found(),
         MvccError::LeaseExists => lease_exists(),
         MvccError::NoSpace => no_space(),
+        MvccError::Auth(a) => from_auth(a),
         MvccError::Engine(_)
         | MvccError::Corrupt(..)
         | MvccError::Downgrade { .. }
         | MvccError::UnknownCommand(_)
         | MvccError::InstallInterrupted(_) => Status::internal(format!("etcdserver: {e}")),
     }
+}
+
+/// etcd's `rpctypes` auth errors (and `ErrNoPasswordUser`, which etcd passes on as an
+/// unknown error with its own text).
+pub fn from_auth(e: AuthError) -> Status {
+    use AuthError as A;
+    match e {
+        A::RootUserNotExist => Status::failed_precondition("etcdserver: root user does not exist"),
+        A::RootRoleNotExist => {
+            Status::failed_precondition("etcdserver: root user does not have root role")
+        }
+        A::UserAlreadyExist => Status::failed_precondition("etcdserver: user name already exists"),
+        A::UserEmpty => Status::invalid_argument("etcdserver: user name is empty"),
+        A::UserNotFound => Status::failed_precondition("etcdserver: user name not found"),
+        A::RoleAlreadyExist => Status::failed_precondition("etcdserver: role name already exists"),
+        A::RoleNotFound => Status::failed_precondition("etcdserver: role name not found"),
+        A::RoleEmpty => Status::invalid_argument("etcdserver: role name is empty"),
+        A::AuthFailed => Status::invalid_argument(
+            "etcdserver: authentication failed, invalid user ID or password",
+        ),
+        A::PermissionNotGiven => Status::invalid_argument("etcdserver: permission not given"),
+        A::PermissionDenied => Status::permission_denied("etcdserver: permission denied"),
+        A::RoleNotGranted => {
+            Status::failed_precondition("etcdserver: role is not granted to the user")
+        }
+        A::PermissionNotGranted => {
+            Status::failed_precondition("etcdserver: permission is not granted to the role")
+        }
+        A::AuthNotEnabled => {
+            Status::failed_precondition("etcdserver: authentication is not enabled")
+        }
+        A::InvalidAuthToken => Status::unauthenticated("etcdserver: invalid auth token"),
+        A::InvalidAuthMgmt => Status::invalid_argument("etcdserver: invalid auth management"),
+        A::AuthOldRevision => Status::invalid_argument("etcdserver: revision of auth store is old"),
+        A::NoPasswordUser => Status::unknown(e.to_string()),
+    }
+}
+
+/// What a watch create refused by auth is canceled with: grpc-go's rendering of the status
+/// (etcd puts `rpctypes.ErrGRPC...Error()` in the cancel reason).
+pub fn watch_cancel_reason(e: AuthError) -> String {
+    let status = from_auth(e);
+    let code = match status.code() {
+        tonic::Code::PermissionDenied => "PermissionDenied",
+        tonic::Code::InvalidArgument => "InvalidArgument",
+        tonic::Code::Unauthenticated => "Unauthenticated",
+        tonic::Code::FailedPrecondition => "FailedPrecondition",
+        _ => "Unknown",
+    };
+    format!("rpc error: code = {code} desc = {}", status.message())
 }
 
 pub fn from_raft(e: RaftError) -> Status {

@@ -50,7 +50,11 @@ impl<E: Engine> EtcdServer<E> {
     }
 
     /// Renews lease `id` on the leader and returns the TTL it granted.
-    pub(crate) async fn renew_on_leader(&self, id: i64) -> Result<i64, Status> {
+    pub(crate) async fn renew_on_leader(
+        &self,
+        id: i64,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<i64, Status> {
         let leader = self.raft.status().leader_id;
         if leader == 0 {
             return Err(errors::no_leader());
@@ -59,7 +63,10 @@ impl<E: Engine> EtcdServer<E> {
         let request = LeaseKeepAliveRequest { id };
         let call = async {
             let mut responses = client
-                .lease_keep_alive(tokio_stream::once(request))
+                .lease_keep_alive(crate::auth::forwarded(
+                    tokio_stream::once(request),
+                    metadata,
+                ))
                 .await?
                 .into_inner();
             match responses.message().await? {

@@ -11,6 +11,7 @@ use crate::services::Svc;
 use crate::{errors, EtcdServer};
 use futures::stream::BoxStream;
 use metastore_engine::Engine;
+use metastore_mvcc::auth::Need;
 use metastore_mvcc::{ApplyResponse, MAX_LEASE_TTL};
 use metastore_proto::etcdserverpb::{
     lease_server::Lease, LeaseCheckpoint, LeaseCheckpointRequest, LeaseGrantRequest,
@@ -248,10 +249,12 @@ impl<E: Engine> EtcdServer<E> {
         self.lease_clock.set(id, ttl, &self.raft.status());
     }
 
-    async fn renew(&self, id: i64) -> Result<i64, Status> {
+    async fn renew(&self, id: i64, metadata: &tonic::metadata::MetadataMap) -> Result<i64, Status> {
+        // etcd's checkLeaseRenew: write permission on every key attached.
+        self.check_lease_keys(metadata, id, Need::Write)?;
         if !self.raft.status().is_leader {
             // Only the leader keeps lease time: a follower sends the renewal on.
-            return self.renew_on_leader(id).await;
+            return self.renew_on_leader(id, metadata).await;
         }
         let Some(lease) = self.store.lease(id, false) else {
             // etcd answers a keep-alive for an unknown lease with TTL 0.
@@ -303,6 +306,7 @@ impl<E: Engine> Lease for Svc<E> {
         &self,
         request: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
+        self.0.require_auth_info(request.metadata())?;
         let mut req = request.into_inner();
         if req.ttl > MAX_LEASE_TTL {
             return Err(errors::lease_ttl_too_large());
@@ -326,9 +330,12 @@ impl<E: Engine> Lease for Svc<E> {
         &self,
         request: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        let who = self.0.auth_info(request.metadata())?;
+        self.0.require_auth_info(request.metadata())?;
         let req = request.into_inner();
         let id = req.id;
-        match self.0.submit(Op::LeaseRevoke(req)).await? {
+        let header = crate::EtcdServer::<E>::auth_header(who.as_ref());
+        match self.0.submit_as(Op::LeaseRevoke(req), Some(header)).await? {
             ApplyResponse::LeaseRevoke(mut resp) => {
                 self.0.lease_clock.forget(id);
                 self.0.fill_header(&mut resp.header);
@@ -344,12 +351,13 @@ impl<E: Engine> Lease for Svc<E> {
         &self,
         request: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let metadata = request.metadata().clone();
         let mut inbound = request.into_inner();
         let server = self.0.clone();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             while let Ok(Some(req)) = inbound.message().await {
-                let reply = match server.renew(req.id).await {
+                let reply = match server.renew(req.id, &metadata).await {
                     Ok(ttl) => Ok(LeaseKeepAliveResponse {
                         header: Some(server.header(server.store.current_revision())),
                         id: req.id,
@@ -370,6 +378,9 @@ impl<E: Engine> Lease for Svc<E> {
         &self,
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        // etcd's checkLeaseTimeToLive: read permission on every key attached.
+        self.0
+            .check_lease_keys(request.metadata(), request.get_ref().id, Need::Read)?;
         let req = request.into_inner();
         let header = Some(self.0.header(self.0.store.current_revision()));
         let Some(lease) = self.0.store.lease(req.id, req.keys) else {

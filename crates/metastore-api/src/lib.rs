@@ -5,6 +5,7 @@
 //! A read is served from the local store, after a ReadIndex barrier unless it is serializable.
 
 pub mod apply;
+pub mod auth;
 mod backup;
 mod batch;
 pub mod cluster_version;
@@ -36,6 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tonic::Status;
 
+pub use auth::AuthConfig;
 pub use batch::MAX_BATCH_OPS;
 pub use lease::LeaseConfig;
 
@@ -213,6 +215,7 @@ pub struct ServiceConfig {
     /// Where `Maintenance.Snapshot` writes its file before streaming it (the member's
     /// directory; None: the system's temporary directory).
     pub snapshot_dir: Option<std::path::PathBuf>,
+    pub auth: AuthConfig,
 }
 
 impl Default for ServiceConfig {
@@ -227,6 +230,7 @@ impl Default for ServiceConfig {
             extensive_metrics: false,
             warning_apply_duration: Duration::from_millis(100),
             snapshot_dir: None,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -276,6 +280,7 @@ pub struct EtcdServer<E: Engine> {
     pub(crate) extensive_metrics: bool,
     pub(crate) warning_apply_duration: Duration,
     pub(crate) snapshot_dir: Option<std::path::PathBuf>,
+    pub(crate) auth_config: AuthConfig,
 }
 
 impl<E: Engine> EtcdServer<E> {
@@ -326,7 +331,9 @@ impl<E: Engine> EtcdServer<E> {
             extensive_metrics: services.extensive_metrics,
             warning_apply_duration: services.warning_apply_duration,
             snapshot_dir: services.snapshot_dir.clone(),
+            auth_config: services.auth.clone(),
         });
+        server.store.auth().set_token_ttl(services.auth.token_ttl);
         membership::spawn_learner_flag(&server);
         lease::spawn_lease_clock(Arc::downgrade(&server), services.election_timeout);
         cluster_version::spawn_cluster_version_monitor(Arc::downgrade(&server));
@@ -334,9 +341,19 @@ impl<E: Engine> EtcdServer<E> {
         server
     }
 
-    /// Replicates one command and returns what the state machine answered.
+    /// Replicates one of the members' own commands (never checked against permissions) and
+    /// returns what the state machine answered.
     pub async fn submit(&self, op: Op) -> Result<ApplyResponse, Status> {
-        let cmd = Command { op: Some(op) };
+        self.submit_as(op, None).await
+    }
+
+    /// Replicates a command; a client's carries `auth` (who asked), checked when applied.
+    pub async fn submit_as(
+        &self,
+        op: Op,
+        auth: Option<metastore_proto::internal::AuthHeader>,
+    ) -> Result<ApplyResponse, Status> {
+        let cmd = Command { auth, op: Some(op) };
         if cmd.encoded_len() > self.limits.max_request_bytes {
             return Err(errors::request_too_large());
         }
@@ -361,6 +378,7 @@ impl<E: Engine> EtcdServer<E> {
                     let _ = self
                         .proposer
                         .submit(Command {
+                            auth: None,
                             op: Some(Op::Alarm(alarm)),
                         })
                         .await;

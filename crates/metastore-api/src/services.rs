@@ -5,6 +5,7 @@ use crate::slowlog::{Asked, SlowLog};
 use crate::{errors, validate, EtcdServer, ETCD_API_VERSION};
 use futures::stream::BoxStream;
 use metastore_engine::Engine;
+use metastore_mvcc::auth::AuthInfo;
 use metastore_mvcc::{ApplyResponse, Store};
 use metastore_proto::etcdserverpb::{
     alarm_request::AlarmAction, cluster_server::Cluster, cluster_server::ClusterServer,
@@ -29,7 +30,7 @@ use tonic::{Request, Response, Status};
 
 /// gRPC services not served yet: any call to them answers `Unimplemented` with a message that
 /// says so (the README lists them too).
-pub const UNIMPLEMENTED_SERVICES: &[&str] = &["etcdserverpb.Auth"];
+pub const UNIMPLEMENTED_SERVICES: &[&str] = &[];
 
 /// gRPC allows this much above the request limit, as etcd does, so that an oversized request
 /// reaches our check and gets etcd's "request is too large" instead of a transport error.
@@ -87,6 +88,10 @@ pub fn routes<E: Engine>(
     )
     .add_service(ClusterServer::new(svc.clone()).max_decoding_message_size(limit))
     .add_service(
+        metastore_proto::etcdserverpb::auth_server::AuthServer::new(svc.clone())
+            .max_decoding_message_size(limit),
+    )
+    .add_service(
         WatchServer::new(svc.clone())
             .max_decoding_message_size(limit)
             .max_encoding_message_size(usize::MAX),
@@ -137,24 +142,46 @@ async fn unimplemented_fallback(uri: http::Uri) -> axum::response::Response {
 }
 
 impl<E: Engine> Svc<E> {
-    async fn propose(&self, op: Op) -> Result<ApplyResponse, Status> {
-        self.0.submit(op).await
+    /// Proposes a client's command, with who asked (checked again when applied).
+    async fn propose(&self, op: Op, who: Option<&AuthInfo>) -> Result<ApplyResponse, Status> {
+        self.0
+            .submit_as(op, Some(EtcdServer::<E>::auth_header(who)))
+            .await
     }
 
-    async fn serve_range(&self, req: &RangeRequest) -> Result<RangeResponse, Status> {
+    async fn serve_range(
+        &self,
+        req: &RangeRequest,
+        who: Option<&AuthInfo>,
+    ) -> Result<RangeResponse, Status> {
+        self.0.check_read(who, &req.key, &req.range_end)?;
         self.read_barrier(req.serializable).await?;
         let mut resp = self.0.store.range(req).map_err(errors::from_mvcc)?;
+        self.0.recheck_revision(who)?;
         self.0.fill_header(&mut resp.header);
         Ok(resp)
     }
 
-    async fn serve_txn(&self, req: TxnRequest, read_only: bool) -> Result<TxnResponse, Status> {
+    async fn serve_txn(
+        &self,
+        req: TxnRequest,
+        read_only: bool,
+        who: Option<&AuthInfo>,
+    ) -> Result<TxnResponse, Status> {
         let mut resp = if read_only {
+            if self.0.store.auth().is_enabled() {
+                self.0
+                    .store
+                    .check_txn_auth(who.unwrap_or(&AuthInfo::default()), &req)
+                    .map_err(errors::from_mvcc)?;
+            }
             self.read_barrier(validate::txn_is_serializable(&req))
                 .await?;
-            self.0.store.read_txn(&req).map_err(errors::from_mvcc)?
+            let resp = self.0.store.read_txn(&req).map_err(errors::from_mvcc)?;
+            self.0.recheck_revision(who)?;
+            resp
         } else {
-            match self.propose(Op::Txn(req)).await? {
+            match self.propose(Op::Txn(req), who).await? {
                 ApplyResponse::Txn(resp) => resp,
                 _ => return Err(unexpected("txn")),
             }
@@ -187,13 +214,14 @@ impl<E: Engine> Kv for Svc<E> {
         &self,
         request: Request<RangeRequest>,
     ) -> Result<Response<RangeResponse>, Status> {
+        let who = self.0.auth_info(request.metadata())?;
         let req = request.into_inner();
         validate::check_range(&req)?;
         if !req.serializable && self.0.is_learner() {
             return Err(errors::not_supported_for_learner());
         }
         let slow = SlowLog::start(self.0.warning_apply_duration);
-        let answer = self.serve_range(&req).await;
+        let answer = self.serve_range(&req, who.as_ref()).await;
         slow.finish(
             "read-only range ",
             || Asked::Range {
@@ -210,11 +238,12 @@ impl<E: Engine> Kv for Svc<E> {
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let who = self.0.auth_info(request.metadata())?;
         let req = request.into_inner();
         validate::check_put(&req)?;
         let slow = SlowLog::start(self.0.warning_apply_duration);
         let (key, value_size, lease) = (req.key.clone(), req.value.len(), req.lease);
-        let answer = match self.propose(Op::Put(req)).await {
+        let answer = match self.propose(Op::Put(req), who.as_ref()).await {
             Ok(ApplyResponse::Put(mut resp)) => {
                 self.0.fill_header(&mut resp.header);
                 Ok(resp)
@@ -239,11 +268,12 @@ impl<E: Engine> Kv for Svc<E> {
         &self,
         request: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let who = self.0.auth_info(request.metadata())?;
         let req = request.into_inner();
         validate::check_delete(&req)?;
         let slow = SlowLog::start(self.0.warning_apply_duration);
         let (key, range_end) = (req.key.clone(), req.range_end.clone());
-        let answer = match self.propose(Op::DeleteRange(req)).await {
+        let answer = match self.propose(Op::DeleteRange(req), who.as_ref()).await {
             Ok(ApplyResponse::DeleteRange(mut resp)) => {
                 self.0.fill_header(&mut resp.header);
                 Ok(resp)
@@ -261,6 +291,7 @@ impl<E: Engine> Kv for Svc<E> {
     }
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let who = self.0.auth_info(request.metadata())?;
         let req = request.into_inner();
         validate::check_txn(&req, self.0.limits.max_txn_ops)?;
         let slow = SlowLog::start(self.0.warning_apply_duration);
@@ -271,7 +302,7 @@ impl<E: Engine> Kv for Svc<E> {
             failure: req.failure.len(),
             first_key: req.compare.first().map(|c| c.key.clone()),
         };
-        let answer = self.serve_txn(req, read_only).await;
+        let answer = self.serve_txn(req, read_only, who.as_ref()).await;
         let prefix = if read_only { "read-only txn " } else { "" };
         slow.finish(prefix, || asked, answer.as_ref(), None);
         answer.map(Response::new)
@@ -281,9 +312,10 @@ impl<E: Engine> Kv for Svc<E> {
         &self,
         request: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
+        self.0.require_admin(request.metadata())?;
         let req = request.into_inner();
         let (revision, physical) = (req.revision, req.physical);
-        match self.propose(Op::Compaction(req)).await? {
+        match self.0.submit(Op::Compaction(req)).await? {
             ApplyResponse::Compaction(mut resp) => {
                 // The apply loop only publishes the compaction; the records go in steps on
                 // the compactor thread. `physical` answers once they are gone, as etcd's.
@@ -304,8 +336,10 @@ impl<E: Engine> Maintenance for Svc<E> {
         &self,
         request: Request<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
         if AlarmAction::try_from(req.action) == Ok(AlarmAction::Get) {
+            self.0.require_auth_info(&metadata)?;
             let alarms = self
                 .0
                 .store
@@ -318,7 +352,8 @@ impl<E: Engine> Maintenance for Svc<E> {
                 alarms,
             }));
         }
-        match self.propose(Op::Alarm(req)).await? {
+        self.0.require_admin(&metadata)?;
+        match self.0.submit(Op::Alarm(req)).await? {
             ApplyResponse::Alarm(mut resp) => {
                 self.0.fill_header(&mut resp.header);
                 Ok(Response::new(resp))
@@ -329,8 +364,9 @@ impl<E: Engine> Maintenance for Svc<E> {
 
     async fn status(
         &self,
-        _request: Request<StatusRequest>,
+        request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
+        self.0.require_auth_info(request.metadata())?;
         let raft = self.0.raft.status();
         let db_size = self.0.store.engine().size_bytes() as i64;
         // As etcd: a member without a leader still answers Status, and says so.
@@ -363,8 +399,9 @@ impl<E: Engine> Maintenance for Svc<E> {
 
     async fn defragment(
         &self,
-        _request: Request<DefragmentRequest>,
+        request: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
+        self.0.require_admin(request.metadata())?;
         let engine = self.0.store.engine().clone();
         let started = std::time::Instant::now();
         let did = tokio::task::spawn_blocking(move || engine.defragment())
@@ -388,7 +425,8 @@ impl<E: Engine> Maintenance for Svc<E> {
     }
 
     /// Served from this member's state, as etcd serves it (no raft round).
-    async fn hash(&self, _request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+    async fn hash(&self, request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        self.0.require_admin(request.metadata())?;
         let store = self.0.store.clone();
         let (hash, revision) = tokio::task::spawn_blocking(move || store.hash_all())
             .await
@@ -404,6 +442,7 @@ impl<E: Engine> Maintenance for Svc<E> {
         &self,
         request: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
+        self.0.require_admin(request.metadata())?;
         let revision = request.into_inner().revision;
         let store = self.0.store.clone();
         let hashed = tokio::task::spawn_blocking(move || store.hash_kv(revision))
@@ -421,8 +460,9 @@ impl<E: Engine> Maintenance for Svc<E> {
 
     async fn snapshot(
         &self,
-        _request: Request<SnapshotRequest>,
+        request: Request<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
+        self.0.require_admin(request.metadata())?;
         Ok(Response::new(
             crate::backup::snapshot_stream(self.0.clone()).await?,
         ))
@@ -432,6 +472,7 @@ impl<E: Engine> Maintenance for Svc<E> {
         &self,
         request: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
+        self.0.require_admin(request.metadata())?;
         self.0.move_leader(request.into_inner().target_id).await?;
         Ok(Response::new(MoveLeaderResponse {
             header: Some(self.0.header(self.0.store.current_revision())),
@@ -454,6 +495,8 @@ impl<E: Engine> Cluster for Svc<E> {
         &self,
         request: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
+        self.0.require_admin(request.metadata())?;
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
         let change = Change::Add {
             peer_urls: req.peer_ur_ls.clone(),
@@ -462,7 +505,10 @@ impl<E: Engine> Cluster for Svc<E> {
         let (member, members) = self
             .0
             .change_membership(change, |mut leader| async move {
-                let resp = leader.member_add(req).await?.into_inner();
+                let resp = leader
+                    .member_add(crate::auth::forwarded(req, &metadata))
+                    .await?
+                    .into_inner();
                 Ok((resp.member, resp.members))
             })
             .await?;
@@ -477,11 +523,20 @@ impl<E: Engine> Cluster for Svc<E> {
         &self,
         request: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
+        self.0.require_admin(request.metadata())?;
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
         let (_, members) = self
             .0
             .change_membership(Change::Remove(req.id), |mut leader| async move {
-                Ok((None, leader.member_remove(req).await?.into_inner().members))
+                Ok((
+                    None,
+                    leader
+                        .member_remove(crate::auth::forwarded(req, &metadata))
+                        .await?
+                        .into_inner()
+                        .members,
+                ))
             })
             .await?;
         Ok(Response::new(MemberRemoveResponse {
@@ -494,6 +549,8 @@ impl<E: Engine> Cluster for Svc<E> {
         &self,
         request: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
+        self.0.require_admin(request.metadata())?;
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
         let change = Change::Update {
             id: req.id,
@@ -502,7 +559,14 @@ impl<E: Engine> Cluster for Svc<E> {
         let (_, members) = self
             .0
             .change_membership(change, |mut leader| async move {
-                Ok((None, leader.member_update(req).await?.into_inner().members))
+                Ok((
+                    None,
+                    leader
+                        .member_update(crate::auth::forwarded(req, &metadata))
+                        .await?
+                        .into_inner()
+                        .members,
+                ))
             })
             .await?;
         Ok(Response::new(MemberUpdateResponse {
@@ -515,6 +579,7 @@ impl<E: Engine> Cluster for Svc<E> {
         &self,
         request: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
+        self.0.require_auth_info(request.metadata())?;
         self.read_barrier(!request.get_ref().linearizable).await?;
         Ok(Response::new(MemberListResponse {
             header: Some(self.0.header(CLUSTER_HEADER_REVISION)),
@@ -526,11 +591,20 @@ impl<E: Engine> Cluster for Svc<E> {
         &self,
         request: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
+        self.0.require_admin(request.metadata())?;
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
         let (_, members) = self
             .0
             .change_membership(Change::Promote(req.id), |mut leader| async move {
-                Ok((None, leader.member_promote(req).await?.into_inner().members))
+                Ok((
+                    None,
+                    leader
+                        .member_promote(crate::auth::forwarded(req, &metadata))
+                        .await?
+                        .into_inner()
+                        .members,
+                ))
             })
             .await?;
         Ok(Response::new(MemberPromoteResponse {

@@ -37,6 +37,7 @@ impl<E: Engine> Watch for Svc<E> {
         &self,
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let metadata = request.metadata().clone();
         let mut inbound = request.into_inner();
         let server = self.0.clone();
         let (stream_id, rx) = server.store.open_watch_stream();
@@ -47,6 +48,7 @@ impl<E: Engine> Watch for Svc<E> {
         let recv = {
             let server = server.clone();
             let opts = opts.clone();
+            let refusals = out_tx.clone();
             tokio::spawn(async move {
                 while let Ok(Some(req)) = inbound.message().await {
                     match req.request_union {
@@ -56,6 +58,21 @@ impl<E: Engine> Watch for Svc<E> {
                             } else {
                                 c.key
                             };
+                            if let Err(e) = server.watch_permitted(&metadata, &key, &c.range_end) {
+                                // etcd: created and canceled at once, with the reason.
+                                let refusal = WatchResponse {
+                                    header: Some(server.header(server.store.current_revision())),
+                                    watch_id: metastore_mvcc::INVALID_WATCH_ID,
+                                    created: true,
+                                    canceled: true,
+                                    cancel_reason: crate::errors::watch_cancel_reason(e),
+                                    ..Default::default()
+                                };
+                                if refusals.send(Ok(refusal)).await.is_err() {
+                                    return;
+                                }
+                                continue;
+                            }
                             let spec = WatchSpec {
                                 watch_id: c.watch_id,
                                 key,

@@ -427,6 +427,7 @@ mod tests {
 
     fn cmd(n: i64) -> Command {
         Command {
+            auth: None,
             op: Some(Op::Compaction(CompactionRequest {
                 revision: n,
                 physical: false,

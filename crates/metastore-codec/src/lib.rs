@@ -168,6 +168,7 @@ mod tests {
         prop_oneof![
             (arb_bytes(64), arb_bytes(2048), any::<i64>(), any::<bool>()).prop_map(
                 |(key, value, lease, prev_kv)| Command {
+                    auth: None,
                     op: Some(Op::Put(PutRequest {
                         key,
                         value,
@@ -179,6 +180,7 @@ mod tests {
                 }
             ),
             (arb_bytes(64), arb_bytes(64)).prop_map(|(key, range_end)| Command {
+                auth: None,
                 op: Some(Op::DeleteRange(DeleteRangeRequest {
                     key,
                     range_end,
@@ -186,6 +188,7 @@ mod tests {
                 })),
             }),
             (arb_bytes(32), arb_bytes(128)).prop_map(|(key, value)| Command {
+                auth: None,
                 op: Some(Op::Txn(TxnRequest {
                     compare: vec![],
                     success: vec![RequestOp {
@@ -203,6 +206,7 @@ mod tests {
                 })),
             }),
             any::<i64>().prop_map(|revision| Command {
+                auth: None,
                 op: Some(Op::Compaction(CompactionRequest {
                     revision,
                     physical: true,
@@ -252,6 +256,7 @@ mod tests {
     fn large_repetitive_batches_are_compressed() {
         let commands = (0..100)
             .map(|i| Command {
+                auth: None,
                 op: Some(Op::Put(PutRequest {
                     key: format!("key-{i}").into(),
                     value: Bytes::from(vec![b'x'; 256]),
@@ -291,6 +296,7 @@ mod tests {
         let batch = Batch {
             id: 3,
             commands: vec![Command {
+                auth: None,
                 op: Some(Op::Put(PutRequest {
                     key: Bytes::from_static(b"key"),
                     value: value.clone(),

@@ -9,6 +9,7 @@
 //! - Reads run without any global lock at the published revision; the single apply loop writes.
 //! - One applied raft batch = one engine write batch, carrying the applied raft index.
 
+pub mod auth;
 pub mod keyindex;
 pub mod lease;
 pub mod snapshot;
@@ -18,8 +19,8 @@ pub mod watch;
 pub use keyindex::{IndexRev, Revision};
 pub use lease::{LeaseInfo, MAX_LEASE_TTL};
 pub use store::{
-    adds_data, interrupted_install, replace_engine_contents, ApplyResponse, ClusterVersion, KvHash,
-    Store,
+    adds_data, interrupted_install, is_auth_op, replace_engine_contents, ApplyResponse,
+    ClusterVersion, KvHash, Store,
 };
 pub use watch::{StreamReceiver, WatchHub, WatchSpec, INVALID_WATCH_ID};
 
@@ -50,6 +51,8 @@ pub enum MvccError {
     InstallInterrupted(u64),
     #[error("raft entry {0} holds an operation this version cannot read (proposed by a newer member?): upgrade this member")]
     UnknownCommand(u64),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
 }
 
 impl From<metastore_engine::EngineError> for MvccError {

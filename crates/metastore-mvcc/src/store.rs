@@ -26,11 +26,13 @@ use std::ops::Bound;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
+mod auth;
 mod cluster_version;
 mod compaction;
 mod hash;
 mod install;
 mod members;
+pub use auth::is_auth_op;
 pub use cluster_version::ClusterVersion;
 pub use hash::KvHash;
 pub use install::{interrupted_install, replace_engine_contents};
@@ -59,6 +61,10 @@ pub enum ApplyResponse {
     MemberAttrSet,
     /// The member table changed.
     MemberChange,
+    /// An auth store change was applied.
+    Auth,
+    /// `Authenticate` applied: the simple token every member now knows.
+    Authenticated(String),
 }
 
 const ALARM_META_PREFIX: &[u8] = b"alarm/";
@@ -99,6 +105,8 @@ pub struct Store<E: Engine> {
     install_gate: parking_lot::RwLock<()>,
     /// Physical compaction in progress; see `compaction`.
     compaction: compaction::Compaction,
+    /// Users, roles and tokens; see `crate::auth`.
+    auth: crate::auth::AuthStore,
 }
 
 fn rev_key(rev: Revision, tombstone: bool) -> Bytes {
@@ -237,7 +245,9 @@ impl<E: Engine> Store<E> {
             deferred_deletes: Mutex::new(Vec::new()),
             install_gate: parking_lot::RwLock::new(()),
             compaction: Default::default(),
+            auth: Default::default(),
         };
+        store.auth.reload(store.engine.as_ref())?;
         store.load_alarms()?;
         if compact >= 0 {
             // A crash between a compaction's logical and physical halves leaves superseded
@@ -362,6 +372,11 @@ impl<E: Engine> Store<E> {
     }
 
     // ---- leases (read side) --------------------------------------------------------------------
+
+    /// Users, roles, whether auth is on, and this member's simple tokens.
+    pub fn auth(&self) -> &crate::auth::AuthStore {
+        &self.auth
+    }
 
     pub fn lease(&self, id: i64, with_keys: bool) -> Option<LeaseInfo> {
         let _gate = self.install_gate.read();
@@ -509,55 +524,14 @@ impl<E: Engine> Store<E> {
         let mut results = Vec::with_capacity(commands.len().min(part_len));
         for (i, cmd) in commands.iter().enumerate() {
             ctx.begin();
-            let result = match &cmd.op {
-                Some(Op::Put(_)) | Some(Op::Txn(_)) if self.is_space_capped() && adds_data(cmd) => {
-                    Err(MvccError::NoSpace)
+            // Outer error: the whole entry fails (the member stops); inner: this command's.
+            let result = if cmd.auth.is_some() && self.auth.is_enabled() {
+                match self.check_command_auth(cmd) {
+                    Ok(()) => self.apply_command(cmd, raft_index, &mut ctx)?,
+                    Err(e) => Err(e),
                 }
-                Some(Op::Put(p)) => self.check_put(p, ctx.rev, false).and_then(|()| {
-                    self.put(p, &mut ctx).map(|prev_kv| {
-                        ApplyResponse::Put(PutResponse {
-                            header: header(ctx.main),
-                            prev_kv,
-                        })
-                    })
-                }),
-                Some(Op::DeleteRange(d)) => {
-                    self.delete_range(d, &mut ctx).map(|(deleted, prev_kvs)| {
-                        ApplyResponse::DeleteRange(DeleteRangeResponse {
-                            header: header(ctx.rev_after()),
-                            deleted,
-                            prev_kvs,
-                        })
-                    })
-                }
-                Some(Op::Txn(t)) => self.txn(t, &mut ctx).map(ApplyResponse::Txn),
-                Some(Op::Compaction(c)) => self.compact(c, &mut ctx).map(ApplyResponse::Compaction),
-                Some(Op::LeaseGrant(g)) => {
-                    self.lease_grant(g, &mut ctx).map(ApplyResponse::LeaseGrant)
-                }
-                Some(Op::LeaseRevoke(r)) => self
-                    .lease_revoke(r, &mut ctx)
-                    .map(ApplyResponse::LeaseRevoke),
-                Some(Op::LeaseCheckpoint(c)) => self
-                    .lease_checkpoint(c, &mut ctx)
-                    .map(ApplyResponse::LeaseCheckpoint),
-                Some(Op::Alarm(a)) => Ok(ApplyResponse::Alarm(self.alarm(a, &mut ctx))),
-                // Fails the whole entry: a member older than the cluster stops here.
-                Some(Op::ClusterVersionSet(c)) => Ok(ApplyResponse::ClusterVersion(
-                    self.set_cluster_version(&c.version, &mut ctx)?,
-                )),
-                Some(Op::MemberAttrSet(m)) => {
-                    self.set_member_attrs(m, &mut ctx);
-                    Ok(ApplyResponse::MemberAttrSet)
-                }
-                Some(Op::MemberChange(c)) => {
-                    self.apply_member_change(c, &mut ctx);
-                    Ok(ApplyResponse::MemberChange)
-                }
-                // An operation this build does not know (prost drops unknown oneof fields): a
-                // newer member proposed it. Skipping it would let this member diverge from
-                // the ones that applied it, so the whole entry fails and the member stops.
-                None => return Err(MvccError::UnknownCommand(raft_index)),
+            } else {
+                self.apply_command(cmd, raft_index, &mut ctx)?
             };
             ctx.end();
             results.push(result);
@@ -601,6 +575,74 @@ impl<E: Engine> Store<E> {
         self.hub.dispatch(rev, events.as_deref());
         deliver(results);
         Ok(true)
+    }
+
+    /// Applies one command. The outer error fails the whole entry (and stops the member); the
+    /// inner one is this command's answer.
+    fn apply_command(
+        &self,
+        cmd: &Command,
+        raft_index: u64,
+        ctx: &mut WriteCtx,
+    ) -> Result<Result<ApplyResponse>> {
+        Ok(match &cmd.op {
+            Some(Op::Put(_)) | Some(Op::Txn(_)) if self.is_space_capped() && adds_data(cmd) => {
+                Err(MvccError::NoSpace)
+            }
+            Some(Op::Put(p)) => self.check_put(p, ctx.rev, false).and_then(|()| {
+                self.put(p, ctx).map(|prev_kv| {
+                    ApplyResponse::Put(PutResponse {
+                        header: header(ctx.main),
+                        prev_kv,
+                    })
+                })
+            }),
+            Some(Op::DeleteRange(d)) => self.delete_range(d, ctx).map(|(deleted, prev_kvs)| {
+                ApplyResponse::DeleteRange(DeleteRangeResponse {
+                    header: header(ctx.rev_after()),
+                    deleted,
+                    prev_kvs,
+                })
+            }),
+            Some(Op::Txn(t)) => self.txn(t, ctx).map(ApplyResponse::Txn),
+            Some(Op::Compaction(c)) => self.compact(c, ctx).map(ApplyResponse::Compaction),
+            Some(Op::LeaseGrant(g)) => self.lease_grant(g, ctx).map(ApplyResponse::LeaseGrant),
+            Some(Op::LeaseRevoke(r)) => self.lease_revoke(r, ctx).map(ApplyResponse::LeaseRevoke),
+            Some(Op::LeaseCheckpoint(c)) => self
+                .lease_checkpoint(c, ctx)
+                .map(ApplyResponse::LeaseCheckpoint),
+            Some(Op::Alarm(a)) => Ok(ApplyResponse::Alarm(self.alarm(a, ctx))),
+            // Fails the whole entry: a member older than the cluster stops here.
+            Some(Op::ClusterVersionSet(c)) => Ok(ApplyResponse::ClusterVersion(
+                self.set_cluster_version(&c.version, ctx)?,
+            )),
+            Some(
+                op @ (Op::AuthEnable(_)
+                | Op::AuthDisable(_)
+                | Op::AuthUserAdd(_)
+                | Op::AuthUserDelete(_)
+                | Op::AuthUserChangePassword(_)
+                | Op::AuthUserGrantRole(_)
+                | Op::AuthUserRevokeRole(_)
+                | Op::AuthRoleAdd(_)
+                | Op::AuthRoleDelete(_)
+                | Op::AuthRoleGrantPermission(_)
+                | Op::AuthRoleRevokePermission(_)
+                | Op::Authenticate(_)),
+            ) => self.apply_auth(op, raft_index, ctx),
+            Some(Op::MemberAttrSet(m)) => {
+                self.set_member_attrs(m, ctx);
+                Ok(ApplyResponse::MemberAttrSet)
+            }
+            Some(Op::MemberChange(c)) => {
+                self.apply_member_change(c, ctx);
+                Ok(ApplyResponse::MemberChange)
+            }
+            // An operation this build does not know (prost drops unknown oneof fields): a
+            // newer member proposed it. Skipping it would let this member diverge from
+            // the ones that applied it, so the whole entry fails and the member stops.
+            None => return Err(MvccError::UnknownCommand(raft_index)),
+        })
     }
 
     /// Makes the writes of the commands applied so far in an entry visible, as the end of an

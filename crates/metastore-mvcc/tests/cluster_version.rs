@@ -14,6 +14,7 @@ use support::TestEngine;
 
 fn set(version: &str) -> Command {
     Command {
+        auth: None,
         op: Some(Op::ClusterVersionSet(ClusterVersionSet {
             version: version.into(),
         })),
@@ -116,6 +117,7 @@ fn a_data_dir_of_a_newer_cluster_is_refused_at_open() {
 fn an_operation_this_build_does_not_know_stops_the_member() {
     let store = Store::open(Arc::new(TestEngine::from_env())).expect("open");
     let put = Command {
+        auth: None,
         op: Some(Op::Put(metastore_proto::etcdserverpb::PutRequest {
             key: "a".into(),
             value: "1".into(),
@@ -124,7 +126,16 @@ fn an_operation_this_build_does_not_know_stops_the_member() {
     };
     // prost decodes an unknown oneof field as no operation at all.
     let err = store
-        .apply(7, &[put, Command { op: None }])
+        .apply(
+            7,
+            &[
+                put,
+                Command {
+                    auth: None,
+                    op: None,
+                },
+            ],
+        )
         .expect_err("an unknown operation fails the entry");
     assert_eq!(err, MvccError::UnknownCommand(7));
     assert_eq!(store.applied_index(), 0);

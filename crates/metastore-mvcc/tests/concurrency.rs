@@ -39,6 +39,7 @@ fn counters(revision: i64) -> RangeRequest {
 
 fn write_all(value: u64) -> Command {
     Command {
+        auth: None,
         op: Some(Op::Txn(TxnRequest {
             compare: vec![],
             success: (0..KEYS)
@@ -57,6 +58,7 @@ fn write_all(value: u64) -> Command {
 
 fn compaction(revision: i64) -> Command {
     Command {
+        auth: None,
         op: Some(Op::Compaction(CompactionRequest {
             revision,
             physical: false,
@@ -325,6 +327,7 @@ fn current_revision_reads_never_fail_while_an_entry_compacts_its_own_revision() 
     // Many unrelated keys make the compaction's index walk (the window) longer.
     let filler: Vec<Command> = (0..20_000)
         .map(|i| Command {
+            auth: None,
             op: Some(Op::Put(PutRequest {
                 key: Bytes::from(format!("filler/{i:05}")),
                 value: Bytes::from_static(b"x"),

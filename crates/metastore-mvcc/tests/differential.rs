@@ -101,7 +101,10 @@ fn random_command(rng: &mut StdRng, current: i64) -> Command {
             physical: true,
         }),
     };
-    Command { op: Some(op) }
+    Command {
+        auth: None,
+        op: Some(op),
+    }
 }
 
 fn records(engine: &dyn Engine) -> Vec<(Space, Vec<u8>, Vec<u8>)> {

@@ -17,6 +17,7 @@ use support::TestEngine;
 
 fn put(key: &str, value: &str, lease: i64) -> Command {
     Command {
+        auth: None,
         op: Some(Op::Put(PutRequest {
             key: key.as_bytes().to_vec().into(),
             value: value.as_bytes().to_vec().into(),
@@ -28,6 +29,7 @@ fn put(key: &str, value: &str, lease: i64) -> Command {
 
 fn delete(key: &str) -> Command {
     Command {
+        auth: None,
         op: Some(Op::DeleteRange(DeleteRangeRequest {
             key: key.as_bytes().to_vec().into(),
             ..Default::default()
@@ -37,6 +39,7 @@ fn delete(key: &str) -> Command {
 
 fn compact(rev: i64) -> Command {
     Command {
+        auth: None,
         op: Some(Op::Compaction(CompactionRequest {
             revision: rev,
             physical: true,
@@ -46,6 +49,7 @@ fn compact(rev: i64) -> Command {
 
 fn grant(id: i64) -> Command {
     Command {
+        auth: None,
         op: Some(Op::LeaseGrant(LeaseGrantRequest { id, ttl: 100 })),
     }
 }

@@ -12,6 +12,7 @@ use support::TestEngine;
 
 fn publish(id: u64, url: &str) -> Command {
     Command {
+        auth: None,
         op: Some(Op::MemberAttrSet(MemberAttrSet {
             member_id: id,
             name: format!("m{id}"),

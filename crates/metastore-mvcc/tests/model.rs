@@ -429,7 +429,19 @@ impl Model {
                 | Op::Alarm(_)
                 | Op::ClusterVersionSet(_)
                 | Op::MemberAttrSet(_)
-                | Op::MemberChange(_) => {
+                | Op::MemberChange(_)
+                | Op::AuthEnable(_)
+                | Op::AuthDisable(_)
+                | Op::AuthUserAdd(_)
+                | Op::AuthUserDelete(_)
+                | Op::AuthUserChangePassword(_)
+                | Op::AuthUserGrantRole(_)
+                | Op::AuthUserRevokeRole(_)
+                | Op::AuthRoleAdd(_)
+                | Op::AuthRoleDelete(_)
+                | Op::AuthRoleGrantPermission(_)
+                | Op::AuthRoleRevokePermission(_)
+                | Op::Authenticate(_) => {
                     unreachable!("the model generates no lease, alarm or cluster version commands")
                 }
             },
@@ -704,6 +716,7 @@ fn txn_req(t: &ATxn, cur: i64) -> TxnRequest {
 
 fn command(c: &ACmd, cur: i64) -> Command {
     Command {
+        auth: None,
         op: Some(match c {
             ACmd::Put(p) => Op::Put(put_req(p, false)),
             ACmd::Delete(d) => Op::DeleteRange(del_req(d)),
@@ -1131,6 +1144,7 @@ proptest! {
 fn model_sanity() {
     let mut m = Model::new();
     let put = |k: &'static str, v: &'static str| Command {
+        auth: None,
         op: Some(Op::Put(PutRequest {
             key: Bytes::from_static(k.as_bytes()),
             value: Bytes::from_static(v.as_bytes()),
@@ -1151,6 +1165,7 @@ fn model_sanity() {
     assert_eq!(old.header, hdr(4));
     // Deleting nothing does not bump the revision.
     let del = Command {
+        auth: None,
         op: Some(Op::DeleteRange(DeleteRangeRequest {
             key: Bytes::from_static(b"zz"),
             ..Default::default()
@@ -1159,6 +1174,7 @@ fn model_sanity() {
     m.command(&del).expect("defined").expect("delete");
     assert_eq!(m.current, 4);
     let compact = Command {
+        auth: None,
         op: Some(Op::Compaction(CompactionRequest {
             revision: 3,
             physical: false,

@@ -60,7 +60,10 @@ fn put_req(k: &str, v: &str) -> PutRequest {
 }
 
 fn cmd(op: Op) -> Command {
-    Command { op: Some(op) }
+    Command {
+        auth: None,
+        op: Some(op),
+    }
 }
 
 fn put(k: &str, v: &str) -> Command {

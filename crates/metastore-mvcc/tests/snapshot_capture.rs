@@ -16,6 +16,7 @@ use std::time::Duration;
 
 fn put(key: &str, value: String) -> Command {
     Command {
+        auth: None,
         op: Some(Op::Put(PutRequest {
             key: Bytes::from(key.to_string()),
             value: Bytes::from(value),
@@ -50,6 +51,7 @@ fn a_capture_written_during_later_applies_and_a_compaction_holds_the_captured_st
     }
     index += 1;
     let delete = Command {
+        auth: None,
         op: Some(Op::DeleteRange(DeleteRangeRequest {
             key: Bytes::from("k3"),
             ..Default::default()
@@ -78,6 +80,7 @@ fn a_capture_written_during_later_applies_and_a_compaction_holds_the_captured_st
             }
             index += 1;
             let compact = Command {
+                auth: None,
                 op: Some(Op::Compaction(CompactionRequest {
                     revision: 250,
                     physical: true,

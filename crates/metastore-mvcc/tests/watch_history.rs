@@ -68,7 +68,10 @@ async fn drain(rx: &mut StreamReceiver, until_quiet: Duration) -> Vec<WatchRespo
 }
 
 fn command(op: Op) -> Command {
-    Command { op: Some(op) }
+    Command {
+        auth: None,
+        op: Some(op),
+    }
 }
 
 /// Applies the pending writes as one raft entry, published in parts of `part_len`.

@@ -108,6 +108,12 @@ pub struct Config {
     /// KV requests slower than this are logged, "apply request took too long" (a Go duration,
     /// etcd's `--experimental-warning-apply-duration`).
     pub warning_apply_duration: String,
+    /// etcd's `--auth-token`: `simple` (the only kind served so far).
+    pub auth_token: String,
+    /// etcd's `--auth-token-ttl`: seconds an unused simple token lives.
+    pub auth_token_ttl: u64,
+    /// etcd's `--bcrypt-cost` for password hashes.
+    pub bcrypt_cost: u32,
     pub initial_cluster: String,
     pub initial_cluster_token: String,
     pub initial_cluster_state: ClusterState,
@@ -159,6 +165,9 @@ impl Default for Config {
             cors: "*".into(),
             metrics: MetricsLevel::Basic,
             warning_apply_duration: "100ms".into(),
+            auth_token: "simple".into(),
+            auth_token_ttl: 300,
+            bcrypt_cost: 10,
             initial_cluster: String::new(),
             initial_cluster_token: "etcd-cluster".into(),
             initial_cluster_state: ClusterState::New,
@@ -285,6 +294,15 @@ pub struct Flags {
     /// Log KV requests slower than this (a duration such as `100ms`, the default).
     #[arg(long, alias = "experimental-warning-apply-duration")]
     pub warning_apply_duration: Option<String>,
+    /// Token kind: `simple` (the default; JWT is not served yet).
+    #[arg(long)]
+    pub auth_token: Option<String>,
+    /// Seconds an unused simple token lives (default 300).
+    #[arg(long)]
+    pub auth_token_ttl: Option<u64>,
+    /// bcrypt cost of password hashes, 4 to 31 (default 10).
+    #[arg(long)]
+    pub bcrypt_cost: Option<u32>,
     /// Auto-compaction: `periodic` (keep a span of time) or `revision` (keep a number of
     /// revisions).
     #[arg(long, value_parser = parse_mode)]
@@ -371,6 +389,9 @@ impl Config {
             cors,
             metrics,
             warning_apply_duration,
+            auth_token,
+            auth_token_ttl,
+            bcrypt_cost,
             initial_cluster,
             initial_cluster_token,
             initial_cluster_state,
@@ -420,7 +441,28 @@ impl Config {
         }
         cfg.auto_compaction()?;
         cfg.warning_apply_duration()?;
+        cfg.auth()?;
         Ok(cfg)
+    }
+
+    /// The auth settings, checked as etcd checks them.
+    pub fn auth(&self) -> Result<metastore_api::AuthConfig, ConfigError> {
+        if self.auth_token.split(',').next() != Some("simple") {
+            return Err(ConfigError::Unsupported(format!(
+                "--auth-token {:?}: only `simple` tokens are served (JWT is not implemented yet)",
+                self.auth_token
+            )));
+        }
+        if !(4..=31).contains(&self.bcrypt_cost) {
+            return Err(ConfigError::Unsupported(format!(
+                "--bcrypt-cost {}: must be between 4 and 31",
+                self.bcrypt_cost
+            )));
+        }
+        Ok(metastore_api::AuthConfig {
+            bcrypt_cost: self.bcrypt_cost,
+            token_ttl: std::time::Duration::from_secs(self.auth_token_ttl.max(1)),
+        })
     }
 
     pub fn client_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {

@@ -229,6 +229,7 @@ pub async fn start<E: Engine>(
             extensive_metrics: cfg.metrics == config::MetricsLevel::Extensive,
             warning_apply_duration: cfg.warning_apply_duration()?,
             snapshot_dir: Some(member_dir.clone()),
+            auth: cfg.auth()?,
             peer_versions: {
                 let versions = peer_versions.clone();
                 PeerVersionSource(Arc::new(move |id| versions.get(id)))

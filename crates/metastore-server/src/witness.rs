@@ -153,6 +153,7 @@ fn spawn_publisher(raft: RaftNode, member_id: u64, name: String) {
     let batch = Batch {
         id: 0,
         commands: vec![Command {
+            auth: None,
             op: Some(Op::MemberAttrSet(MemberAttrSet {
                 member_id,
                 name,

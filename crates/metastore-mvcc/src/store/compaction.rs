@@ -222,6 +222,7 @@ mod tests {
 
     fn put(key: String, value: &str) -> Command {
         Command {
+            auth: None,
             op: Some(Op::Put(PutRequest {
                 key: key.into_bytes().into(),
                 value: value.as_bytes().to_vec().into(),
@@ -232,6 +233,7 @@ mod tests {
 
     fn compact(revision: i64) -> Command {
         Command {
+            auth: None,
             op: Some(Op::Compaction(CompactionRequest {
                 revision,
                 physical: false,

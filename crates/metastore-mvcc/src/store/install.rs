@@ -96,6 +96,7 @@ impl<E: Engine> Store<E> {
         *self.cluster_version.write() =
             super::cluster_version::load(engine, super::ClusterVersion::this_build())?;
         self.members.reload(engine)?;
+        self.auth.reload(engine)?;
         self.alarms.write().clear();
         self.load_alarms()?;
         self.compact_rev.store(compact, Ordering::SeqCst);

@@ -224,6 +224,7 @@ impl<E: Engine> Store<E> {
         change: MemberChange,
     ) -> Result<(), MvccError> {
         let cmd = metastore_proto::internal::Command {
+            auth: None,
             op: Some(metastore_proto::internal::command::Op::MemberChange(change)),
         };
         self.apply_in_parts(
