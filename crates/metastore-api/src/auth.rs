@@ -31,13 +31,28 @@ pub struct AuthConfig {
     pub bcrypt_cost: u32,
     /// `--auth-token-ttl`: how long an unused simple token lives.
     pub token_ttl: Duration,
+    /// `--client-cert-auth`: a verified client certificate's common name is the user when
+    /// no token is sent.
+    pub client_cert_auth: bool,
 }
+
+/// Who a TLS client's verified certificate names (the connection's info, which tonic puts in
+/// every request's extensions).
+#[derive(Clone, Debug, Default)]
+pub struct TlsClient {
+    pub common_name: Option<String>,
+}
+
+/// The request header the front layer sets from [`TlsClient`] (after dropping any a client
+/// sent): the service code reads metadata, not connection info.
+pub const TLS_COMMON_NAME_HEADER: &str = "metastore-internal-tls-common-name";
 
 impl Default for AuthConfig {
     fn default() -> Self {
         Self {
             bcrypt_cost: bcrypt::DEFAULT_COST,
             token_ttl: metastore_mvcc::auth::DEFAULT_TOKEN_TTL,
+            client_cert_auth: false,
         }
     }
 }
@@ -81,6 +96,18 @@ impl<E: Engine> EtcdServer<E> {
             .or_else(|| metadata.get("authorization"))
             .and_then(|v| v.to_str().ok());
         let Some(token) = token else {
+            // etcd's AuthInfoFromTLS: the certificate's name, at the current auth revision.
+            if self.auth_config.client_cert_auth {
+                if let Some(cn) = metadata
+                    .get(TLS_COMMON_NAME_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                {
+                    return Ok(Some(AuthInfo {
+                        username: cn.to_string(),
+                        revision: auth.revision(),
+                    }));
+                }
+            }
             return Ok(None);
         };
         let token = token.strip_prefix("Bearer ").unwrap_or(token);

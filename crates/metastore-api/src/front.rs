@@ -84,6 +84,19 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        // Only a verified certificate may name the caller, never a header a client sent.
+        let headers = request.headers_mut();
+        headers.remove(crate::auth::TLS_COMMON_NAME_HEADER);
+        let common_name = request
+            .extensions()
+            .get::<crate::auth::TlsClient>()
+            .and_then(|c| c.common_name.clone())
+            .and_then(|cn| http::HeaderValue::from_str(&cn).ok());
+        if let Some(cn) = common_name {
+            request
+                .headers_mut()
+                .insert(crate::auth::TLS_COMMON_NAME_HEADER, cn);
+        }
         if let Some(refusal) = self.front.refuse(&request) {
             return Box::pin(std::future::ready(Ok(refusal)));
         }

@@ -18,7 +18,6 @@ use metastore_proto::etcdserverpb as pb;
 use metastore_proto::{v3electionpb as election, v3lockpb as lock};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::net::SocketAddr;
 use tonic::client::Grpc;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
@@ -29,24 +28,32 @@ struct Gateway {
     channel: Channel,
 }
 
-/// The gateway routes, dialing `listen` (a wildcard address is dialed on loopback).
-pub fn gateway_routes(listen: SocketAddr) -> axum::Router {
-    let mut target = listen;
-    if target.ip().is_unspecified() {
-        target.set_ip(if listen.is_ipv4() {
-            std::net::Ipv4Addr::LOCALHOST.into()
-        } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        });
-    }
-    // Lazy: the listener is bound after the routes are built.
-    let channel = match Channel::from_shared(format!("http://{target}")) {
-        Ok(endpoint) => endpoint.tcp_nodelay(true).connect_lazy(),
-        Err(e) => {
-            tracing::error!(error = %e, %target, "cannot build the gateway's channel");
-            return axum::Router::new();
+/// A channel to a gRPC server at the other end of in-memory pipes, and the stream of those
+/// pipes' server ends, for `Server::serve_with_incoming`. The gateway calls the member's own
+/// services through it: no socket, so it works the same over plain TCP and TLS listeners (and
+/// never presents a client certificate, as etcd ignores its gateway's certificate name).
+pub fn in_process_channel() -> (
+    Channel,
+    tokio_stream::wrappers::ReceiverStream<std::io::Result<tokio::io::DuplexStream>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let connector = tower::service_fn(move |_: tonic::codegen::http::Uri| {
+        let tx = tx.clone();
+        async move {
+            let (client, server) = tokio::io::duplex(256 * 1024);
+            tx.send(Ok(server))
+                .await
+                .map_err(|_| std::io::Error::other("the in-process server has stopped"))?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(client))
         }
-    };
+    });
+    let channel = tonic::transport::Endpoint::from_static("http://in-process.invalid")
+        .connect_with_connector_lazy(connector);
+    (channel, tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// The gateway routes, calling the gRPC services through `channel`.
+pub fn gateway_routes(channel: Channel) -> axum::Router {
     let gw = Gateway { channel };
     let mut router = axum::Router::new();
     macro_rules! unary {

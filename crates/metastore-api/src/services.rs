@@ -52,10 +52,11 @@ impl<E: Engine> Clone for Svc<E> {
 }
 
 /// All services in one route table, with an `Unimplemented` fallback for everything else.
-/// `listen` is the address this route table is served on: the JSON gateway dials it.
+/// The JSON gateway calls the services through `gateway` (see
+/// [`crate::gateway::in_process_channel`]).
 pub fn routes<E: Engine>(
     server: Arc<EtcdServer<E>>,
-    listen: std::net::SocketAddr,
+    gateway: tonic::transport::Channel,
 ) -> tonic::service::Routes {
     let limit = server.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let front = crate::front::FrontLayer {
@@ -67,7 +68,7 @@ pub fn routes<E: Engine>(
         ),
     };
     let http = crate::http::http_routes(server.clone())
-        .merge(crate::gateway::gateway_routes(listen))
+        .merge(crate::gateway::gateway_routes(gateway))
         .layer(axum::middleware::from_fn_with_state(
             server.cors.clone(),
             crate::http::cors,

@@ -8,7 +8,10 @@ use metastore_batch::BatchConfig;
 use metastore_raft::RaftConfig;
 use metastore_rocksdb::RocksDbConfig;
 use serde::{Deserialize, Serialize};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
+use urls::{parse_client_url, parse_url, split};
+
+mod urls;
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +117,9 @@ pub struct Config {
     pub auth_token_ttl: u64,
     /// etcd's `--bcrypt-cost` for password hashes.
     pub bcrypt_cost: u32,
+    /// TLS on `https://` client URLs (etcd's `--cert-file`, `--trusted-ca-file`, ...).
+    #[serde(flatten)]
+    pub tls: crate::tls::ClientTls,
     pub initial_cluster: String,
     pub initial_cluster_token: String,
     pub initial_cluster_state: ClusterState,
@@ -168,6 +174,7 @@ impl Default for Config {
             auth_token: "simple".into(),
             auth_token_ttl: 300,
             bcrypt_cost: 10,
+            tls: Default::default(),
             initial_cluster: String::new(),
             initial_cluster_token: "etcd-cluster".into(),
             initial_cluster_state: ClusterState::New,
@@ -303,6 +310,8 @@ pub struct Flags {
     /// bcrypt cost of password hashes, 4 to 31 (default 10).
     #[arg(long)]
     pub bcrypt_cost: Option<u32>,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsFlags,
     /// Auto-compaction: `periodic` (keep a span of time) or `revision` (keep a number of
     /// revisions).
     #[arg(long, value_parser = parse_mode)]
@@ -407,6 +416,7 @@ impl Config {
         if flags.witness {
             cfg.witness = true;
         }
+        cfg.tls.apply(flags.tls);
         if let Some(v) = flags.max_request_bytes {
             cfg.limits.max_request_bytes = v;
         }
@@ -442,6 +452,10 @@ impl Config {
         cfg.auto_compaction()?;
         cfg.warning_apply_duration()?;
         cfg.auth()?;
+        let https = cfg.client_listeners()?.iter().any(|(_, tls)| *tls);
+        cfg.tls
+            .validate(https)
+            .map_err(|e| ConfigError::Unsupported(e.to_string()))?;
         Ok(cfg)
     }
 
@@ -462,11 +476,23 @@ impl Config {
         Ok(metastore_api::AuthConfig {
             bcrypt_cost: self.bcrypt_cost,
             token_ttl: std::time::Duration::from_secs(self.auth_token_ttl.max(1)),
+            client_cert_auth: self.tls.client_cert_auth,
         })
     }
 
     pub fn client_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
-        split(&self.listen_client_urls).map(parse_url).collect()
+        Ok(self
+            .client_listeners()?
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect())
+    }
+
+    /// The client listeners: address, and whether it serves TLS (`https://`).
+    pub fn client_listeners(&self) -> Result<Vec<(SocketAddr, bool)>, ConfigError> {
+        split(&self.listen_client_urls)
+            .map(parse_client_url)
+            .collect()
     }
 
     /// The slow request threshold.
@@ -529,25 +555,6 @@ impl Config {
         }
         Ok(members)
     }
-}
-
-fn split(s: &str) -> impl Iterator<Item = &str> {
-    s.split(',').map(str::trim).filter(|p| !p.is_empty())
-}
-
-fn parse_url(url: &str) -> Result<SocketAddr, ConfigError> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| {
-        ConfigError::Url(
-            url.into(),
-            "only http:// URLs are supported (TLS is not implemented yet)".into(),
-        )
-    })?;
-    let hostport = rest.trim_end_matches('/');
-    hostport
-        .to_socket_addrs()
-        .map_err(|e| ConfigError::Url(url.into(), e.to_string()))?
-        .next()
-        .ok_or_else(|| ConfigError::Url(url.into(), "resolves to no address".into()))
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ pub mod config;
 mod identity;
 pub mod logging;
 pub mod restore;
+pub mod tls;
 pub mod tools;
 pub mod version;
 mod witness;
@@ -59,6 +60,8 @@ pub enum ServerError {
     Removed,
     #[error(transparent)]
     Metrics(#[from] metastore_api::observe::ObserveError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// A started member: the shared server state and its client listeners' addresses.
@@ -427,7 +430,12 @@ pub async fn serve<E: Engine>(
     member: Member<E>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let addrs = member.config.client_addrs()?;
+    let listeners = member.config.client_listeners()?;
+    let tls = if listeners.iter().any(|(_, tls)| *tls) {
+        Some(Arc::new(tls::Reloading::new(member.config.tls.clone())?))
+    } else {
+        None
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     let mut peer_tasks = Vec::new();
@@ -460,9 +468,7 @@ pub async fn serve<E: Engine>(
         "log replayed"
     );
     let grpc = &member.config.grpc;
-    for addr in addrs {
-        let routes = metastore_api::routes(member.server.clone(), addr);
-        let mut stop = stop_rx.clone();
+    let builder = || {
         let builder = tonic::transport::Server::builder()
             // HTTP/1.1 beside h2 on the one port, as Go's server: curl, probes and scrapers.
             .accept_http1(true)
@@ -472,24 +478,63 @@ pub async fn serve<E: Engine>(
             .initial_connection_window_size(grpc.initial_connection_window_size)
             .http2_keepalive_interval(Some(Duration::from_millis(grpc.keepalive_interval_ms)))
             .http2_keepalive_timeout(Some(Duration::from_millis(grpc.keepalive_timeout_ms)));
-        let mut builder = builder.layer(tower::util::MapResponseLayer::new(
+        builder.layer(tower::util::MapResponseLayer::new(
             metastore_api::errors::grpc_go_size_error::<tonic::body::Body>,
+        ))
+    };
+    // The JSON gateway's way to the services: in memory, whatever the listeners speak.
+    let (gateway, gateway_conns) = metastore_api::gateway::in_process_channel();
+    {
+        let router = builder().add_routes(metastore_api::routes(
+            member.server.clone(),
+            gateway.clone(),
         ));
-        let router = builder.add_routes(routes);
-        // Bind here, not inside the task: a port that cannot be bound must stop the member
-        // with an error, not leave it running and "ready" without a listener.
-        let incoming = tonic::transport::server::TcpIncoming::bind(addr)
-            .map_err(|e| ServerError::Bind(addr, e))?
-            .with_nodelay(Some(grpc.tcp_nodelay));
+        let mut stop = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
             router
-                .serve_with_incoming_shutdown(incoming, async move {
+                .serve_with_incoming_shutdown(gateway_conns, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 })
                 .await
-                .map_err(|e| ServerError::Serve(addr, e))
+                .map_err(|e| ServerError::Serve(([127, 0, 0, 1], 0).into(), e))
         }));
-        tracing::info!(%addr, "ready to serve client requests");
+    }
+    for (addr, https) in listeners {
+        let routes = metastore_api::routes(member.server.clone(), gateway.clone());
+        let mut stop = stop_rx.clone();
+        let router = builder().add_routes(routes);
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        // Bind here, not inside the task: a port that cannot be bound must stop the member
+        // with an error, not leave it running and "ready" without a listener.
+        match &tls {
+            Some(tls) if https => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| ServerError::Bind(addr, e))?;
+                let incoming = tls::incoming(listener, tls.clone(), grpc.tcp_nodelay);
+                tasks.push(tokio::spawn(async move {
+                    router
+                        .serve_with_incoming_shutdown(incoming, shutdown)
+                        .await
+                        .map_err(|e| ServerError::Serve(addr, e))
+                }));
+                tracing::info!(%addr, "ready to serve client requests over TLS");
+            }
+            _ => {
+                let incoming = tonic::transport::server::TcpIncoming::bind(addr)
+                    .map_err(|e| ServerError::Bind(addr, e))?
+                    .with_nodelay(Some(grpc.tcp_nodelay));
+                tasks.push(tokio::spawn(async move {
+                    router
+                        .serve_with_incoming_shutdown(incoming, shutdown)
+                        .await
+                        .map_err(|e| ServerError::Serve(addr, e))
+                }));
+                tracing::info!(%addr, "ready to serve client requests");
+            }
+        }
     }
     for addr in member.config.metrics_addrs()? {
         let routes =
