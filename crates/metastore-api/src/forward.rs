@@ -9,6 +9,35 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
+/// How this member opens a channel to another member's client URL. The server supplies one
+/// that speaks TLS to `https://` URLs; the default dials plain HTTP/2.
+pub trait ClientDialer: Send + Sync + 'static {
+    fn dial(&self, endpoint: Endpoint) -> Channel;
+}
+
+struct PlainDialer;
+
+impl ClientDialer for PlainDialer {
+    fn dial(&self, endpoint: Endpoint) -> Channel {
+        endpoint.connect_lazy()
+    }
+}
+
+#[derive(Clone)]
+pub struct Dialer(pub std::sync::Arc<dyn ClientDialer>);
+
+impl Default for Dialer {
+    fn default() -> Self {
+        Self(std::sync::Arc::new(PlainDialer))
+    }
+}
+
+impl std::fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Dialer")
+    }
+}
+
 /// A connection to the current leader's client port, kept while it leads.
 #[derive(Default)]
 pub(crate) struct LeaderChannel {
@@ -39,12 +68,12 @@ impl<E: Engine> EtcdServer<E> {
                 return Ok(channel.clone());
             }
         }
-        let channel = self
+        let endpoint = self
             .leader_endpoint(leader)?
             .connect_timeout(FORWARD_TIMEOUT)
             .timeout(FORWARD_TIMEOUT)
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        let channel = self.dialer.0.dial(endpoint);
         *cached = Some((leader, channel.clone()));
         Ok(channel)
     }

@@ -12,7 +12,7 @@ pub mod cluster_version;
 pub mod compactor;
 mod concurrency;
 pub mod errors;
-mod forward;
+pub mod forward;
 mod front;
 pub mod gateway;
 pub mod http;
@@ -216,6 +216,8 @@ pub struct ServiceConfig {
     /// directory; None: the system's temporary directory).
     pub snapshot_dir: Option<std::path::PathBuf>,
     pub auth: AuthConfig,
+    /// How forwarded calls reach the leader's client URL.
+    pub dialer: forward::Dialer,
 }
 
 impl Default for ServiceConfig {
@@ -231,6 +233,7 @@ impl Default for ServiceConfig {
             warning_apply_duration: Duration::from_millis(100),
             snapshot_dir: None,
             auth: AuthConfig::default(),
+            dialer: forward::Dialer::default(),
         }
     }
 }
@@ -281,6 +284,7 @@ pub struct EtcdServer<E: Engine> {
     pub(crate) warning_apply_duration: Duration,
     pub(crate) snapshot_dir: Option<std::path::PathBuf>,
     pub(crate) auth_config: AuthConfig,
+    pub(crate) dialer: forward::Dialer,
 }
 
 impl<E: Engine> EtcdServer<E> {
@@ -332,6 +336,7 @@ impl<E: Engine> EtcdServer<E> {
             warning_apply_duration: services.warning_apply_duration,
             snapshot_dir: services.snapshot_dir.clone(),
             auth_config: services.auth.clone(),
+            dialer: services.dialer.clone(),
         });
         server.store.auth().set_token_ttl(services.auth.token_ttl);
         membership::spawn_learner_flag(&server);

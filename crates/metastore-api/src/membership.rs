@@ -156,9 +156,9 @@ impl<E: Engine> EtcdServer<E> {
             return Ok(None);
         }
         let channel = self
-            .leader_endpoint(leader)?
-            .timeout(CHANGE_TIMEOUT)
-            .connect_lazy();
+            .dialer
+            .0
+            .dial(self.leader_endpoint(leader)?.timeout(CHANGE_TIMEOUT));
         Ok(Some(ClusterClient::new(channel)))
     }
 

@@ -233,6 +233,9 @@ pub async fn start<E: Engine>(
             warning_apply_duration: cfg.warning_apply_duration()?,
             snapshot_dir: Some(member_dir.clone()),
             auth: cfg.auth()?,
+            dialer: metastore_api::forward::Dialer(Arc::new(tls::TlsDialer {
+                settings: cfg.tls.clone(),
+            })),
             peer_versions: {
                 let versions = peer_versions.clone();
                 PeerVersionSource(Arc::new(move |id| versions.get(id)))

@@ -301,3 +301,98 @@ fn etcdctl_over_tls_with_client_certificates_and_rotation() {
         "the old certificate is still served"
     );
 }
+
+#[test]
+fn a_tls_cluster_forwards_keep_alives_to_its_leader_over_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let ca = new_ca("cluster CA");
+    let (member_cert, member_key) = leaf(&ca, "member", &["127.0.0.1", "localhost"]);
+    let (client_cert, client_key) = leaf(&ca, "client", &[]);
+    let ca_file = write(d, "ca.pem", &ca.pem);
+    let cert_file = write(d, "member.pem", &member_cert);
+    let key_file = write(d, "member-key.pem", &member_key);
+    let client_c = write(d, "client.pem", &client_cert);
+    let client_k = write(d, "client-key.pem", &client_key);
+    let names = ["a", "b", "c"];
+    let clients: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let peers: Vec<String> = names
+        .iter()
+        .map(|_| format!("http://127.0.0.1:{}", free_port()))
+        .collect();
+    let initial = names
+        .iter()
+        .zip(&peers)
+        .map(|(n, p)| format!("{n}={p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let _members: Vec<Server> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let url = format!("https://127.0.0.1:{}", clients[i]);
+            let log = std::fs::File::create(d.join(format!("{name}.log"))).expect("log");
+            Server(
+                Command::new(env!("CARGO_BIN_EXE_metastore"))
+                    .args(["--name", name, "--data-dir"])
+                    .arg(d.join(name))
+                    .args([
+                        "--listen-client-urls",
+                        &url,
+                        "--advertise-client-urls",
+                        &url,
+                    ])
+                    .args(["--listen-peer-urls", &peers[i]])
+                    .args(["--initial-advertise-peer-urls", &peers[i]])
+                    .args(["--initial-cluster", &initial])
+                    .args(["--cert-file", cert_file.to_str().expect("utf-8")])
+                    .args(["--key-file", key_file.to_str().expect("utf-8")])
+                    .args(["--trusted-ca-file", ca_file.to_str().expect("utf-8")])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::from(log))
+                    .spawn()
+                    .expect("start metastore"),
+            )
+        })
+        .collect();
+    let tls = [
+        "--cacert",
+        ca_file.to_str().expect("utf-8"),
+        "--cert",
+        client_c.to_str().expect("utf-8"),
+        "--key",
+        client_k.to_str().expect("utf-8"),
+    ];
+    let endpoints: Vec<String> = clients.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for ep in &endpoints {
+        while !etcdctl(ep, &tls, &["endpoint", "health"]).status.success() {
+            assert!(Instant::now() < deadline, "{ep} did not come up");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    let grant = etcdctl(&endpoints[0], &tls, &["lease", "grant", "60"]);
+    assert!(grant.status.success(), "{}", stderr(&grant));
+    let id = stdout(&grant)
+        .split_whitespace()
+        .nth(1)
+        .expect("lease id")
+        .to_string();
+    // Two of the three are followers: their keep-alive goes to the leader's https:// URL.
+    for ep in &endpoints {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = etcdctl(ep, &tls, &["lease", "keep-alive", "--once", &id]);
+            if out.status.success() && stdout(&out).contains("keepalived with TTL(60)") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keep-alive through {ep}: {} {}",
+                stdout(&out),
+                stderr(&out)
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
