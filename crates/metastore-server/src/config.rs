@@ -120,6 +120,9 @@ pub struct Config {
     /// TLS on `https://` client URLs (etcd's `--cert-file`, `--trusted-ca-file`, ...).
     #[serde(flatten)]
     pub tls: crate::tls::ClientTls,
+    /// TLS on `https://` peer URLs (etcd's `--peer-cert-file`, ...).
+    #[serde(flatten)]
+    pub peer_tls: crate::tls::PeerTls,
     pub initial_cluster: String,
     pub initial_cluster_token: String,
     pub initial_cluster_state: ClusterState,
@@ -175,6 +178,7 @@ impl Default for Config {
             auth_token_ttl: 300,
             bcrypt_cost: 10,
             tls: Default::default(),
+            peer_tls: Default::default(),
             initial_cluster: String::new(),
             initial_cluster_token: "etcd-cluster".into(),
             initial_cluster_state: ClusterState::New,
@@ -312,6 +316,8 @@ pub struct Flags {
     pub bcrypt_cost: Option<u32>,
     #[command(flatten)]
     pub tls: crate::tls::TlsFlags,
+    #[command(flatten)]
+    pub peer_tls: crate::tls::PeerTlsFlags,
     /// Auto-compaction: `periodic` (keep a span of time) or `revision` (keep a number of
     /// revisions).
     #[arg(long, value_parser = parse_mode)]
@@ -417,6 +423,7 @@ impl Config {
             cfg.witness = true;
         }
         cfg.tls.apply(flags.tls);
+        cfg.peer_tls.apply(flags.peer_tls);
         if let Some(v) = flags.max_request_bytes {
             cfg.limits.max_request_bytes = v;
         }
@@ -455,6 +462,10 @@ impl Config {
         let https = cfg.client_listeners()?.iter().any(|(_, tls)| *tls);
         cfg.tls
             .validate(https)
+            .map_err(|e| ConfigError::Unsupported(e.to_string()))?;
+        let peer_https = cfg.peer_listeners()?.iter().any(|(_, tls)| *tls);
+        cfg.peer_tls
+            .validate(peer_https)
             .map_err(|e| ConfigError::Unsupported(e.to_string()))?;
         Ok(cfg)
     }
@@ -515,8 +526,18 @@ impl Config {
         split(&self.listen_metrics_urls).map(parse_url).collect()
     }
 
-    pub fn peer_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
-        split(&self.listen_peer_urls).map(parse_url).collect()
+    /// The peer listeners: address, and whether it serves TLS (`https://`).
+    pub fn peer_listeners(&self) -> Result<Vec<(SocketAddr, bool)>, ConfigError> {
+        split(&self.listen_peer_urls)
+            .map(parse_client_url)
+            .collect()
+    }
+
+    /// How this member reaches its peers (TLS for `https://` peer URLs).
+    pub fn peer_dialer(&self) -> metastore_transport::Dialer {
+        metastore_transport::Dialer(std::sync::Arc::new(crate::tls::TlsDialer {
+            settings: self.peer_tls.as_tls(),
+        }))
     }
 
     pub fn advertise_client_urls(&self) -> Vec<String> {
@@ -541,7 +562,7 @@ impl Config {
                     format!("{part:?} is not name=url"),
                 )
             })?;
-            parse_url(url)?;
+            parse_client_url(url)?;
             match members.iter_mut().find(|(n, _)| n == name) {
                 Some((_, urls)) => urls.push(url.to_string()),
                 None => members.push((name.to_string(), vec![url.to_string()])),

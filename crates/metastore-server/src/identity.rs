@@ -155,7 +155,9 @@ async fn bootstrap_identity(
     // diverge); it has to be removed and added again.
     for other in members.iter().filter(|m| m.id != me) {
         for url in &other.peer_urls {
-            if let Ok(cluster) = metastore_transport::fetch_members(url, PEER_ASK_TIMEOUT).await {
+            if let Ok(cluster) =
+                metastore_transport::fetch_members(url, PEER_ASK_TIMEOUT, &cfg.peer_dialer()).await
+            {
                 if cluster
                     .members
                     .iter()
@@ -217,7 +219,9 @@ async fn join_identity(
     let mut last_error = String::from("--initial-cluster names no other member");
     while started.elapsed() < JOIN_TIMEOUT {
         for url in &peer_urls {
-            match metastore_transport::fetch_members(url, PEER_ASK_TIMEOUT).await {
+            match metastore_transport::fetch_members(url, PEER_ASK_TIMEOUT, &cfg.peer_dialer())
+                .await
+            {
                 Ok(cluster) => {
                     let me = cluster.members.iter().find(|m| {
                         let mut urls = m.peer_urls.clone();

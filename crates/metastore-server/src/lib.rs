@@ -182,8 +182,16 @@ pub async fn start<E: Engine>(
         peer_map(&table)
     };
     let transport = Arc::new(
-        PeerTransport::new(member_id, cluster_id, peers, TransportConfig::default())
-            .map_err(|e| ServerError::Transport(e.to_string()))?,
+        PeerTransport::new(
+            member_id,
+            cluster_id,
+            peers,
+            TransportConfig {
+                dialer: cfg.peer_dialer(),
+                ..TransportConfig::default()
+            },
+        )
+        .map_err(|e| ServerError::Transport(e.to_string()))?,
     );
     store.spawn_watch_sync().map_err(ServerError::Thread)?;
     store.spawn_compactor().map_err(ServerError::Thread)?;
@@ -405,21 +413,39 @@ fn members_source<E: Engine>(server: &Arc<EtcdServer<E>>) -> metastore_transport
 /// Serves the peer service on `addr` until `stop` turns true. Binds here, not in the task: a
 /// port that cannot be bound stops the member with an error.
 pub(crate) fn serve_peers(
-    addr: std::net::SocketAddr,
+    (addr, https): (std::net::SocketAddr, bool),
+    cfg: &Config,
     service: PeerService,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<Result<(), ServerError>>, ServerError> {
+    let shutdown = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(service.into_server());
+    if https {
+        let tls = Arc::new(tls::Reloading::new(cfg.peer_tls.as_tls())?);
+        let listener = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|e| ServerError::Bind(addr, e))?;
+        let incoming = tls::incoming(listener, tls, true);
+        tracing::info!(%addr, "ready to serve peer traffic over TLS");
+        return Ok(tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+                .map_err(|e| ServerError::Serve(addr, e))
+        }));
+    }
     let incoming = tonic::transport::server::TcpIncoming::bind(addr)
         .map_err(|e| ServerError::Bind(addr, e))?
         .with_nodelay(Some(true));
     tracing::info!(%addr, "ready to serve peer traffic");
     Ok(tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(service.into_server())
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
+        router
+            .serve_with_incoming_shutdown(incoming, shutdown)
             .await
             .map_err(|e| ServerError::Serve(addr, e))
     }))
@@ -445,7 +471,7 @@ pub async fn serve<E: Engine>(
     // Peers first: replaying the log needs nobody, but the other members may need this one
     // to elect a leader meanwhile. Served by a single member too, so that it can grow.
     {
-        for addr in member.config.peer_addrs()? {
+        for listener in member.config.peer_listeners()? {
             let service = PeerService::new(
                 member.server.cluster.cluster_id,
                 member.server.cluster.member_id,
@@ -458,7 +484,12 @@ pub async fn serve<E: Engine>(
                     Arc::new(move |id| store.upgrade().is_some_and(|s| s.is_removed(id)))
                 },
             );
-            peer_tasks.push(serve_peers(addr, service, stop_rx.clone())?);
+            peer_tasks.push(serve_peers(
+                listener,
+                &member.config,
+                service,
+                stop_rx.clone(),
+            )?);
         }
     }
     // Serve nothing older than what was acknowledged before a restart.

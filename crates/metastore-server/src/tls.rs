@@ -50,6 +50,95 @@ pub struct ClientTls {
     pub tls_max_version: String,
     /// Comma-separated IANA names, e.g. `TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256`.
     pub cipher_suites: String,
+    /// Only client certificates with this common name get in (etcd's
+    /// `--peer-cert-allowed-cn`; set for the peer port only).
+    #[serde(skip)]
+    pub allowed_cn: String,
+}
+
+/// The peer-side TLS settings (etcd's `--peer-*` flags); TLS is on for `https://` peer URLs.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct PeerTls {
+    pub peer_cert_file: String,
+    pub peer_key_file: String,
+    /// CA that peers' certificates must chain to (makes them mandatory).
+    pub peer_trusted_ca_file: String,
+    /// etcd's `--peer-client-cert-auth`: peers must present a certificate.
+    pub peer_client_cert_auth: bool,
+    pub peer_cert_allowed_cn: String,
+    pub peer_crl_file: String,
+}
+
+/// The flags that set [`PeerTls`].
+#[derive(clap::Args, Debug, Default)]
+pub struct PeerTlsFlags {
+    /// Certificate served on `https://` peer URLs (and shown to peers when dialing them).
+    #[arg(long)]
+    pub peer_cert_file: Option<String>,
+    #[arg(long)]
+    pub peer_key_file: Option<String>,
+    /// CA that peers' certificates must chain to (makes them mandatory).
+    #[arg(long)]
+    pub peer_trusted_ca_file: Option<String>,
+    /// Require peers to present a certificate from the peer CA.
+    #[arg(long)]
+    pub peer_client_cert_auth: bool,
+    /// Only peers whose certificate has this common name are accepted.
+    #[arg(long)]
+    pub peer_cert_allowed_cn: Option<String>,
+    /// Revoked peer certificates (PEM CRL).
+    #[arg(long)]
+    pub peer_crl_file: Option<String>,
+}
+
+impl PeerTls {
+    pub fn apply(&mut self, flags: PeerTlsFlags) {
+        macro_rules! set {
+            ($($f:ident),*) => { $(if let Some(v) = flags.$f { self.$f = v; })* };
+        }
+        set!(
+            peer_cert_file,
+            peer_key_file,
+            peer_trusted_ca_file,
+            peer_cert_allowed_cn,
+            peer_crl_file
+        );
+        if flags.peer_client_cert_auth {
+            self.peer_client_cert_auth = true;
+        }
+    }
+
+    /// The same settings in the client port's shape (what the builders take).
+    pub fn as_tls(&self) -> ClientTls {
+        ClientTls {
+            cert_file: self.peer_cert_file.clone(),
+            key_file: self.peer_key_file.clone(),
+            trusted_ca_file: self.peer_trusted_ca_file.clone(),
+            client_cert_auth: self.peer_client_cert_auth,
+            client_crl_file: self.peer_crl_file.clone(),
+            allowed_cn: self.peer_cert_allowed_cn.clone(),
+            ..Default::default()
+        }
+    }
+
+    pub fn validate(&self, has_https_url: bool) -> Result<(), TlsError> {
+        let tls = self.as_tls();
+        if has_https_url && (tls.cert_file.is_empty() || tls.key_file.is_empty()) {
+            return Err(TlsError::Config(
+                "an https:// peer URL needs --peer-cert-file and --peer-key-file".into(),
+            ));
+        }
+        if tls.client_cert_auth && tls.trusted_ca_file.is_empty() {
+            return Err(TlsError::Config(
+                "--peer-client-cert-auth needs --peer-trusted-ca-file".into(),
+            ));
+        }
+        if has_https_url {
+            build(&tls)?;
+        }
+        Ok(())
+    }
 }
 
 /// The flags that set [`ClientTls`].
@@ -381,6 +470,7 @@ pub fn incoming(
                 },
                 _ = tx.closed() => return,
             };
+            let allowed_cn = tls.settings.allowed_cn.clone();
             let _ = tcp.set_nodelay(nodelay);
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
             let tx = tx.clone();
@@ -403,6 +493,10 @@ pub fn incoming(
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .and_then(common_name);
+                if !allowed_cn.is_empty() && common_name.as_deref() != Some(allowed_cn.as_str()) {
+                    tracing::warn!(%remote, ?common_name, %allowed_cn, "refused a peer whose certificate names another member");
+                    return;
+                }
                 let conn = TlsConn {
                     inner: stream,
                     client: TlsClient { common_name },
@@ -414,9 +508,10 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// Dials other members' `https://` client URLs (forwarded lease keep-alives and membership
-/// changes), trusting `--trusted-ca-file` and presenting this member's own certificate, as
-/// etcd's members do towards each other's client ports. Files are read per dial, so a rotation
+/// Dials other members' `https://` URLs: their client URLs (forwarded lease keep-alives and
+/// membership changes) with the client-side settings, their peer URLs with the peer ones;
+/// it trusts the trusted CA file and presents this member's own certificate, as etcd's
+/// members do towards each other. Files are read per dial, so a rotation
 /// is picked up by the next leader connection.
 pub struct TlsDialer {
     pub settings: ClientTls,
@@ -427,7 +522,7 @@ impl TlsDialer {
         let s = &self.settings;
         if s.trusted_ca_file.is_empty() {
             return Err(TlsError::Config(
-                "reaching another member's https:// client URL needs --trusted-ca-file".into(),
+                "reaching another member's https:// URL needs a trusted CA file (--trusted-ca-file, --peer-trusted-ca-file)".into(),
             ));
         }
         let mut roots = RootCertStore::empty();
@@ -457,13 +552,23 @@ impl TlsDialer {
     }
 }
 
-impl metastore_api::forward::ClientDialer for TlsDialer {
-    fn dial(&self, endpoint: tonic::transport::Endpoint) -> tonic::transport::Channel {
-        if endpoint.uri().scheme_str() != Some("https") {
-            return endpoint.connect_lazy();
-        }
+impl TlsDialer {
+    /// Connects TCP, then TLS, to the URI's host and port.
+    fn connector(
+        &self,
+    ) -> impl tower::Service<
+        tonic::codegen::http::Uri,
+        Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+        Error = io::Error,
+        Future = impl std::future::Future<
+            Output = io::Result<
+                hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+            >,
+        > + Send,
+    > + Send
+           + 'static {
         let config = self.client_config().map(Arc::new);
-        let connector = tower::service_fn(move |uri: tonic::codegen::http::Uri| {
+        tower::service_fn(move |uri: tonic::codegen::http::Uri| {
             let config = config.clone();
             async move {
                 let config = config.map_err(io::Error::other)?;
@@ -482,7 +587,34 @@ impl metastore_api::forward::ClientDialer for TlsDialer {
                     .await?;
                 Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(tls))
             }
-        });
-        endpoint.connect_with_connector_lazy(connector)
+        })
+    }
+}
+
+impl metastore_api::forward::ClientDialer for TlsDialer {
+    fn dial(&self, endpoint: tonic::transport::Endpoint) -> tonic::transport::Channel {
+        if endpoint.uri().scheme_str() != Some("https") {
+            return endpoint.connect_lazy();
+        }
+        endpoint.connect_with_connector_lazy(self.connector())
+    }
+}
+
+impl metastore_transport::PeerDialer for TlsDialer {
+    fn connect(
+        &self,
+        endpoint: tonic::transport::Endpoint,
+    ) -> Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = Result<tonic::transport::Channel, tonic::transport::Error>,
+                > + Send,
+        >,
+    > {
+        if endpoint.uri().scheme_str() != Some("https") {
+            return Box::pin(async move { endpoint.connect().await });
+        }
+        let connector = self.connector();
+        Box::pin(async move { endpoint.connect_with_connector(connector).await })
     }
 }

@@ -38,6 +38,7 @@ pub(crate) async fn run(
             peers.clone(),
             TransportConfig {
                 witness: true,
+                dialer: cfg.peer_dialer(),
                 ..TransportConfig::default()
             },
         )
@@ -82,7 +83,7 @@ pub(crate) async fn run(
             })
             .collect(),
     });
-    for addr in cfg.peer_addrs()? {
+    for listener in cfg.peer_listeners()? {
         let service = PeerService::new(
             cluster_id,
             member_id,
@@ -91,7 +92,7 @@ pub(crate) async fn run(
             members_source.clone(),
             Arc::new(|_| false),
         );
-        tasks.push(serve_peers(addr, service, stop_rx.clone())?);
+        tasks.push(serve_peers(listener, &cfg, service, stop_rx.clone())?);
     }
     for addr in cfg.client_addrs()? {
         let incoming = tonic::transport::server::TcpIncoming::bind(addr)

@@ -396,3 +396,116 @@ fn a_tls_cluster_forwards_keep_alives_to_its_leader_over_tls() {
         }
     }
 }
+
+#[test]
+fn members_talk_over_tls_and_refuse_a_peer_certificate_with_another_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let ca = new_ca("peer CA");
+    let (member_cert, member_key) = leaf(&ca, "member", &["127.0.0.1", "localhost"]);
+    let (intruder_cert, intruder_key) = leaf(&ca, "intruder", &[]);
+    let ca_file = write(d, "ca.pem", &ca.pem);
+    let cert_file = write(d, "member.pem", &member_cert);
+    let key_file = write(d, "member-key.pem", &member_key);
+    let intruder_c = write(d, "intruder.pem", &intruder_cert);
+    let intruder_k = write(d, "intruder-key.pem", &intruder_key);
+    let names = ["a", "b", "c"];
+    let clients: Vec<String> = names
+        .iter()
+        .map(|_| format!("http://127.0.0.1:{}", free_port()))
+        .collect();
+    let peers: Vec<String> = names
+        .iter()
+        .map(|_| format!("https://127.0.0.1:{}", free_port()))
+        .collect();
+    let initial = names
+        .iter()
+        .zip(&peers)
+        .map(|(n, p)| format!("{n}={p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let _members: Vec<Server> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let log = std::fs::File::create(d.join(format!("{name}.log"))).expect("log");
+            Server(
+                Command::new(env!("CARGO_BIN_EXE_metastore"))
+                    .args(["--name", name, "--data-dir"])
+                    .arg(d.join(name))
+                    .args(["--listen-client-urls", &clients[i]])
+                    .args(["--advertise-client-urls", &clients[i]])
+                    .args(["--listen-peer-urls", &peers[i]])
+                    .args(["--initial-advertise-peer-urls", &peers[i]])
+                    .args(["--initial-cluster", &initial])
+                    .args(["--peer-cert-file", cert_file.to_str().expect("utf-8")])
+                    .args(["--peer-key-file", key_file.to_str().expect("utf-8")])
+                    .args(["--peer-trusted-ca-file", ca_file.to_str().expect("utf-8")])
+                    .arg("--peer-client-cert-auth")
+                    .args(["--peer-cert-allowed-cn", "member"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::from(log))
+                    .spawn()
+                    .expect("start metastore"),
+            )
+        })
+        .collect();
+    let endpoints: Vec<String> = clients
+        .iter()
+        .map(|c| c.trim_start_matches("http://").to_string())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for ep in &endpoints {
+        while !etcdctl(ep, &[], &["endpoint", "health"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "{ep} did not come up: {}",
+                std::fs::read_to_string(d.join("a.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    let put = etcdctl(&endpoints[0], &[], &["put", "k", "replicated over TLS"]);
+    assert!(put.status.success(), "{}", stderr(&put));
+    for ep in &endpoints {
+        let get = etcdctl(ep, &[], &["get", "k", "--print-value-only"]);
+        assert_eq!(stdout(&get), "replicated over TLS\n", "{}", stderr(&get));
+    }
+    // The peer port takes only certificates from the peer CA naming `member`.
+    let peer = format!("{}/", peers[0]);
+    let ca_s = ca_file.to_str().expect("utf-8");
+    let (named, _) = curl(
+        &peer,
+        &[
+            "--cacert",
+            ca_s,
+            "--cert",
+            cert_file.to_str().expect("utf-8"),
+            "--key",
+            key_file.to_str().expect("utf-8"),
+        ],
+        None,
+    );
+    assert!(
+        named,
+        "a member's own certificate was refused on the peer port"
+    );
+    let (intruder, _) = curl(
+        &peer,
+        &[
+            "--cacert",
+            ca_s,
+            "--cert",
+            intruder_c.to_str().expect("utf-8"),
+            "--key",
+            intruder_k.to_str().expect("utf-8"),
+        ],
+        None,
+    );
+    assert!(
+        !intruder,
+        "a certificate naming `intruder` got onto the peer port"
+    );
+    let (anonymous, _) = curl(&peer, &["--cacert", ca_s], None);
+    assert!(!anonymous, "a peer without a certificate got in");
+}

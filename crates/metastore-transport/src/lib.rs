@@ -110,6 +110,54 @@ pub enum TransportError {
     Members(String, String),
 }
 
+/// How a member connects to a peer URL. The server supplies one that speaks TLS to
+/// `https://` peers; the default dials plain HTTP/2.
+pub trait PeerDialer: Send + Sync + 'static {
+    fn connect(
+        &self,
+        endpoint: tonic::transport::Endpoint,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = Result<tonic::transport::Channel, tonic::transport::Error>,
+                > + Send,
+        >,
+    >;
+}
+
+struct PlainDialer;
+
+impl PeerDialer for PlainDialer {
+    fn connect(
+        &self,
+        endpoint: tonic::transport::Endpoint,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = Result<tonic::transport::Channel, tonic::transport::Error>,
+                > + Send,
+        >,
+    > {
+        Box::pin(async move { endpoint.connect().await })
+    }
+}
+
+/// The dialer a transport uses (cloned into every sender).
+#[derive(Clone)]
+pub struct Dialer(pub std::sync::Arc<dyn PeerDialer>);
+
+impl Default for Dialer {
+    fn default() -> Self {
+        Self(std::sync::Arc::new(PlainDialer))
+    }
+}
+
+impl std::fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Dialer")
+    }
+}
+
 /// Queue and batch sizes; the defaults suit the raft config's 4 MiB messages and 512 in flight.
 #[derive(Clone, Debug)]
 pub struct TransportConfig {
@@ -128,6 +176,8 @@ pub struct TransportConfig {
     pub max_backoff: Duration,
     /// This member is a witness; its peers are told so.
     pub witness: bool,
+    /// How peers are reached (plain or TLS).
+    pub dialer: Dialer,
 }
 
 impl Default for TransportConfig {
@@ -142,6 +192,7 @@ impl Default for TransportConfig {
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(2),
             witness: false,
+            dialer: Dialer::default(),
         }
     }
 }

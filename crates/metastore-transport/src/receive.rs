@@ -145,14 +145,17 @@ impl RaftPeer for PeerService {
 pub async fn fetch_members(
     peer_url: &str,
     timeout: std::time::Duration,
+    dialer: &crate::Dialer,
 ) -> Result<MembersResponse, crate::TransportError> {
     use metastore_proto::metastore::peer::raft_peer_client::RaftPeerClient;
     let fail = |e: String| crate::TransportError::Members(peer_url.to_string(), e);
     let call = async {
-        let channel = tonic::transport::Endpoint::from_shared(peer_url.to_string())
+        let endpoint = tonic::transport::Endpoint::from_shared(peer_url.to_string())
             .map_err(|e| fail(e.to_string()))?
-            .connect_timeout(timeout)
-            .connect()
+            .connect_timeout(timeout);
+        let channel = dialer
+            .0
+            .connect(endpoint)
             .await
             .map_err(|e| fail(e.to_string()))?;
         RaftPeerClient::new(channel)

@@ -209,13 +209,12 @@ impl Transport for PeerTransport {
 }
 
 async fn connect(peer: &Peer) -> Result<Channel, tonic::transport::Error> {
-    Endpoint::from_shared(peer.url.clone())?
+    let endpoint = Endpoint::from_shared(peer.url.clone())?
         .connect_timeout(peer.config.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(std::time::Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .connect()
-        .await
+        .keep_alive_while_idle(true);
+    peer.config.dialer.0.connect(endpoint).await
 }
 
 /// Drops whatever is queued while the peer cannot be reached; true if anything was.

@@ -56,11 +56,15 @@ async fn stream_file(
     path: &Path,
     file: SnapshotFile,
 ) -> Result<u64, String> {
-    let channel = Endpoint::from_shared(target.url.clone())
+    let endpoint = Endpoint::from_shared(target.url.clone())
         .map_err(|e| e.to_string())?
         .connect_timeout(target.config.connect_timeout)
-        .tcp_nodelay(true)
-        .connect()
+        .tcp_nodelay(true);
+    let channel = target
+        .config
+        .dialer
+        .0
+        .connect(endpoint)
         .await
         .map_err(|e| format!("connect {}: {e}", target.url))?;
     let mut client = RaftPeerClient::new(channel)
