@@ -10,6 +10,11 @@
 //! - Writes carry who asked (an `AuthHeader`) and are checked as they are applied (etcd's
 //!   auth applier); reads and admin calls are checked here, as etcd's API layer does.
 
+mod jwt;
+
+pub(crate) use jwt::JwtKeys;
+pub use jwt::{JwtConfig, DEFAULT_JWT_TTL};
+
 use crate::services::Svc;
 use crate::{errors, EtcdServer};
 use base64::Engine as _;
@@ -34,6 +39,18 @@ pub struct AuthConfig {
     /// `--client-cert-auth`: a verified client certificate's common name is the user when
     /// no token is sent.
     pub client_cert_auth: bool,
+    /// `--auth-token jwt,...`: JWT tokens instead of simple ones.
+    pub jwt: Option<JwtConfig>,
+}
+
+impl AuthConfig {
+    /// Checks the token settings as etcd does at start (keys that load and match).
+    pub fn validate(&self) -> Result<(), String> {
+        match &self.jwt {
+            Some(cfg) => JwtKeys::new(cfg).map(|_| ()),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Who a TLS client's verified certificate names (the connection's info, which tonic puts in
@@ -53,6 +70,7 @@ impl Default for AuthConfig {
             bcrypt_cost: bcrypt::DEFAULT_COST,
             token_ttl: metastore_mvcc::auth::DEFAULT_TOKEN_TTL,
             client_cert_auth: false,
+            jwt: None,
         }
     }
 }
@@ -111,7 +129,11 @@ impl<E: Engine> EtcdServer<E> {
             return Ok(None);
         };
         let token = token.strip_prefix("Bearer ").unwrap_or(token);
-        match auth.simple_token_info(token) {
+        let known = match &self.jwt {
+            Some(keys) => keys.verify(token),
+            None => auth.simple_token_info(token),
+        };
+        match known {
             Some(info) => Ok(Some(info)),
             None => {
                 tracing::warn!(
@@ -346,6 +368,15 @@ impl<E: Engine> Auth for Svc<E> {
                     return Err(auth_err(e));
                 }
             };
+            if let Some(keys) = &self.0.jwt {
+                // A JWT needs no raft round: any member holding the key checks it, and its
+                // revision claim makes it stale once the auth store changes.
+                let token = keys.sign(&name, checked).map_err(Status::unknown)?;
+                return Ok(Response::new(AuthenticateResponse {
+                    header: Some(self.0.header(self.0.store.current_revision())),
+                    token,
+                }));
+            }
             let prefix = Alphanumeric.sample_string(&mut rand::rng(), 16);
             let op = Op::Authenticate(Authenticate {
                 name: name.clone(),

@@ -285,6 +285,8 @@ pub struct EtcdServer<E: Engine> {
     pub(crate) snapshot_dir: Option<std::path::PathBuf>,
     pub(crate) auth_config: AuthConfig,
     pub(crate) dialer: forward::Dialer,
+    /// The JWT keys when `--auth-token jwt,...` (else simple tokens).
+    pub(crate) jwt: Option<auth::JwtKeys>,
 }
 
 impl<E: Engine> EtcdServer<E> {
@@ -337,6 +339,13 @@ impl<E: Engine> EtcdServer<E> {
             snapshot_dir: services.snapshot_dir.clone(),
             auth_config: services.auth.clone(),
             dialer: services.dialer.clone(),
+            jwt: services.auth.jwt.as_ref().and_then(|cfg| {
+                auth::JwtKeys::new(cfg)
+                    .map_err(
+                        |e| tracing::error!(error = %e, "JWT keys do not load; tokens are refused"),
+                    )
+                    .ok()
+            }),
         });
         server.store.auth().set_token_ttl(services.auth.token_ttl);
         membership::spawn_learner_flag(&server);

@@ -472,23 +472,21 @@ impl Config {
 
     /// The auth settings, checked as etcd checks them.
     pub fn auth(&self) -> Result<metastore_api::AuthConfig, ConfigError> {
-        if self.auth_token.split(',').next() != Some("simple") {
-            return Err(ConfigError::Unsupported(format!(
-                "--auth-token {:?}: only `simple` tokens are served (JWT is not implemented yet)",
-                self.auth_token
-            )));
-        }
+        let jwt = urls::auth_token(&self.auth_token).map_err(ConfigError::Unsupported)?;
         if !(4..=31).contains(&self.bcrypt_cost) {
             return Err(ConfigError::Unsupported(format!(
                 "--bcrypt-cost {}: must be between 4 and 31",
                 self.bcrypt_cost
             )));
         }
-        Ok(metastore_api::AuthConfig {
+        let auth = metastore_api::AuthConfig {
             bcrypt_cost: self.bcrypt_cost,
             token_ttl: std::time::Duration::from_secs(self.auth_token_ttl.max(1)),
             client_cert_auth: self.tls.client_cert_auth,
-        })
+            jwt,
+        };
+        auth.validate().map_err(ConfigError::Unsupported)?;
+        Ok(auth)
     }
 
     pub fn client_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {

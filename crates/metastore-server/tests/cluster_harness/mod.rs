@@ -26,7 +26,7 @@ pub struct Member {
 pub struct Cluster {
     _root: tempfile::TempDir,
     pub members: Vec<Member>,
-    initial_cluster: String,
+    pub initial_cluster: String,
     /// Flags every member starts with, beside the cluster's own.
     pub extra_args: Vec<String>,
     /// With [`Cluster::create_proxied`], proxy `i` carries every byte sent TO member `i` on
