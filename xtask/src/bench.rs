@@ -48,6 +48,9 @@ pub enum Bench {
     /// Whole servers over gRPC: the load matrix against MetaStore (both engines), the no-op
     /// ceiling and, with `--vs-etcd`, etcd.
     E2e(crate::e2e::E2eArgs),
+    /// What auth (simple tokens) and TLS cost: put at 256 clients against MetaStore and
+    /// etcd, each plain, with auth on, and over TLS.
+    Secure(crate::secure::SecureArgs),
     /// Every layer bench, then the e2e matrix, in a cut-down form that takes seconds (what CI
     /// runs so the harness cannot rot).
     Smoke(SmokeArgs),
@@ -129,6 +132,7 @@ pub fn run(cmd: BenchCmd, rt: &tokio::runtime::Runtime) -> Result<()> {
         Bench::Engine(args) => engine(args, &mut rec)?,
         Bench::Restart(args) => rt.block_on(restart(args, &mut rec))?,
         Bench::E2e(args) => rt.block_on(e2e::run(args, &mut rec))?,
+        Bench::Secure(args) => rt.block_on(crate::secure::run(args, &mut rec))?,
         Bench::Smoke(args) => {
             layers::codec(&mut rec, true)?;
             rt.block_on(layers::batch(&mut rec, true))?;
@@ -145,8 +149,12 @@ pub fn run(cmd: BenchCmd, rt: &tokio::runtime::Runtime) -> Result<()> {
             )?;
             let e2e_args = e2e::E2eArgs::smoke(args.bin_dir.clone());
             rt.block_on(e2e::run(e2e_args, &mut rec))?;
-            let cluster_args = e2e::E2eArgs::smoke(args.bin_dir).with_cluster(3);
+            let cluster_args = e2e::E2eArgs::smoke(args.bin_dir.clone()).with_cluster(3);
             rt.block_on(e2e::run(cluster_args, &mut rec))?;
+            rt.block_on(crate::secure::run(
+                crate::secure::SecureArgs::smoke(args.bin_dir),
+                &mut rec,
+            ))?;
         }
         Bench::Readme(args) => {
             let run = match args.run {

@@ -359,7 +359,7 @@ impl Target {
     }
 }
 
-fn build_binaries() -> Result<PathBuf> {
+pub(crate) fn build_binaries() -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("building the release binaries (metastore, metastore-bench)");
     let status = Command::new(cargo)
@@ -382,7 +382,7 @@ fn build_binaries() -> Result<PathBuf> {
     Ok(target.join("release"))
 }
 
-fn metrics_of(report: &Report) -> Vec<(&'static str, f64)> {
+pub(crate) fn metrics_of(report: &Report) -> Vec<(&'static str, f64)> {
     let l = &report.latency_ms;
     let mut m = vec![
         ("ops_per_sec", report.ops_per_sec),

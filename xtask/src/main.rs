@@ -11,6 +11,7 @@ mod e2e;
 mod layers;
 mod loadgen;
 mod results;
+mod secure;
 mod server;
 mod targets;
 

@@ -10,6 +10,7 @@
 pub mod cpu;
 pub mod noop;
 pub mod report;
+mod tls;
 mod watch;
 mod workers;
 
@@ -66,6 +67,17 @@ pub struct Common {
     /// No progress bar (it is drawn only on a terminal anyway).
     #[arg(long, global = true)]
     pub no_progress: bool,
+    /// Authenticate as `name:password` (etcd's auth; one token per connection).
+    #[arg(long, global = true)]
+    pub user: Option<String>,
+    /// Speak TLS, trusting this CA (PEM).
+    #[arg(long, global = true)]
+    pub cacert: Option<std::path::PathBuf>,
+    /// Client certificate and key (PEM) for servers that ask for one.
+    #[arg(long, global = true, requires = "key")]
+    pub cert: Option<std::path::PathBuf>,
+    #[arg(long, global = true, requires = "cert")]
+    pub key: Option<std::path::PathBuf>,
 }
 
 impl Default for Common {
@@ -85,6 +97,10 @@ impl Default for Common {
             server_pid: None,
             json: false,
             no_progress: true,
+            user: None,
+            cacert: None,
+            cert: None,
+            key: None,
         }
     }
 }
@@ -255,15 +271,33 @@ pub async fn run(workload: &Workload, common: &Common) -> Result<Report> {
     }
 }
 
+/// A client set up as the load's connections are (user, TLS).
+pub async fn connect_client(common: &Common) -> Result<etcd_client::Client> {
+    connect(common).await
+}
+
 pub(crate) async fn connect(common: &Common) -> Result<etcd_client::Client> {
     let endpoints: Vec<String> = common
         .endpoints
         .split(',')
         .map(|e| e.trim().to_string())
         .collect();
-    let options = etcd_client::ConnectOptions::new()
+    let mut options = etcd_client::ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(5))
         .with_timeout(Duration::from_secs(30));
+    if let Some((name, password)) = common.user.as_deref().and_then(|u| u.split_once(':')) {
+        options = options.with_user(name, password);
+    }
+    if let Some(ca) = &common.cacert {
+        let first = endpoints.first().cloned().unwrap_or_default();
+        let channel = tls::channel(&first, ca, common.cert.as_deref(), common.key.as_deref())?;
+        return etcd_client::Client::from_channel(
+            etcd_client::Channel::Tonic(channel),
+            Some(options),
+        )
+        .await
+        .with_context(|| format!("connecting over TLS to {first}"));
+    }
     etcd_client::Client::connect(&endpoints, Some(options))
         .await
         .with_context(|| format!("connecting to {}", common.endpoints))

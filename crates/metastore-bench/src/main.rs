@@ -44,13 +44,13 @@ fn parse() -> Result<Parsed, clap::Error> {
     let matches = cmd.try_get_matches_from_mut(std::env::args_os())?;
     Top::from_arg_matches(&matches).map(|t| match t.command {
         TopCommand::NoopServer { listen, defer } => Parsed::Noop(listen, defer),
-        TopCommand::Run(w) => Parsed::Run(w, t.common),
+        TopCommand::Run(w) => Parsed::Run(w, Box::new(t.common)),
     })
 }
 
 enum Parsed {
     Noop(SocketAddr, bool),
-    Run(Workload, Common),
+    Run(Workload, Box<Common>),
 }
 
 #[derive(Parser)]

@@ -449,6 +449,11 @@ impl RaftNode {
         self.wait_applied(self.shared.replay_target).await
     }
 
+    /// The index `wait_replayed` waits for.
+    pub fn replay_target(&self) -> u64 {
+        self.shared.replay_target
+    }
+
     /// A linearizable read barrier: ReadIndex, then wait for the apply loop to catch up.
     pub async fn linearizable_barrier(&self) -> Result<(), RaftError> {
         let index = self.read_index().await?;

@@ -494,7 +494,22 @@ pub async fn serve<E: Engine>(
     }
     // Serve nothing older than what was acknowledged before a restart.
     let started = std::time::Instant::now();
-    member.server.raft.wait_replayed().await?;
+    {
+        // A replay that does not end is a bug; say where it stands instead of waiting in
+        // silence (a CI run once saw a restarted member stop here).
+        let replay = member.server.raft.wait_replayed();
+        tokio::pin!(replay);
+        loop {
+            tokio::select! {
+                done = &mut replay => break done?,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => tracing::warn!(
+                    target_index = member.server.raft.replay_target(),
+                    status = ?member.server.raft.status(),
+                    "still replaying the log"
+                ),
+            }
+        }
+    }
     member.server.wait_for_own_membership().await;
     tracing::info!(
         applied = member.server.raft.status().applied_index,
