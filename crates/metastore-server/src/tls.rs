@@ -618,3 +618,51 @@ impl metastore_transport::PeerDialer for TlsDialer {
         Box::pin(async move { endpoint.connect_with_connector(connector).await })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(f: impl FnOnce(&mut ClientTls)) -> ClientTls {
+        let mut s = ClientTls {
+            cert_file: "/nonexistent/cert.pem".into(),
+            key_file: "/nonexistent/key.pem".into(),
+            ..Default::default()
+        };
+        f(&mut s);
+        s
+    }
+
+    fn config_error(s: &ClientTls) -> String {
+        match s.validate(true) {
+            Err(TlsError::Config(m)) => m,
+            other => panic!("expected a configuration error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn versions_and_suites_are_checked_before_any_file() {
+        let e = config_error(&settings(|s| s.tls_min_version = "TLS1.0".into()));
+        assert!(e.contains("TLS1.2 and TLS1.3"), "{e}");
+        let e = config_error(&settings(|s| {
+            s.tls_min_version = "TLS1.3".into();
+            s.tls_max_version = "TLS1.2".into();
+        }));
+        assert!(e.contains("above"), "{e}");
+        let e = config_error(&settings(|s| {
+            s.cipher_suites = "TLS_RSA_WITH_RC4_128_MD5".into()
+        }));
+        assert!(e.contains("unknown cipher suite"), "{e}");
+        let e = config_error(&settings(|s| {
+            s.client_cert_auth = true;
+        }));
+        assert!(e.contains("--trusted-ca-file"), "{e}");
+        assert!(matches!(
+            settings(|s| s.cipher_suites = "TLS13_AES_128_GCM_SHA256".into()).validate(true),
+            Err(TlsError::Read(..))
+        ));
+        let e = config_error(&ClientTls::default());
+        assert!(e.contains("--cert-file"), "{e}");
+        assert!(ClientTls::default().validate(false).is_ok());
+    }
+}

@@ -509,3 +509,120 @@ fn members_talk_over_tls_and_refuse_a_peer_certificate_with_another_name() {
     let (anonymous, _) = curl(&peer, &["--cacert", ca_s], None);
     assert!(!anonymous, "a peer without a certificate got in");
 }
+
+#[test]
+fn versions_and_revoked_client_certificates() {
+    use rcgen::{
+        date_time_ymd, CertificateRevocationListParams, KeyIdMethod, RevokedCertParams,
+        SerialNumber,
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let ca = new_ca("CA with a CRL");
+    let (server_cert, server_key) = leaf(&ca, "server", &["127.0.0.1", "localhost"]);
+    let (good_cert, good_key) = leaf(&ca, "good", &[]);
+    let mut revoked = CertificateParams::new(Vec::<String>::new()).expect("params");
+    revoked
+        .distinguished_name
+        .push(DnType::CommonName, "revoked");
+    revoked.serial_number = Some(SerialNumber::from(77u64));
+    let revoked_key = KeyPair::generate().expect("key");
+    let revoked_cert = revoked.signed_by(&revoked_key, &ca.issuer).expect("sign");
+    let crl = CertificateRevocationListParams {
+        this_update: date_time_ymd(2020, 1, 1),
+        next_update: date_time_ymd(2100, 1, 1),
+        crl_number: SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs: vec![RevokedCertParams {
+            serial_number: SerialNumber::from(77u64),
+            revocation_time: date_time_ymd(2021, 1, 1),
+            reason_code: None,
+            invalidity_date: None,
+        }],
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(&ca.issuer)
+    .expect("crl");
+    let ca_file = write(d, "ca.pem", &ca.pem);
+    let crl_file = write(d, "crl.pem", &crl.pem().expect("crl pem"));
+    let cert_file = write(d, "server.pem", &server_cert);
+    let key_file = write(d, "server-key.pem", &server_key);
+    let good_c = write(d, "good.pem", &good_cert);
+    let good_k = write(d, "good-key.pem", &good_key);
+    let revoked_c = write(d, "revoked.pem", &revoked_cert.pem());
+    let revoked_k = write(d, "revoked-key.pem", &revoked_key.serialize_pem());
+
+    let port = free_port();
+    let url = format!("https://127.0.0.1:{port}");
+    let peer = format!("http://127.0.0.1:{}", free_port());
+    let _server = Server(
+        Command::new(env!("CARGO_BIN_EXE_metastore"))
+            .args(["--name", "v", "--data-dir"])
+            .arg(d.join("data"))
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("v={peer}")])
+            .args(["--cert-file", cert_file.to_str().expect("utf-8")])
+            .args(["--key-file", key_file.to_str().expect("utf-8")])
+            .args(["--trusted-ca-file", ca_file.to_str().expect("utf-8")])
+            .args(["--client-crl-file", crl_file.to_str().expect("utf-8")])
+            .args(["--tls-max-version", "TLS1.2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start metastore"),
+    );
+    let ca_s = ca_file.to_str().expect("utf-8");
+    let as_good = [
+        "--cacert",
+        ca_s,
+        "--cert",
+        good_c.to_str().expect("utf-8"),
+        "--key",
+        good_k.to_str().expect("utf-8"),
+    ];
+    let health = format!("{url}/health");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !curl(&health, &as_good, None)
+        .1
+        .contains("\"health\":\"true\"")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "metastore over TLS did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // --tls-max-version TLS1.2: a client that insists on 1.3 gets no session.
+    let mut only_13 = as_good.to_vec();
+    only_13.push("--tlsv1.3");
+    assert!(!curl(&health, &only_13, None).0, "TLS 1.3 was offered");
+    let mut up_to_12 = as_good.to_vec();
+    up_to_12.extend(["--tls-max", "1.2"]);
+    assert!(curl(&health, &up_to_12, None)
+        .1
+        .contains("\"health\":\"true\""));
+    // The CRL revokes serial 77.
+    let as_revoked = [
+        "--cacert",
+        ca_s,
+        "--cert",
+        revoked_c.to_str().expect("utf-8"),
+        "--key",
+        revoked_k.to_str().expect("utf-8"),
+    ];
+    assert!(
+        !curl(&health, &as_revoked, None).0,
+        "a revoked certificate got in"
+    );
+}
