@@ -3,6 +3,7 @@
 
 pub mod config;
 mod identity;
+mod listen;
 pub mod logging;
 pub mod restore;
 pub mod tls;
@@ -410,47 +411,6 @@ fn members_source<E: Engine>(server: &Arc<EtcdServer<E>>) -> metastore_transport
     })
 }
 
-/// Serves the peer service on `addr` until `stop` turns true. Binds here, not in the task: a
-/// port that cannot be bound stops the member with an error.
-pub(crate) fn serve_peers(
-    (addr, https): (std::net::SocketAddr, bool),
-    cfg: &Config,
-    service: PeerService,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<tokio::task::JoinHandle<Result<(), ServerError>>, ServerError> {
-    let shutdown = async move {
-        let _ = stop.wait_for(|s| *s).await;
-    };
-    let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .add_service(service.into_server());
-    if https {
-        let tls = Arc::new(tls::Reloading::new(cfg.peer_tls.as_tls())?);
-        let listener = std::net::TcpListener::bind(addr)
-            .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .and_then(tokio::net::TcpListener::from_std)
-            .map_err(|e| ServerError::Bind(addr, e))?;
-        let incoming = tls::incoming(listener, tls, true);
-        tracing::info!(%addr, "ready to serve peer traffic over TLS");
-        return Ok(tokio::spawn(async move {
-            router
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await
-                .map_err(|e| ServerError::Serve(addr, e))
-        }));
-    }
-    let incoming = tonic::transport::server::TcpIncoming::bind(addr)
-        .map_err(|e| ServerError::Bind(addr, e))?
-        .with_nodelay(Some(true));
-    tracing::info!(%addr, "ready to serve peer traffic");
-    Ok(tokio::spawn(async move {
-        router
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await
-            .map_err(|e| ServerError::Serve(addr, e))
-    }))
-}
-
 /// How long listeners get to finish what is in flight when the member stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -459,8 +419,12 @@ pub async fn serve<E: Engine>(
     member: Member<E>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let listeners = member.config.client_listeners()?;
-    let tls = if listeners.iter().any(|(_, tls)| *tls) {
+    let tls = if member
+        .config
+        .client_listeners()?
+        .iter()
+        .any(|(_, tls)| *tls)
+    {
         Some(Arc::new(tls::Reloading::new(member.config.tls.clone())?))
     } else {
         None
@@ -484,7 +448,7 @@ pub async fn serve<E: Engine>(
                     Arc::new(move |id| store.upgrade().is_some_and(|s| s.is_removed(id)))
                 },
             );
-            peer_tasks.push(serve_peers(
+            peer_tasks.push(listen::serve_peers(
                 listener,
                 &member.config,
                 service,
@@ -516,75 +480,7 @@ pub async fn serve<E: Engine>(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "log replayed"
     );
-    let grpc = &member.config.grpc;
-    let builder = || {
-        let builder = tonic::transport::Server::builder()
-            // HTTP/1.1 beside h2 on the one port, as Go's server: curl, probes and scrapers.
-            .accept_http1(true)
-            .tcp_nodelay(grpc.tcp_nodelay)
-            .max_concurrent_streams(grpc.max_concurrent_streams)
-            .initial_stream_window_size(grpc.initial_stream_window_size)
-            .initial_connection_window_size(grpc.initial_connection_window_size)
-            .http2_keepalive_interval(Some(Duration::from_millis(grpc.keepalive_interval_ms)))
-            .http2_keepalive_timeout(Some(Duration::from_millis(grpc.keepalive_timeout_ms)));
-        builder.layer(tower::util::MapResponseLayer::new(
-            metastore_api::errors::grpc_go_size_error::<tonic::body::Body>,
-        ))
-    };
-    // The JSON gateway's way to the services: in memory, whatever the listeners speak.
-    let (gateway, gateway_conns) = metastore_api::gateway::in_process_channel();
-    {
-        let router = builder().add_routes(metastore_api::routes(
-            member.server.clone(),
-            gateway.clone(),
-        ));
-        let mut stop = stop_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            router
-                .serve_with_incoming_shutdown(gateway_conns, async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-                .map_err(|e| ServerError::Serve(([127, 0, 0, 1], 0).into(), e))
-        }));
-    }
-    for (addr, https) in listeners {
-        let routes = metastore_api::routes(member.server.clone(), gateway.clone());
-        let mut stop = stop_rx.clone();
-        let router = builder().add_routes(routes);
-        let shutdown = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        // Bind here, not inside the task: a port that cannot be bound must stop the member
-        // with an error, not leave it running and "ready" without a listener.
-        match &tls {
-            Some(tls) if https => {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| ServerError::Bind(addr, e))?;
-                let incoming = tls::incoming(listener, tls.clone(), grpc.tcp_nodelay);
-                tasks.push(tokio::spawn(async move {
-                    router
-                        .serve_with_incoming_shutdown(incoming, shutdown)
-                        .await
-                        .map_err(|e| ServerError::Serve(addr, e))
-                }));
-                tracing::info!(%addr, "ready to serve client requests over TLS");
-            }
-            _ => {
-                let incoming = tonic::transport::server::TcpIncoming::bind(addr)
-                    .map_err(|e| ServerError::Bind(addr, e))?
-                    .with_nodelay(Some(grpc.tcp_nodelay));
-                tasks.push(tokio::spawn(async move {
-                    router
-                        .serve_with_incoming_shutdown(incoming, shutdown)
-                        .await
-                        .map_err(|e| ServerError::Serve(addr, e))
-                }));
-                tracing::info!(%addr, "ready to serve client requests");
-            }
-        }
-    }
+    listen::serve_clients(&member, tls, &stop_rx, &mut tasks).await?;
     for addr in member.config.metrics_addrs()? {
         let routes =
             tonic::service::Routes::from(metastore_api::http::http_routes(member.server.clone()));

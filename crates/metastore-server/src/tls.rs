@@ -27,6 +27,12 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
+mod dial;
+mod peer;
+
+pub use dial::TlsDialer;
+pub use peer::{PeerTls, PeerTlsFlags};
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TlsError {
     #[error("TLS: reading {0}: {1}")]
@@ -54,91 +60,6 @@ pub struct ClientTls {
     /// `--peer-cert-allowed-cn`; set for the peer port only).
     #[serde(skip)]
     pub allowed_cn: String,
-}
-
-/// The peer-side TLS settings (etcd's `--peer-*` flags); TLS is on for `https://` peer URLs.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default, rename_all = "kebab-case")]
-pub struct PeerTls {
-    pub peer_cert_file: String,
-    pub peer_key_file: String,
-    /// CA that peers' certificates must chain to (makes them mandatory).
-    pub peer_trusted_ca_file: String,
-    /// etcd's `--peer-client-cert-auth`: peers must present a certificate.
-    pub peer_client_cert_auth: bool,
-    pub peer_cert_allowed_cn: String,
-    pub peer_crl_file: String,
-}
-
-/// The flags that set [`PeerTls`].
-#[derive(clap::Args, Debug, Default)]
-pub struct PeerTlsFlags {
-    /// Certificate served on `https://` peer URLs (and shown to peers when dialing them).
-    #[arg(long)]
-    pub peer_cert_file: Option<String>,
-    #[arg(long)]
-    pub peer_key_file: Option<String>,
-    /// CA that peers' certificates must chain to (makes them mandatory).
-    #[arg(long)]
-    pub peer_trusted_ca_file: Option<String>,
-    /// Require peers to present a certificate from the peer CA.
-    #[arg(long)]
-    pub peer_client_cert_auth: bool,
-    /// Only peers whose certificate has this common name are accepted.
-    #[arg(long)]
-    pub peer_cert_allowed_cn: Option<String>,
-    /// Revoked peer certificates (PEM CRL).
-    #[arg(long)]
-    pub peer_crl_file: Option<String>,
-}
-
-impl PeerTls {
-    pub fn apply(&mut self, flags: PeerTlsFlags) {
-        macro_rules! set {
-            ($($f:ident),*) => { $(if let Some(v) = flags.$f { self.$f = v; })* };
-        }
-        set!(
-            peer_cert_file,
-            peer_key_file,
-            peer_trusted_ca_file,
-            peer_cert_allowed_cn,
-            peer_crl_file
-        );
-        if flags.peer_client_cert_auth {
-            self.peer_client_cert_auth = true;
-        }
-    }
-
-    /// The same settings in the client port's shape (what the builders take).
-    pub fn as_tls(&self) -> ClientTls {
-        ClientTls {
-            cert_file: self.peer_cert_file.clone(),
-            key_file: self.peer_key_file.clone(),
-            trusted_ca_file: self.peer_trusted_ca_file.clone(),
-            client_cert_auth: self.peer_client_cert_auth,
-            client_crl_file: self.peer_crl_file.clone(),
-            allowed_cn: self.peer_cert_allowed_cn.clone(),
-            ..Default::default()
-        }
-    }
-
-    pub fn validate(&self, has_https_url: bool) -> Result<(), TlsError> {
-        let tls = self.as_tls();
-        if has_https_url && (tls.cert_file.is_empty() || tls.key_file.is_empty()) {
-            return Err(TlsError::Config(
-                "an https:// peer URL needs --peer-cert-file and --peer-key-file".into(),
-            ));
-        }
-        if tls.client_cert_auth && tls.trusted_ca_file.is_empty() {
-            return Err(TlsError::Config(
-                "--peer-client-cert-auth needs --peer-trusted-ca-file".into(),
-            ));
-        }
-        if has_https_url {
-            build(&tls)?;
-        }
-        Ok(())
-    }
 }
 
 /// The flags that set [`ClientTls`].
@@ -221,7 +142,7 @@ impl ClientTls {
     }
 }
 
-fn read(path: &str) -> Result<Vec<u8>, TlsError> {
+pub(crate) fn read(path: &str) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|e| TlsError::Read(path.into(), e.to_string()))
 }
 
@@ -245,7 +166,7 @@ fn version(name: &str, default: &'static SupportedProtocolVersion) -> Result<u8,
 }
 
 /// Builds the rustls configuration the settings describe.
-fn build(s: &ClientTls) -> Result<ServerConfig, TlsError> {
+pub(crate) fn build(s: &ClientTls) -> Result<ServerConfig, TlsError> {
     // rustls 0.23 marks ring's provider deprecated (no post-quantum key exchange); the
     // aws-lc-rs one needs cmake and minutes of C build on every fresh machine, for a client
     // port etcd's own clients reach with classic key exchange anyway.
@@ -506,117 +427,6 @@ pub fn incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
-}
-
-/// Dials other members' `https://` URLs: their client URLs (forwarded lease keep-alives and
-/// membership changes) with the client-side settings, their peer URLs with the peer ones;
-/// it trusts the trusted CA file and presents this member's own certificate, as etcd's
-/// members do towards each other. Files are read per dial, so a rotation
-/// is picked up by the next leader connection.
-pub struct TlsDialer {
-    pub settings: ClientTls,
-}
-
-impl TlsDialer {
-    fn client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
-        let s = &self.settings;
-        if s.trusted_ca_file.is_empty() {
-            return Err(TlsError::Config(
-                "reaching another member's https:// URL needs a trusted CA file (--trusted-ca-file, --peer-trusted-ca-file)".into(),
-            ));
-        }
-        let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(&read(&s.trusted_ca_file)?) {
-            let cert =
-                cert.map_err(|e| TlsError::Read(s.trusted_ca_file.clone().into(), e.to_string()))?;
-            roots
-                .add(cert)
-                .map_err(|e| TlsError::Read(s.trusted_ca_file.clone().into(), e.to_string()))?;
-        }
-        #[allow(deprecated)]
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Config(e.to_string()))?
-            .with_root_certificates(roots);
-        let certs = CertificateDer::pem_slice_iter(&read(&s.cert_file)?)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| TlsError::Read(s.cert_file.clone().into(), e.to_string()))?;
-        let key = PrivateKeyDer::from_pem_slice(&read(&s.key_file)?)
-            .map_err(|e| TlsError::Read(s.key_file.clone().into(), e.to_string()))?;
-        let mut config = builder
-            .with_client_auth_cert(certs, key)
-            .map_err(|e| TlsError::Config(e.to_string()))?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(config)
-    }
-}
-
-impl TlsDialer {
-    /// Connects TCP, then TLS, to the URI's host and port.
-    fn connector(
-        &self,
-    ) -> impl tower::Service<
-        tonic::codegen::http::Uri,
-        Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
-        Error = io::Error,
-        Future = impl std::future::Future<
-            Output = io::Result<
-                hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
-            >,
-        > + Send,
-    > + Send
-           + 'static {
-        let config = self.client_config().map(Arc::new);
-        tower::service_fn(move |uri: tonic::codegen::http::Uri| {
-            let config = config.clone();
-            async move {
-                let config = config.map_err(io::Error::other)?;
-                let host = uri
-                    .host()
-                    .unwrap_or_default()
-                    .trim_matches(['[', ']'])
-                    .to_string();
-                let port = uri.port_u16().unwrap_or(443);
-                let tcp = TcpStream::connect((host.as_str(), port)).await?;
-                let _ = tcp.set_nodelay(true);
-                let name =
-                    rustls::pki_types::ServerName::try_from(host).map_err(io::Error::other)?;
-                let tls = tokio_rustls::TlsConnector::from(config)
-                    .connect(name, tcp)
-                    .await?;
-                Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(tls))
-            }
-        })
-    }
-}
-
-impl metastore_api::forward::ClientDialer for TlsDialer {
-    fn dial(&self, endpoint: tonic::transport::Endpoint) -> tonic::transport::Channel {
-        if endpoint.uri().scheme_str() != Some("https") {
-            return endpoint.connect_lazy();
-        }
-        endpoint.connect_with_connector_lazy(self.connector())
-    }
-}
-
-impl metastore_transport::PeerDialer for TlsDialer {
-    fn connect(
-        &self,
-        endpoint: tonic::transport::Endpoint,
-    ) -> Pin<
-        Box<
-            dyn std::future::Future<
-                    Output = Result<tonic::transport::Channel, tonic::transport::Error>,
-                > + Send,
-        >,
-    > {
-        if endpoint.uri().scheme_str() != Some("https") {
-            return Box::pin(async move { endpoint.connect().await });
-        }
-        let connector = self.connector();
-        Box::pin(async move { endpoint.connect_with_connector(connector).await })
-    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 
 use crate::config::Config;
 use crate::identity::identity;
-use crate::{bootstrap_of, member_dir, serve_peers, ServerError};
+use crate::listen::serve_peers;
+use crate::{bootstrap_of, member_dir, ServerError};
 use metastore_raft::witness::WitnessLog;
 use metastore_raft::RaftNode;
 use metastore_transport::{
