@@ -61,6 +61,31 @@ impl Drop for Server {
     }
 }
 
+/// `metastore` as member `name` (data in `d/name`, log in `d/name.log`) serving `client` and
+/// `peer` in a cluster of `initial`; the caller adds the TLS flags.
+fn metastore(d: &Path, name: &str, client: &str, peer: &str, initial: &str) -> Command {
+    let log = std::fs::File::create(d.join(format!("{name}.log"))).expect("log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_metastore"));
+    cmd.args(["--name", name, "--data-dir"])
+        .arg(d.join(name))
+        .args([
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+        ])
+        .args([
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+        ])
+        .args(["--initial-cluster", initial])
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log));
+    cmd
+}
+
 fn etcdctl(endpoint: &str, tls: &[&str], args: &[&str]) -> Output {
     Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
@@ -117,30 +142,12 @@ fn etcdctl_over_tls_with_client_certificates_and_rotation() {
     let port = free_port();
     let url = format!("https://127.0.0.1:{port}");
     let peer = format!("http://127.0.0.1:{}", free_port());
-    let data = d.join("data");
-    let log = std::fs::File::create(d.join("metastore.log")).expect("log");
     let _server = Server(
-        Command::new(env!("CARGO_BIN_EXE_metastore"))
-            .args(["--name", "t", "--data-dir", data.to_str().expect("utf-8")])
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("t={peer}")])
+        metastore(d, "t", &url, &peer, &format!("t={peer}"))
             .args(["--cert-file", cert_file.to_str().expect("utf-8")])
             .args(["--key-file", key_file.to_str().expect("utf-8")])
             .args(["--trusted-ca-file", ca_file.to_str().expect("utf-8")])
             .arg("--client-cert-auth")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
             .spawn()
             .expect("start metastore"),
     );
@@ -162,7 +169,7 @@ fn etcdctl_over_tls_with_client_certificates_and_rotation() {
         assert!(
             Instant::now() < deadline,
             "metastore over TLS did not come up: {}",
-            std::fs::read_to_string(d.join("metastore.log")).unwrap_or_default()
+            std::fs::read_to_string(d.join("t.log")).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -331,25 +338,11 @@ fn a_tls_cluster_forwards_keep_alives_to_its_leader_over_tls() {
         .enumerate()
         .map(|(i, name)| {
             let url = format!("https://127.0.0.1:{}", clients[i]);
-            let log = std::fs::File::create(d.join(format!("{name}.log"))).expect("log");
             Server(
-                Command::new(env!("CARGO_BIN_EXE_metastore"))
-                    .args(["--name", name, "--data-dir"])
-                    .arg(d.join(name))
-                    .args([
-                        "--listen-client-urls",
-                        &url,
-                        "--advertise-client-urls",
-                        &url,
-                    ])
-                    .args(["--listen-peer-urls", &peers[i]])
-                    .args(["--initial-advertise-peer-urls", &peers[i]])
-                    .args(["--initial-cluster", &initial])
+                metastore(d, name, &url, &peers[i], &initial)
                     .args(["--cert-file", cert_file.to_str().expect("utf-8")])
                     .args(["--key-file", key_file.to_str().expect("utf-8")])
                     .args(["--trusted-ca-file", ca_file.to_str().expect("utf-8")])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::from(log))
                     .spawn()
                     .expect("start metastore"),
             )
@@ -428,23 +421,13 @@ fn members_talk_over_tls_and_refuse_a_peer_certificate_with_another_name() {
         .iter()
         .enumerate()
         .map(|(i, name)| {
-            let log = std::fs::File::create(d.join(format!("{name}.log"))).expect("log");
             Server(
-                Command::new(env!("CARGO_BIN_EXE_metastore"))
-                    .args(["--name", name, "--data-dir"])
-                    .arg(d.join(name))
-                    .args(["--listen-client-urls", &clients[i]])
-                    .args(["--advertise-client-urls", &clients[i]])
-                    .args(["--listen-peer-urls", &peers[i]])
-                    .args(["--initial-advertise-peer-urls", &peers[i]])
-                    .args(["--initial-cluster", &initial])
+                metastore(d, name, &clients[i], &peers[i], &initial)
                     .args(["--peer-cert-file", cert_file.to_str().expect("utf-8")])
                     .args(["--peer-key-file", key_file.to_str().expect("utf-8")])
                     .args(["--peer-trusted-ca-file", ca_file.to_str().expect("utf-8")])
                     .arg("--peer-client-cert-auth")
                     .args(["--peer-cert-allowed-cn", "member"])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::from(log))
                     .spawn()
                     .expect("start metastore"),
             )
@@ -556,29 +539,12 @@ fn versions_and_revoked_client_certificates() {
     let url = format!("https://127.0.0.1:{port}");
     let peer = format!("http://127.0.0.1:{}", free_port());
     let _server = Server(
-        Command::new(env!("CARGO_BIN_EXE_metastore"))
-            .args(["--name", "v", "--data-dir"])
-            .arg(d.join("data"))
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("v={peer}")])
+        metastore(d, "v", &url, &peer, &format!("v={peer}"))
             .args(["--cert-file", cert_file.to_str().expect("utf-8")])
             .args(["--key-file", key_file.to_str().expect("utf-8")])
             .args(["--trusted-ca-file", ca_file.to_str().expect("utf-8")])
             .args(["--client-crl-file", crl_file.to_str().expect("utf-8")])
             .args(["--tls-max-version", "TLS1.2"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .expect("start metastore"),
     );
