@@ -4,7 +4,7 @@ use crate::results::Recorder;
 use anyhow::{anyhow, Context, Result};
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use metastore_batch::{BatchConfig, BatchProposer, Completer, ProposalSink};
+use metastore_batch::{BatchConfig, BatchProposer, Completer, ProposalRefused, ProposalSink};
 use metastore_codec::{decode_batch, decode_command, encode_batch, encode_command, Batch};
 use metastore_proto::etcdserverpb::PutRequest;
 use metastore_proto::internal::{command::Op, Command};
@@ -206,12 +206,14 @@ fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
 struct InstantSink(OnceLock<Completer<()>>);
 
 impl ProposalSink for InstantSink {
-    fn propose(&self, frame: Vec<u8>) -> BoxFuture<'static, Result<(), String>> {
-        let result = decode_batch(&frame).map_err(|e| e.to_string()).map(|b| {
-            if let Some(c) = self.0.get() {
-                c.complete(b.id, vec![(); b.commands.len()]);
-            }
-        });
+    fn propose(&self, frame: Vec<u8>) -> BoxFuture<'static, Result<(), ProposalRefused>> {
+        let result = decode_batch(&frame)
+            .map_err(|e| Arc::new(e) as ProposalRefused)
+            .map(|b| {
+                if let Some(c) = self.0.get() {
+                    c.complete(b.id, vec![(); b.commands.len()]);
+                }
+            });
         Box::pin(async move { result })
     }
 }
@@ -526,9 +528,13 @@ impl StateMachine for CountingMachine {
 struct RaftSink(RaftNode);
 
 impl ProposalSink for RaftSink {
-    fn propose(&self, frame: Vec<u8>) -> BoxFuture<'static, Result<(), String>> {
+    fn propose(&self, frame: Vec<u8>) -> BoxFuture<'static, Result<(), ProposalRefused>> {
         let node = self.0.clone();
-        Box::pin(async move { node.propose(frame).await.map_err(|e| e.to_string()) })
+        Box::pin(async move {
+            node.propose(frame)
+                .await
+                .map_err(|e| Arc::new(e) as ProposalRefused)
+        })
     }
 }
 

@@ -4,7 +4,7 @@
 
 use crate::CommandResult;
 use futures::future::BoxFuture;
-use metastore_batch::{Completer, ProposalSink};
+use metastore_batch::{Completer, ProposalRefused, ProposalSink};
 use metastore_codec::decode_batch_shared;
 use metastore_engine::Engine;
 use metastore_mvcc::Store;
@@ -328,9 +328,13 @@ fn member_change_of(
 pub struct RaftSink(pub RaftNode);
 
 impl ProposalSink for RaftSink {
-    fn propose(&self, frame: Vec<u8>) -> BoxFuture<'static, Result<(), String>> {
+    fn propose(&self, frame: Vec<u8>) -> BoxFuture<'static, Result<(), ProposalRefused>> {
         let node = self.0.clone();
-        Box::pin(async move { node.propose(frame).await.map_err(|e| e.to_string()) })
+        Box::pin(async move {
+            node.propose(frame)
+                .await
+                .map_err(|e| Arc::new(e) as ProposalRefused)
+        })
     }
 
     fn term(&self) -> u64 {

@@ -49,6 +49,11 @@ pub fn lease_ttl_too_large() -> Status {
 pub fn no_space() -> Status {
     Status::resource_exhausted("etcdserver: mvcc: database space exceeded")
 }
+/// etcd's `ErrGRPCTooManyRequests`: applying lags committing too far, or too many request
+/// bytes are queued for proposal.
+pub fn too_many_requests() -> Status {
+    Status::resource_exhausted("etcdserver: too many requests")
+}
 pub fn no_leader() -> Status {
     Status::unavailable("etcdserver: no leader")
 }
@@ -188,8 +193,11 @@ pub fn from_batch(e: BatchError) -> Status {
         BatchError::Timeout => timeout(),
         BatchError::Stopped => stopped(),
         BatchError::LeaderChanged => leader_changed(),
-        BatchError::Rejected(reason) if reason == RaftError::NoLeader.to_string() => no_leader(),
-        BatchError::Rejected(reason) => Status::unavailable(format!("etcdserver: {reason}")),
+        BatchError::TooManyRequests => too_many_requests(),
+        BatchError::Rejected(reason) => match reason.downcast_ref::<RaftError>() {
+            Some(RaftError::NoLeader) => no_leader(),
+            _ => Status::unavailable(format!("etcdserver: {reason}")),
+        },
     }
 }
 

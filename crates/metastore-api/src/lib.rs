@@ -59,9 +59,17 @@ pub struct Limits {
     /// Storage size above which writes that add data are refused and the NOSPACE alarm is
     /// raised (etcd's `--quota-backend-bytes`); 0 = the default.
     pub quota_backend_bytes: u64,
+    /// Bytes of responses queued for one watch stream (see `metastore_mvcc::WatchLimits`).
+    pub watch_stream_queue_bytes: usize,
+    /// Most watchers on one watch stream.
+    pub max_watchers_per_stream: usize,
 }
 
 /// etcd's default backend quota.
+/// etcd's `maxGapBetweenApplyAndCommitIndex`: how far committed may run ahead of applied
+/// before a member answers new requests with `etcdserver: too many requests`.
+pub const MAX_APPLY_LAG_ENTRIES: u64 = 5000;
+
 pub const DEFAULT_QUOTA_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 
 impl Default for Limits {
@@ -70,6 +78,8 @@ impl Default for Limits {
             max_request_bytes: 1536 * 1024,
             max_txn_ops: 128,
             quota_backend_bytes: DEFAULT_QUOTA_BYTES,
+            watch_stream_queue_bytes: metastore_mvcc::WatchLimits::default().stream_queue_bytes,
+            max_watchers_per_stream: metastore_mvcc::WatchLimits::default().watchers_per_stream,
         }
     }
 }
@@ -348,6 +358,13 @@ impl<E: Engine> EtcdServer<E> {
             }),
         });
         server.store.auth().set_token_ttl(services.auth.token_ttl);
+        server
+            .store
+            .watch_hub()
+            .set_limits(metastore_mvcc::WatchLimits {
+                stream_queue_bytes: server.limits.watch_stream_queue_bytes,
+                watchers_per_stream: server.limits.max_watchers_per_stream,
+            });
         membership::spawn_learner_flag(&server);
         lease::spawn_lease_clock(Arc::downgrade(&server), services.election_timeout);
         cluster_version::spawn_cluster_version_monitor(Arc::downgrade(&server));
@@ -368,12 +385,21 @@ impl<E: Engine> EtcdServer<E> {
         auth: Option<metastore_proto::internal::AuthHeader>,
     ) -> Result<ApplyResponse, Status> {
         let cmd = Command { auth, op: Some(op) };
-        if cmd.encoded_len() > self.limits.max_request_bytes {
+        let encoded_len = cmd.encoded_len();
+        if encoded_len > self.limits.max_request_bytes {
             return Err(errors::request_too_large());
+        }
+        // etcd's admission check: a member whose applying lags its committing this far takes
+        // no more work until it has caught up.
+        let raft = self.raft.status();
+        if raft.commit_index > raft.applied_index + MAX_APPLY_LAG_ENTRIES {
+            metrics::counter!("metastore_requests_refused_total", "reason" => "apply_lag")
+                .increment(1);
+            return Err(errors::too_many_requests());
         }
         if metastore_mvcc::adds_data(&cmd) {
             let quota = self.limits.quota_bytes();
-            let size = self.store.engine().size_bytes() + cmd.encoded_len() as u64;
+            let size = self.store.engine().size_bytes() + encoded_len as u64;
             // etcd: available while size + cost < quota.
             if size >= quota {
                 if !self.store.is_space_capped() {
@@ -402,7 +428,7 @@ impl<E: Engine> EtcdServer<E> {
         }
         let result = self
             .proposer
-            .submit(cmd)
+            .submit_encoded(cmd, encoded_len)
             .await
             .map_err(errors::from_batch)?;
         result.map_err(errors::from_mvcc)

@@ -41,8 +41,10 @@ impl<E: Engine> Watch for Svc<E> {
         let mut inbound = request.into_inner();
         let server = self.0.clone();
         let (stream_id, rx) = server.store.open_watch_stream();
+        let room = rx.room();
         let opts: Opts = Arc::default();
-        let (out_tx, out_rx) = mpsc::channel::<Result<WatchResponse, Status>>(64);
+        // Small: the hub's queue before it is bounded by bytes; this one only decouples.
+        let (out_tx, out_rx) = mpsc::channel::<Result<WatchResponse, Status>>(8);
 
         // Requests: create, cancel, progress. The stream ends when the client's side does.
         let recv = {
@@ -50,7 +52,19 @@ impl<E: Engine> Watch for Svc<E> {
             let opts = opts.clone();
             let refusals = out_tx.clone();
             tokio::spawn(async move {
-                while let Ok(Some(req)) = inbound.message().await {
+                loop {
+                    // A client that sends requests without reading their answers is not read
+                    // either once its answers fill the stream's queue (h2 flow control then
+                    // holds it back), so it cannot grow the server's memory.
+                    room.wait().await;
+                    let req = match inbound.message().await {
+                        Ok(Some(req)) => req,
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "watch stream's requests ended");
+                            break;
+                        }
+                    };
                     match req.request_union {
                         Some(RequestUnion::CreateRequest(c)) => {
                             let key = if c.key.is_empty() {

@@ -15,16 +15,24 @@ use parking_lot::Mutex;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a sink refused a proposal, as the sink's own typed error: the caller downcasts it to
+/// tell its causes apart (a raft node's "no leader" from a stopped node).
+pub type ProposalRefused = Arc<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BatchError {
-    /// The proposal was refused (e.g. no leader); the message comes from the sink.
+    /// The proposal was refused (e.g. no leader); the sink's error is the source.
     #[error("{0}")]
-    Rejected(String),
+    Rejected(#[source] ProposalRefused),
+    /// More request bytes are queued for proposal than `max_queued_bytes` allows: the request
+    /// is refused at once instead of growing the queue (etcd's `ErrTooManyRequests`).
+    #[error("too many requests")]
+    TooManyRequests,
     #[error("request timed out")]
     Timeout,
     #[error("batch proposer stopped")]
@@ -38,7 +46,7 @@ pub enum BatchError {
 /// Where encoded batches go: the raft node.
 pub trait ProposalSink: Send + Sync + 'static {
     /// Proposes one frame. Resolves once it is in the log (not when committed).
-    fn propose(&self, frame: Vec<u8>) -> BoxFuture<'static, Result<(), String>>;
+    fn propose(&self, frame: Vec<u8>) -> BoxFuture<'static, Result<(), ProposalRefused>>;
 
     /// The raft term a proposal made now belongs to, so that its waiters can be failed at
     /// once when that term ends (`Completer::fail_stale`). 0 for sinks without terms.
@@ -56,6 +64,10 @@ pub struct BatchConfig {
     pub max_batch_bytes: usize,
     /// Batches proposed but not yet applied; more arrivals wait and join the next batch.
     pub max_inflight_batches: usize,
+    /// Most bytes of requests waiting to be taken into a batch (each counted as its encoded
+    /// size plus a fixed per-request overhead). A request that would pass it is refused with
+    /// `TooManyRequests`; one alone in an empty queue is always taken.
+    pub max_queued_bytes: usize,
     /// Commands of a batch applied (and visible to readers) before their requests are answered,
     /// while the rest of the batch is still being applied. Over an engine that persists writes
     /// on its own (RocksDB) a batch is always answered whole.
@@ -72,6 +84,7 @@ impl Default for BatchConfig {
             max_batch_count: 1024,
             max_batch_bytes: 4 * 1024 * 1024,
             max_inflight_batches: 2,
+            max_queued_bytes: 128 * 1024 * 1024,
             apply_part_len: 32,
             request_timeout: Duration::from_secs(7),
             codec: CodecOptions::default(),
@@ -91,6 +104,18 @@ mod millis {
 }
 
 type Reply<R> = oneshot::Sender<Result<R, BatchError>>;
+
+/// A request waiting for a batch: its command, what it counts against `max_queued_bytes`,
+/// and where its answer goes.
+struct Queued<R> {
+    cmd: Command,
+    cost: usize,
+    reply: Reply<R>,
+}
+
+/// What a queued request costs beyond its encoded bytes (the command's allocations, its reply
+/// channel, the queue node), so that a flood of tiny requests is bounded too.
+pub const QUEUED_REQUEST_OVERHEAD: usize = 256;
 
 struct InFlight<R> {
     replies: Vec<Reply<R>>,
@@ -184,6 +209,8 @@ pub struct BatchStats {
     pub commands: AtomicU64,
     /// Requests submitted and not answered yet (etcd's `proposals_pending`).
     pub pending: AtomicI64,
+    /// Bytes of requests queued and not yet taken into a batch (see `max_queued_bytes`).
+    pub queued_bytes: AtomicUsize,
 }
 
 /// Counts a request as pending for as long as it lives.
@@ -203,10 +230,11 @@ impl Drop for PendingGuard<'_> {
 }
 
 pub struct BatchProposer<R> {
-    tx: mpsc::UnboundedSender<(Command, Reply<R>)>,
+    tx: mpsc::UnboundedSender<Queued<R>>,
     completer: Completer<R>,
     stats: Arc<BatchStats>,
     timeout: Duration,
+    max_queued_bytes: usize,
 }
 
 impl<R: Send + 'static> BatchProposer<R> {
@@ -229,6 +257,7 @@ impl<R: Send + 'static> BatchProposer<R> {
         });
         let stats = Arc::new(BatchStats::default());
         let timeout = config.request_timeout;
+        let max_queued_bytes = config.max_queued_bytes;
         let ids = BatchIds::new(member_id);
         tokio::spawn(run(config, sink, rx, waiters.clone(), stats.clone(), ids));
         Self {
@@ -236,16 +265,32 @@ impl<R: Send + 'static> BatchProposer<R> {
             completer: Completer { waiters },
             stats,
             timeout,
+            max_queued_bytes,
         }
     }
 
     /// Submits one command and waits for its applied result.
     pub async fn submit(&self, cmd: Command) -> Result<R, BatchError> {
+        let len = cmd.encoded_len();
+        self.submit_encoded(cmd, len).await
+    }
+
+    /// `submit` for a caller that already knows the command's encoded length.
+    pub async fn submit_encoded(&self, cmd: Command, encoded_len: usize) -> Result<R, BatchError> {
+        let cost = encoded_len + QUEUED_REQUEST_OVERHEAD;
+        let before = self.stats.queued_bytes.fetch_add(cost, Ordering::Relaxed);
+        if before > 0 && before + cost > self.max_queued_bytes {
+            self.stats.queued_bytes.fetch_sub(cost, Ordering::Relaxed);
+            metrics::counter!("metastore_requests_refused_total", "reason" => "too_many_requests")
+                .increment(1);
+            return Err(BatchError::TooManyRequests);
+        }
         let _pending = PendingGuard::new(&self.stats.pending);
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send((cmd, reply))
-            .map_err(|_| BatchError::Stopped)?;
+        if self.tx.send(Queued { cmd, cost, reply }).is_err() {
+            self.stats.queued_bytes.fetch_sub(cost, Ordering::Relaxed);
+            return Err(BatchError::Stopped);
+        }
         let result = match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(BatchError::Stopped),
@@ -271,18 +316,21 @@ impl<R: Send + 'static> BatchProposer<R> {
 async fn run<R: Send + 'static>(
     config: BatchConfig,
     sink: Arc<dyn ProposalSink>,
-    mut rx: mpsc::UnboundedReceiver<(Command, Reply<R>)>,
+    mut rx: mpsc::UnboundedReceiver<Queued<R>>,
     waiters: Arc<Waiters<R>>,
     stats: Arc<BatchStats>,
     mut ids: BatchIds,
 ) {
     let slots = Arc::new(Semaphore::new(config.max_inflight_batches.max(1)));
-    let mut carry: Option<(Command, Reply<R>)> = None;
+    let mut carry: Option<Queued<R>> = None;
     loop {
         let first = match carry.take() {
             Some(c) => c,
             None => match rx.recv().await {
-                Some(c) => c,
+                Some(c) => {
+                    stats.queued_bytes.fetch_sub(c.cost, Ordering::Relaxed);
+                    c
+                }
                 None => return,
             },
         };
@@ -297,20 +345,21 @@ async fn run<R: Send + 'static>(
                 Err(_) => expire(&waiters, config.request_timeout),
             }
         };
-        let mut bytes = first.0.encoded_len();
-        let mut commands = vec![first.0];
-        let mut replies = vec![first.1];
+        let mut bytes = first.cost - QUEUED_REQUEST_OVERHEAD;
+        let mut commands = vec![first.cmd];
+        let mut replies = vec![first.reply];
         while commands.len() < config.max_batch_count {
             match rx.try_recv() {
-                Ok((cmd, reply)) => {
-                    let len = cmd.encoded_len();
+                Ok(next) => {
+                    stats.queued_bytes.fetch_sub(next.cost, Ordering::Relaxed);
+                    let len = next.cost - QUEUED_REQUEST_OVERHEAD;
                     if bytes + len > config.max_batch_bytes {
-                        carry = Some((cmd, reply));
+                        carry = Some(next);
                         break;
                     }
                     bytes += len;
-                    commands.push(cmd);
-                    replies.push(reply);
+                    commands.push(next.cmd);
+                    replies.push(next.reply);
                 }
                 Err(_) => break,
             }
@@ -385,289 +434,4 @@ fn expire<R>(waiters: &Waiters<R>, older_than: Duration) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use metastore_codec::{decode_batch, Op};
-    use metastore_proto::etcdserverpb::CompactionRequest;
-    use std::sync::atomic::AtomicUsize;
-
-    /// A sink that "applies" every proposal after a delay, like a raft node with an fsync.
-    struct EchoSink {
-        completer: Mutex<Option<Completer<usize>>>,
-        sizes: Mutex<Vec<usize>>,
-        delay: Duration,
-        proposals: AtomicUsize,
-    }
-
-    impl ProposalSink for Arc<EchoSink> {
-        fn propose(&self, frame: Vec<u8>) -> BoxFuture<'static, Result<(), String>> {
-            let me = self.clone();
-            Box::pin(async move {
-                me.proposals.fetch_add(1, Ordering::SeqCst);
-                let batch = decode_batch(&frame).map_err(|e| e.to_string())?;
-                me.sizes.lock().push(batch.commands.len());
-                let completer = me.completer.lock().clone().ok_or("no completer")?;
-                let delay = me.delay;
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let results = batch
-                        .commands
-                        .iter()
-                        .map(|c| match &c.op {
-                            Some(Op::Compaction(r)) => r.revision as usize,
-                            _ => 0,
-                        })
-                        .collect();
-                    completer.complete(batch.id, results);
-                });
-                Ok(())
-            })
-        }
-    }
-
-    fn cmd(n: i64) -> Command {
-        Command {
-            auth: None,
-            op: Some(Op::Compaction(CompactionRequest {
-                revision: n,
-                physical: false,
-            })),
-        }
-    }
-
-    fn setup(delay: Duration, config: BatchConfig) -> (Arc<BatchProposer<usize>>, Arc<EchoSink>) {
-        let sink = Arc::new(EchoSink {
-            completer: Mutex::new(None),
-            sizes: Mutex::new(Vec::new()),
-            delay,
-            proposals: AtomicUsize::new(0),
-        });
-        let proposer = BatchProposer::start(config, Arc::new(sink.clone()));
-        *sink.completer.lock() = Some(proposer.completer());
-        (Arc::new(proposer), sink)
-    }
-
-    #[tokio::test]
-    async fn lone_request_is_proposed_alone_and_answered() {
-        let (p, sink) = setup(Duration::ZERO, BatchConfig::default());
-        assert_eq!(p.submit(cmd(42)).await, Ok(42));
-        assert_eq!(*sink.sizes.lock(), vec![1]);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_requests_coalesce_and_each_gets_its_own_result() {
-        let (p, sink) = setup(Duration::from_millis(5), BatchConfig::default());
-        let tasks: Vec<_> = (0..256)
-            .map(|i| {
-                let p = p.clone();
-                tokio::spawn(async move { (i, p.submit(cmd(i)).await) })
-            })
-            .collect();
-        for t in tasks {
-            let (i, r) = t.await.expect("join");
-            assert_eq!(r, Ok(i as usize));
-        }
-        let sizes = sink.sizes.lock().clone();
-        assert_eq!(sizes.iter().sum::<usize>(), 256);
-        // With a slow "apply", most requests must have shared a batch.
-        assert!(sizes.len() < 128, "batches: {sizes:?}");
-    }
-
-    #[tokio::test]
-    async fn batches_respect_count_cap() {
-        let config = BatchConfig {
-            max_batch_count: 10,
-            max_inflight_batches: 1,
-            ..Default::default()
-        };
-        let (p, sink) = setup(Duration::from_millis(2), config);
-        let tasks: Vec<_> = (0..100)
-            .map(|i| {
-                let p = p.clone();
-                tokio::spawn(async move { p.submit(cmd(i)).await })
-            })
-            .collect();
-        for t in tasks {
-            t.await.expect("join").expect("ok");
-        }
-        assert!(sink.sizes.lock().iter().all(|&n| n <= 10));
-    }
-
-    struct RefusingSink;
-    impl ProposalSink for RefusingSink {
-        fn propose(&self, _frame: Vec<u8>) -> BoxFuture<'static, Result<(), String>> {
-            Box::pin(async { Err("no leader".to_string()) })
-        }
-    }
-
-    #[tokio::test]
-    async fn refused_proposals_fail_their_requests() {
-        let p: BatchProposer<usize> =
-            BatchProposer::start(BatchConfig::default(), Arc::new(RefusingSink));
-        assert_eq!(
-            p.submit(cmd(1)).await,
-            Err(BatchError::Rejected("no leader".into()))
-        );
-    }
-
-    struct BlackHole;
-    impl ProposalSink for BlackHole {
-        fn propose(&self, _frame: Vec<u8>) -> BoxFuture<'static, Result<(), String>> {
-            Box::pin(async { Ok(()) })
-        }
-    }
-
-    #[tokio::test]
-    async fn never_applied_requests_time_out() {
-        let config = BatchConfig {
-            request_timeout: Duration::from_millis(50),
-            max_inflight_batches: 1,
-            ..Default::default()
-        };
-        let p: Arc<BatchProposer<usize>> =
-            Arc::new(BatchProposer::start(config, Arc::new(BlackHole)));
-        assert_eq!(p.submit(cmd(1)).await, Err(BatchError::Timeout));
-        // The lost batch's slot is reclaimed: later requests are proposed (and time out) too
-        // instead of hanging forever.
-        assert_eq!(p.submit(cmd(2)).await, Err(BatchError::Timeout));
-    }
-
-    /// A black hole that says which term each proposal belongs to.
-    struct TermSink(AtomicU64);
-    impl ProposalSink for TermSink {
-        fn propose(&self, _frame: Vec<u8>) -> BoxFuture<'static, Result<(), String>> {
-            Box::pin(async { Ok(()) })
-        }
-        fn term(&self) -> u64 {
-            self.0.load(Ordering::SeqCst)
-        }
-    }
-
-    #[tokio::test]
-    async fn a_term_that_ends_fails_its_batches_at_once_and_frees_their_slots() {
-        let config = BatchConfig {
-            request_timeout: Duration::from_secs(60),
-            max_inflight_batches: 1,
-            ..Default::default()
-        };
-        let sink = Arc::new(TermSink(AtomicU64::new(3)));
-        let p: Arc<BatchProposer<usize>> = Arc::new(BatchProposer::start(config, sink.clone()));
-        let completer = p.completer();
-        let lost = {
-            let p = p.clone();
-            tokio::spawn(async move { p.submit(cmd(1)).await })
-        };
-        while completer.waiters.batches.lock().is_empty() {
-            tokio::task::yield_now().await;
-        }
-        // Still term 3 with a leader: nothing to fail.
-        completer.fail_stale(3, false);
-        assert_eq!(completer.waiters.batches.lock().len(), 1);
-        // Term 3 lost its leader: the batch fails now, not after 60 s.
-        completer.fail_stale(3, true);
-        let answer = tokio::time::timeout(Duration::from_secs(5), lost).await;
-        assert_eq!(
-            answer.expect("answered at once").expect("join"),
-            Err(BatchError::LeaderChanged)
-        );
-        // Its slot is free: the next request is proposed, in the new term, and a later
-        // change to term 5 fails it too.
-        sink.0.store(4, Ordering::SeqCst);
-        let next = {
-            let p = p.clone();
-            tokio::spawn(async move { p.submit(cmd(2)).await })
-        };
-        while completer.waiters.batches.lock().is_empty() {
-            tokio::task::yield_now().await;
-        }
-        completer.fail_stale(5, false);
-        assert_eq!(next.await.expect("join"), Err(BatchError::LeaderChanged));
-    }
-
-    #[test]
-    fn batch_ids_carry_the_member_and_count_below_it() {
-        let mut ids = BatchIds::new(0xabcd_1234_5678_9ef0);
-        let first = ids.next();
-        assert_eq!(first >> COUNTER_BITS, 0x9ef0);
-        let second = ids.next();
-        assert_eq!(second >> COUNTER_BITS, 0x9ef0);
-        assert_eq!((first + 1) & COUNTER_MASK, second & COUNTER_MASK);
-        ids.counter = COUNTER_MASK;
-        assert_eq!(
-            ids.next(),
-            0x9ef0 << COUNTER_BITS,
-            "the counter wraps inside its bits"
-        );
-    }
-
-    /// Keeps every proposed frame for the test to complete by hand.
-    #[derive(Default)]
-    struct Recorder(Mutex<Vec<Batch>>);
-    impl ProposalSink for Arc<Recorder> {
-        fn propose(&self, frame: Vec<u8>) -> BoxFuture<'static, Result<(), String>> {
-            let me = self.clone();
-            Box::pin(async move {
-                me.0.lock()
-                    .push(decode_batch(&frame).map_err(|e| e.to_string())?);
-                Ok(())
-            })
-        }
-    }
-
-    async fn proposed(recorder: &Recorder, n: usize) -> Batch {
-        loop {
-            if let Some(b) = recorder.0.lock().get(n) {
-                return b.clone();
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }
-
-    #[tokio::test]
-    async fn a_batch_answered_in_parts_resolves_each_part_in_order() {
-        let config = BatchConfig {
-            max_inflight_batches: 1,
-            ..Default::default()
-        };
-        let recorder = Arc::new(Recorder::default());
-        let p = Arc::new(BatchProposer::<usize>::start(
-            config,
-            Arc::new(recorder.clone()),
-        ));
-        let completer = p.completer();
-        // A first request holds the only slot, so the next four queue up and share a batch.
-        let plug = tokio::spawn({
-            let p = p.clone();
-            async move { p.submit(cmd(0)).await }
-        });
-        let first = proposed(&recorder, 0).await;
-        let waiting: Vec<_> = (1..=4)
-            .map(|i| {
-                let p = p.clone();
-                tokio::spawn(async move { p.submit(cmd(i)).await })
-            })
-            .collect();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        completer.complete(first.id, vec![100]);
-        assert_eq!(plug.await.expect("join"), Ok(100));
-        let batch = proposed(&recorder, 1).await;
-        assert_eq!(batch.commands.len(), 4);
-
-        completer.complete_part(batch.id, vec![101, 102], false);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let done: Vec<bool> = waiting.iter().map(|t| t.is_finished()).collect();
-        assert_eq!(done, vec![true, true, false, false]);
-        assert!(
-            completer.is_waiting(batch.id),
-            "the batch is still in flight"
-        );
-
-        completer.complete_part(batch.id, vec![103, 104], true);
-        assert!(!completer.is_waiting(batch.id));
-        let mut results = Vec::new();
-        for t in waiting {
-            results.push(t.await.expect("join"));
-        }
-        assert_eq!(results, vec![Ok(101), Ok(102), Ok(103), Ok(104)]);
-    }
-}
+mod tests;

@@ -22,7 +22,10 @@ pub use store::{
     adds_data, interrupted_install, is_auth_op, replace_engine_contents, ApplyResponse,
     ClusterVersion, KvHash, Store,
 };
-pub use watch::{StreamReceiver, WatchHub, WatchSpec, INVALID_WATCH_ID};
+pub use watch::{
+    StreamReceiver, StreamRoom, WatchHub, WatchLimits, WatchSpec, ERR_TOO_MANY_WATCHERS,
+    INVALID_WATCH_ID,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MvccError {

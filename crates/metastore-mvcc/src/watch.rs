@@ -6,8 +6,7 @@
 //! catches up later, so slow watchers neither block writes nor grow memory without bound.
 //!
 //! All messages of one stream (created, events, progress, canceled) travel in one channel, in
-//! the order the hub decided them under its lock; event messages are refused once the stream
-//! holds more than its limit, control messages never are.
+//! the order the hub decided them under its lock, bounded by bytes (`stream.rs`).
 
 use crate::keyindex::KeyRange;
 use bytes::Bytes;
@@ -16,8 +15,11 @@ use metastore_proto::mvccpb::{event::EventType, Event};
 use parking_lot::{Condvar, Mutex};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use tokio::sync::mpsc;
+
+mod catch_up;
+mod stream;
+use stream::{stream_queue, Delivery, StreamSink};
+pub use stream::{StreamReceiver, StreamRoom, WatchLimits};
 
 /// The watch id etcd uses for responses not tied to one watcher.
 pub const INVALID_WATCH_ID: i64 = -1;
@@ -25,55 +27,6 @@ pub const INVALID_WATCH_ID: i64 = -1;
 pub const ERR_DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
 pub const ERR_EMPTY_RANGE: &str = "mvcc: watcher range is empty";
 pub const ERR_COMPACTED: &str = "etcdserver: mvcc: required revision has been compacted";
-
-/// The receiving end of a watch stream.
-pub struct StreamReceiver {
-    rx: mpsc::UnboundedReceiver<WatchResponse>,
-    queued: Arc<AtomicUsize>,
-}
-
-impl StreamReceiver {
-    pub async fn recv(&mut self) -> Option<WatchResponse> {
-        let msg = self.rx.recv().await?;
-        if !msg.events.is_empty() {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
-        }
-        Some(msg)
-    }
-}
-
-#[derive(Clone)]
-struct StreamSink {
-    tx: mpsc::UnboundedSender<WatchResponse>,
-    queued: Arc<AtomicUsize>,
-    limit: usize,
-}
-
-enum Delivery {
-    Sent,
-    Full,
-    Closed,
-}
-
-impl StreamSink {
-    fn control(&self, msg: WatchResponse) {
-        let _ = self.tx.send(msg);
-    }
-
-    fn events(&self, msg: WatchResponse) -> Delivery {
-        if self.tx.is_closed() {
-            return Delivery::Closed;
-        }
-        if self.queued.load(Ordering::Acquire) >= self.limit {
-            return Delivery::Full;
-        }
-        self.queued.fetch_add(1, Ordering::AcqRel);
-        match self.tx.send(msg) {
-            Ok(()) => Delivery::Sent,
-            Err(_) => Delivery::Closed,
-        }
-    }
-}
 
 /// What a watcher asked for.
 #[derive(Clone, Debug, Default)]
@@ -157,12 +110,6 @@ impl Stream {
     }
 }
 
-impl StreamSink {
-    fn is_full(&self) -> bool {
-        self.queued.load(Ordering::Acquire) >= self.limit
-    }
-}
-
 /// Most revisions one catch-up round reads, as etcd syncs unsynced watchers in bounded steps.
 const MAX_REVISIONS_PER_ROUND: i64 = 1000;
 
@@ -178,6 +125,7 @@ struct Inner {
     unsynced: HashSet<u64>,
     /// Every revision up to this one has been handed to synced watchers.
     dispatched_rev: i64,
+    limits: WatchLimits,
 }
 
 impl Inner {
@@ -244,8 +192,12 @@ impl Inner {
     }
 }
 
-/// Per-stream limit of undelivered event responses before watchers drop to catch-up mode.
-pub const STREAM_EVENT_LIMIT: usize = 1024;
+/// Why a watcher over `WatchLimits::watchers_per_stream` is refused.
+pub const ERR_TOO_MANY_WATCHERS: &str = "mvcc: too many watchers on one watch stream";
+
+/// Bytes of events in one catch-up response: a revision is never split, so one revision larger
+/// than this goes alone.
+const CATCH_UP_MESSAGE_BYTES: usize = 1024 * 1024;
 
 pub struct WatchHub {
     inner: Mutex<Inner>,
@@ -294,27 +246,27 @@ impl WatchHub {
         self.watchers.load(Ordering::Acquire)
     }
 
+    /// The limits of streams opened from now on.
+    pub fn set_limits(&self, limits: WatchLimits) {
+        self.inner.lock().limits = limits;
+    }
+
     /// Opens a stream; returns its id and the receiving end.
     pub fn open_stream(&self) -> (u64, StreamReceiver) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
         let mut inner = self.inner.lock();
+        let (sink, rx) = stream_queue(inner.limits.stream_queue_bytes);
         inner.next_stream += 1;
         let id = inner.next_stream;
         inner.streams.insert(
             id,
             Stream {
-                sink: StreamSink {
-                    tx,
-                    queued: queued.clone(),
-                    limit: STREAM_EVENT_LIMIT,
-                },
+                sink,
                 next_auto_id: 0,
                 ids: HashMap::new(),
                 progress_pending: false,
             },
         );
-        (id, StreamReceiver { rx, queued })
+        (id, rx)
     }
 
     /// Closes a stream and all its watchers.
@@ -335,6 +287,7 @@ impl WatchHub {
     pub fn watch(&self, stream: u64, spec: WatchSpec, compact_rev: i64) -> Option<i64> {
         let mut inner = self.inner.lock();
         let rev = inner.dispatched_rev;
+        let max_watchers = inner.limits.watchers_per_stream;
         let s = inner.streams.get_mut(&stream)?;
         let refuse = |s: &Stream, reason: &str| {
             s.sink.control(WatchResponse {
@@ -352,6 +305,10 @@ impl WatchHub {
         }
         if matches!(KeyRange::new(&spec.key, &spec.range_end), KeyRange::Empty) {
             refuse(s, ERR_EMPTY_RANGE);
+            return None;
+        }
+        if s.ids.len() >= max_watchers {
+            refuse(s, ERR_TOO_MANY_WATCHERS);
             return None;
         }
         let watch_id = if spec.watch_id != 0 {
@@ -551,272 +508,7 @@ impl WatchHub {
             self.wake.notify_one();
         }
     }
-
-    /// One round of catch-up for unsynced watchers, reading history with `read`
-    /// (from, to inclusive) from the store. Waits up to `wait` when nobody is behind. Returns
-    /// false when some watcher is still behind (its stream was full, or a compaction raced the
-    /// read): the caller pauses briefly before the next round instead of spinning.
-    pub(crate) fn sync_round(
-        &self,
-        compact_rev: &dyn Fn() -> i64,
-        read: &dyn Fn(i64, i64) -> Option<History>,
-        wait: std::time::Duration,
-    ) -> bool {
-        // Pick the work under the lock.
-        let (from, to, compact) = {
-            let mut inner = self.inner.lock();
-            if inner.unsynced.is_empty() {
-                self.wake.wait_for(&mut inner, wait);
-                if inner.unsynced.is_empty() {
-                    return true;
-                }
-            }
-            let compact = compact_rev();
-            let to = inner.dispatched_rev;
-            // Watchers whose start was compacted away are canceled, as etcd does.
-            let lost: Vec<u64> = inner
-                .unsynced
-                .iter()
-                .filter(|h| inner.watchers.get(h).is_some_and(|w| w.next_rev < compact))
-                .copied()
-                .collect();
-            for h in lost {
-                if let Some(w) = inner.remove(h) {
-                    self.watchers.fetch_sub(1, Ordering::AcqRel);
-                    if let Some(s) = inner.streams.get(&w.stream) {
-                        s.sink.control(WatchResponse {
-                            header: header(to),
-                            watch_id: w.watch_id,
-                            compact_revision: compact,
-                            canceled: true,
-                            ..Default::default()
-                        });
-                    }
-                }
-            }
-            // Watchers whose stream is full cannot take anything now: they do not hold the
-            // read window back.
-            let from = inner
-                .unsynced
-                .iter()
-                .filter_map(|h| inner.watchers.get(h))
-                .filter(|w| {
-                    inner
-                        .streams
-                        .get(&w.stream)
-                        .is_some_and(|s| !s.sink.is_full())
-                })
-                .map(|w| w.next_rev)
-                .min();
-            match from {
-                None => return inner.unsynced.is_empty(),
-                Some(from) => (
-                    from,
-                    to.min(from.saturating_add(MAX_REVISIONS_PER_ROUND - 1)),
-                    compact,
-                ),
-            }
-        };
-        // Read without the lock: the apply loop keeps going meanwhile.
-        let history = if from <= to {
-            match read(from, to) {
-                Some(h) => h,
-                None => return false,
-            }
-        } else {
-            History { events: Vec::new() }
-        };
-        if compact_rev() != compact {
-            // A compaction ran during the read: what we read may have holes. Try again.
-            return false;
-        }
-        let mut inner = self.inner.lock();
-        let handles: Vec<u64> = inner.unsynced.iter().copied().collect();
-        let mut all_caught_up = true;
-        for h in handles {
-            let Some(w) = inner.watchers.get(&h) else {
-                continue;
-            };
-            if w.next_rev < from {
-                // Created while we read, further back than what we read: next round.
-                all_caught_up = false;
-                continue;
-            }
-            if w.next_rev > to + 1 {
-                // Future start revision: nothing to read yet.
-                if w.next_rev > inner.dispatched_rev {
-                    inner.unsynced.remove(&h);
-                    if let Some(w) = inner.watchers.get_mut(&h) {
-                        w.synced = true;
-                    }
-                    inner.index(h);
-                }
-                continue;
-            }
-            let Some(s) = inner.streams.get(&w.stream) else {
-                continue;
-            };
-            let mut next_rev = w.next_rev;
-            let mut delivered_all = true;
-            // Group by revision so one revision never spans two responses.
-            let mine: Vec<Event> = history
-                .events
-                .iter()
-                .filter(|e| w.wants(e))
-                .map(|e| w.shape(e))
-                .collect();
-            for chunk in chunk_by_revision(&mine, 1000) {
-                let last = chunk
-                    .last()
-                    .and_then(|e| e.kv.as_ref())
-                    .map(|kv| kv.mod_revision)
-                    .unwrap_or(to);
-                let msg = WatchResponse {
-                    header: header(to),
-                    watch_id: w.watch_id,
-                    events: chunk.to_vec(),
-                    ..Default::default()
-                };
-                match s.sink.events(msg) {
-                    Delivery::Sent => next_rev = last + 1,
-                    Delivery::Full | Delivery::Closed => {
-                        delivered_all = false;
-                        break;
-                    }
-                }
-            }
-            if delivered_all {
-                next_rev = to + 1;
-            }
-            let dispatched = inner.dispatched_rev;
-            if let Some(w) = inner.watchers.get_mut(&h) {
-                w.next_rev = next_rev;
-                if next_rev == dispatched + 1 {
-                    w.synced = true;
-                }
-            }
-            if next_rev == dispatched + 1 {
-                inner.unsynced.remove(&h);
-                inner.index(h);
-            } else {
-                all_caught_up = false;
-            }
-        }
-        let rev = inner.dispatched_rev;
-        let Inner {
-            streams, watchers, ..
-        } = &mut *inner;
-        for s in streams.values_mut() {
-            if s.progress_pending && s.all_synced(watchers) {
-                s.progress_pending = false;
-                s.sink.control(progress_response(rev));
-            }
-        }
-        all_caught_up
-    }
-}
-
-/// Splits events into chunks of about `max` events, never splitting one revision.
-fn chunk_by_revision(events: &[Event], max: usize) -> Vec<&[Event]> {
-    let rev_of = |e: &Event| e.kv.as_ref().map(|kv| kv.mod_revision).unwrap_or_default();
-    let mut out = Vec::new();
-    let mut start = 0;
-    while start < events.len() {
-        let mut end = (start + max).min(events.len());
-        while end < events.len() && rev_of(&events[end]) == rev_of(&events[end - 1]) {
-            end += 1;
-        }
-        out.push(&events[start..end]);
-        start = end;
-    }
-    out
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use metastore_proto::mvccpb::KeyValue;
-
-    fn put_event(key: &str, rev: i64) -> Event {
-        Event {
-            r#type: EventType::Put as i32,
-            kv: Some(KeyValue {
-                key: key.as_bytes().to_vec().into(),
-                mod_revision: rev,
-                create_revision: rev,
-                version: 1,
-                ..Default::default()
-            }),
-            prev_kv: None,
-        }
-    }
-
-    fn spec(key: &str, start: i64) -> WatchSpec {
-        WatchSpec {
-            key: key.as_bytes().to_vec().into(),
-            start_revision: start,
-            ..Default::default()
-        }
-    }
-
-    fn revisions(rx: &mut StreamReceiver) -> Vec<i64> {
-        let mut out = Vec::new();
-        while let Ok(msg) = rx.rx.try_recv() {
-            out.extend(
-                msg.events
-                    .iter()
-                    .filter_map(|e| e.kv.as_ref())
-                    .map(|kv| kv.mod_revision),
-            );
-        }
-        out
-    }
-
-    /// A watcher created while a catch-up round reads history, starting further back than that
-    /// read, must not be handed the partial history (it would silently skip revisions).
-    #[test]
-    fn watcher_created_during_a_catch_up_read_waits_for_the_next_round() {
-        let history: Vec<Event> = (2..=9).map(|r| put_event("k", r)).collect();
-        let hub = WatchHub::new(9);
-        let (stream, mut rx) = hub.open_stream();
-        hub.watch(stream, spec("k", 6), -1);
-        let late = std::cell::Cell::new(false);
-        let read = |from: i64, to: i64| {
-            if !late.replace(true) {
-                // A second watcher arrives, from revision 3, while history [6, 9] is read.
-                hub.watch(stream, spec("k", 3), -1);
-            }
-            Some(History {
-                events: history
-                    .iter()
-                    .filter(|e| {
-                        e.kv.as_ref()
-                            .is_some_and(|kv| (from..=to).contains(&kv.mod_revision))
-                    })
-                    .cloned()
-                    .collect(),
-            })
-        };
-        let caught_up = hub.sync_round(&|| -1, &read, std::time::Duration::ZERO);
-        assert!(!caught_up, "the late watcher is still behind");
-        assert!(hub.sync_round(&|| -1, &read, std::time::Duration::ZERO));
-        // First watcher: 6..=9; second: 3..=9 — all of it, from the second round.
-        let mut got = revisions(&mut rx);
-        got.sort_unstable();
-        assert_eq!(got, vec![3, 4, 5, 6, 6, 7, 7, 8, 8, 9, 9]);
-    }
-
-    #[test]
-    fn a_full_stream_drops_its_watcher_to_catch_up_instead_of_blocking() {
-        let hub = WatchHub::new(1);
-        let (stream, mut rx) = hub.open_stream();
-        hub.watch(stream, spec("k", 0), -1);
-        for rev in 2..(2 + STREAM_EVENT_LIMIT as i64 + 10) {
-            hub.dispatch(rev, Some(&[put_event("k", rev)]));
-        }
-        // The stream holds its limit; the rest waits in the store's history, not in memory.
-        let delivered = revisions(&mut rx);
-        assert_eq!(delivered.len(), STREAM_EVENT_LIMIT);
-        assert_eq!(hub.inner.lock().unsynced.len(), 1);
-    }
-}
+mod tests;

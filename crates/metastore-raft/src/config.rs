@@ -21,7 +21,8 @@ pub struct RaftConfig {
     pub max_committed_size_per_ready: u64,
     /// WAL segment size in bytes.
     pub wal_segment_size: u64,
-    /// fsync the WAL before acknowledging (never turn off outside benchmarks).
+    /// fsync the WAL before acknowledging. UNSAFE when false: a crash loses acknowledged
+    /// writes, which breaks the durability contract (benchmarks only; the server warns).
     pub wal_sync: bool,
     /// Zero-fill WAL segments in advance (see `metastore_wal::WalOptions::preallocate`).
     pub wal_preallocate: bool,

@@ -353,6 +353,10 @@ pub struct Flags {
     /// Maximum number of operations permitted in a transaction.
     #[arg(long)]
     pub max_txn_ops: Option<usize>,
+    /// Most bytes of write requests waiting to be proposed (each counted with 256 bytes of
+    /// overhead); more are answered "etcdserver: too many requests" (batch.max-queued-bytes).
+    #[arg(long)]
+    pub max_queued_request_bytes: Option<usize>,
     /// Storage size that raises the NOSPACE alarm (0 = default 2 GiB).
     #[arg(long)]
     pub quota_backend_bytes: Option<u64>,
@@ -426,6 +430,9 @@ impl Config {
         cfg.peer_tls.apply(flags.peer_tls);
         if let Some(v) = flags.max_request_bytes {
             cfg.limits.max_request_bytes = v;
+        }
+        if let Some(v) = flags.max_queued_request_bytes {
+            cfg.batch.max_queued_bytes = v;
         }
         if let Some(v) = flags.max_txn_ops {
             cfg.limits.max_txn_ops = v;

@@ -208,6 +208,12 @@ pub async fn start<E: Engine>(
     .share_durable(transport.durable_index_cell());
     let peer_versions = PeerVersions::default();
     let bootstrap = bootstrap_of(&identity);
+    if !cfg.raft.wal_sync {
+        tracing::warn!(
+            "raft.wal-sync is false: UNSAFE, the WAL is not fsynced before a write is \
+             acknowledged, so a crash or power loss can lose acknowledged writes (benchmarks only)"
+        );
+    }
     let raft = RaftNode::start(
         member_id,
         bootstrap,
