@@ -63,6 +63,8 @@ pub struct Limits {
     pub watch_stream_queue_bytes: usize,
     /// Most watchers on one watch stream.
     pub max_watchers_per_stream: usize,
+    /// Bytes of responses queued for all watch streams together.
+    pub watch_total_queue_bytes: usize,
 }
 
 /// etcd's default backend quota.
@@ -80,6 +82,7 @@ impl Default for Limits {
             quota_backend_bytes: DEFAULT_QUOTA_BYTES,
             watch_stream_queue_bytes: metastore_mvcc::WatchLimits::default().stream_queue_bytes,
             max_watchers_per_stream: metastore_mvcc::WatchLimits::default().watchers_per_stream,
+            watch_total_queue_bytes: metastore_mvcc::WatchLimits::default().total_queue_bytes,
         }
     }
 }
@@ -364,6 +367,7 @@ impl<E: Engine> EtcdServer<E> {
             .set_limits(metastore_mvcc::WatchLimits {
                 stream_queue_bytes: server.limits.watch_stream_queue_bytes,
                 watchers_per_stream: server.limits.max_watchers_per_stream,
+                total_queue_bytes: server.limits.watch_total_queue_bytes,
             });
         membership::spawn_learner_flag(&server);
         lease::spawn_lease_clock(Arc::downgrade(&server), services.election_timeout);

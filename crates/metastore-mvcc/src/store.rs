@@ -69,6 +69,9 @@ pub enum ApplyResponse {
 
 const ALARM_META_PREFIX: &[u8] = b"alarm/";
 
+/// About how many bytes of events one catch-up read for watchers holds at once.
+const HISTORY_READ_BYTES: usize = 4 * 1024 * 1024;
+
 fn alarm_meta_key(member: u64, alarm: i32) -> Vec<u8> {
     let mut k = ALARM_META_PREFIX.to_vec();
     k.extend_from_slice(&member.to_be_bytes());
@@ -425,7 +428,9 @@ impl<E: Engine> Store<E> {
             })
     }
 
-    /// Every event with a revision in `from..=to`, in order, each with its previous value.
+    /// Every event with a revision in `from..=to`, in order, each with its previous value;
+    /// stops after the revision that brings the values read past `HISTORY_READ_BYTES`
+    /// (`History::to` says where), so a catch-up round holds a bounded amount in memory.
     fn history(&self, from: i64, to: i64) -> Result<History> {
         let _gate = self.install_gate.read();
         let lo = rev_key(Revision { main: from, sub: 0 }, false);
@@ -437,10 +442,22 @@ impl<E: Engine> Store<E> {
             false,
         );
         let mut raw = Vec::new();
+        let mut bytes = 0;
+        let mut read_to = to;
+        let mut last_main = None;
         self.engine.scan(
             Space::Kv,
             (Bound::Included(&lo[..]), Bound::Excluded(&hi[..])),
             &mut |k, v| {
+                let main = parse_rev_key(k).map(|(r, _)| r.main);
+                if bytes >= HISTORY_READ_BYTES && main != last_main {
+                    // A revision is never cut in two: stop between revisions.
+                    read_to = last_main.unwrap_or(from - 1);
+                    return false;
+                }
+                last_main = main;
+                // Twice: the event may carry its previous value too.
+                bytes += 2 * v.len();
                 raw.push((k.len() == 17, v.clone()));
                 true
             },
@@ -467,7 +484,10 @@ impl<E: Engine> Store<E> {
                 prev_kv,
             });
         }
-        Ok(History { events })
+        Ok(History {
+            events,
+            to: read_to,
+        })
     }
 
     /// Applies the commands of one committed raft entry at `raft_index`. Entries at or below the

@@ -15,10 +15,11 @@ use metastore_proto::mvccpb::{event::EventType, Event};
 use parking_lot::{Condvar, Mutex};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 mod catch_up;
 mod stream;
-use stream::{stream_queue, Delivery, StreamSink};
+use stream::{stream_queue, Delivery, StreamSink, TotalQueued};
 pub use stream::{StreamReceiver, StreamRoom, WatchLimits};
 
 /// The watch id etcd uses for responses not tied to one watcher.
@@ -126,6 +127,8 @@ struct Inner {
     /// Every revision up to this one has been handed to synced watchers.
     dispatched_rev: i64,
     limits: WatchLimits,
+    /// Shared by the streams opened under the current limits.
+    total_queued: Option<Arc<TotalQueued>>,
 }
 
 impl Inner {
@@ -223,6 +226,8 @@ fn header(revision: i64) -> Option<ResponseHeader> {
 /// Events of the revisions from one catch-up read, for the catch-up loop.
 pub(crate) struct History {
     pub events: Vec<Event>,
+    /// The last revision read whole: a read bounded by bytes may stop before the one asked.
+    pub to: i64,
 }
 
 impl WatchHub {
@@ -248,13 +253,29 @@ impl WatchHub {
 
     /// The limits of streams opened from now on.
     pub fn set_limits(&self, limits: WatchLimits) {
-        self.inner.lock().limits = limits;
+        let mut inner = self.inner.lock();
+        inner.limits = limits;
+        inner.total_queued = None;
+    }
+
+    /// Bytes queued for every stream together.
+    pub fn queued_bytes(&self) -> usize {
+        self.inner
+            .lock()
+            .total_queued
+            .as_ref()
+            .map_or(0, |t| t.bytes())
     }
 
     /// Opens a stream; returns its id and the receiving end.
     pub fn open_stream(&self) -> (u64, StreamReceiver) {
         let mut inner = self.inner.lock();
-        let (sink, rx) = stream_queue(inner.limits.stream_queue_bytes);
+        let limits = inner.limits;
+        let total = inner
+            .total_queued
+            .get_or_insert_with(|| TotalQueued::new(limits.total_queue_bytes))
+            .clone();
+        let (sink, rx) = stream_queue(limits.stream_queue_bytes, total);
         inner.next_stream += 1;
         let id = inner.next_stream;
         inner.streams.insert(

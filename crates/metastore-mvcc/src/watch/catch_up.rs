@@ -75,8 +75,12 @@ impl WatchHub {
                 None => return false,
             }
         } else {
-            History { events: Vec::new() }
+            History {
+                events: Vec::new(),
+                to,
+            }
         };
+        let to = history.to.min(to);
         if compact_rev() != compact {
             // A compaction ran during the read: what we read may have holes. Try again.
             return false;

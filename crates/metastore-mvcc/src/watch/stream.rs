@@ -21,6 +21,10 @@ pub struct WatchLimits {
     pub stream_queue_bytes: usize,
     /// Most watchers on one stream; more are refused (created and canceled at once).
     pub watchers_per_stream: usize,
+    /// Bytes of responses queued for all streams together: past it, event messages are
+    /// refused on every stream that already holds one (its watchers catch up later), so many
+    /// slow streams cannot add up to more than this.
+    pub total_queue_bytes: usize,
 }
 
 impl Default for WatchLimits {
@@ -28,7 +32,28 @@ impl Default for WatchLimits {
         Self {
             stream_queue_bytes: 8 * 1024 * 1024,
             watchers_per_stream: 100_000,
+            total_queue_bytes: 256 * 1024 * 1024,
         }
+    }
+}
+
+/// What every stream's queue holds together, and how much that may be.
+#[derive(Debug)]
+pub(super) struct TotalQueued {
+    queued: AtomicUsize,
+    limit: usize,
+}
+
+impl TotalQueued {
+    pub(super) fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            queued: AtomicUsize::new(0),
+            limit,
+        })
+    }
+
+    pub(super) fn bytes(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
     }
 }
 
@@ -37,10 +62,17 @@ struct Room {
     queued: AtomicUsize,
     limit: usize,
     freed: Notify,
+    total: Arc<TotalQueued>,
 }
 
 impl Room {
+    fn take(&self, cost: usize) {
+        self.queued.fetch_add(cost, Ordering::AcqRel);
+        self.total.queued.fetch_add(cost, Ordering::AcqRel);
+    }
+
     fn release(&self, cost: usize) {
+        self.total.queued.fetch_sub(cost, Ordering::AcqRel);
         let before = self.queued.fetch_sub(cost, Ordering::AcqRel);
         if before >= self.limit {
             self.freed.notify_waiters();
@@ -109,12 +141,13 @@ pub(super) enum Delivery {
     Closed,
 }
 
-pub(super) fn stream_queue(limit: usize) -> (StreamSink, StreamReceiver) {
+pub(super) fn stream_queue(limit: usize, total: Arc<TotalQueued>) -> (StreamSink, StreamReceiver) {
     let (tx, rx) = mpsc::unbounded_channel();
     let room = Arc::new(Room {
         queued: AtomicUsize::new(0),
         limit,
         freed: Notify::new(),
+        total,
     });
     (
         StreamSink {
@@ -129,7 +162,7 @@ impl StreamSink {
     /// Queues a control message: never refused, but counted against the limit.
     pub(super) fn control(&self, msg: WatchResponse) {
         let cost = msg.encoded_len();
-        self.room.queued.fetch_add(cost, Ordering::AcqRel);
+        self.room.take(cost);
         if self.tx.send((msg, cost)).is_err() {
             self.room.release(cost);
         }
@@ -142,10 +175,11 @@ impl StreamSink {
         }
         let cost = msg.encoded_len();
         let queued = self.room.queued.load(Ordering::Acquire);
-        if queued > 0 && queued + cost > self.room.limit {
+        let total = self.room.total.bytes();
+        if queued > 0 && (queued + cost > self.room.limit || total + cost > self.room.total.limit) {
             return Delivery::Full;
         }
-        self.room.queued.fetch_add(cost, Ordering::AcqRel);
+        self.room.take(cost);
         match self.tx.send((msg, cost)) {
             Ok(()) => Delivery::Sent,
             Err(_) => {
@@ -155,7 +189,10 @@ impl StreamSink {
         }
     }
 
+    /// Whether no event message fits now (this stream's queue, or all of them together).
     pub(super) fn is_full(&self) -> bool {
-        self.room.queued.load(Ordering::Acquire) >= self.room.limit
+        let queued = self.room.queued.load(Ordering::Acquire);
+        queued >= self.room.limit
+            || (queued > 0 && self.room.total.bytes() >= self.room.total.limit)
     }
 }

@@ -60,6 +60,7 @@ fn watcher_created_during_a_catch_up_read_waits_for_the_next_round() {
                 })
                 .cloned()
                 .collect(),
+            to,
         })
     };
     let caught_up = hub.sync_round(&|| -1, &read, std::time::Duration::ZERO);
@@ -111,6 +112,7 @@ fn control_messages_count_against_the_limit_and_readers_wait_for_room() {
     hub.set_limits(WatchLimits {
         stream_queue_bytes: 1000,
         watchers_per_stream: 3,
+        ..WatchLimits::default()
     });
     let (stream, mut rx) = hub.open_stream();
     let room = rx.room();
@@ -166,4 +168,38 @@ fn catch_up_chunks_are_bounded_by_bytes_and_keep_revisions_whole() {
     let sizes: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
     assert_eq!(sizes, vec![3, 3]);
     assert_eq!(chunks.concat(), events);
+}
+
+#[test]
+fn many_slow_streams_together_stay_under_the_total_limit() {
+    let hub = WatchHub::new(1);
+    let per_message = event_message_bytes(2);
+    hub.set_limits(WatchLimits {
+        stream_queue_bytes: 1 << 20,
+        total_queue_bytes: 50 * per_message,
+        ..WatchLimits::default()
+    });
+    let mut receivers = Vec::new();
+    for _ in 0..10 {
+        let (stream, rx) = hub.open_stream();
+        hub.watch(stream, spec("k", 0), -1);
+        receivers.push(rx);
+    }
+    for rev in 2..200 {
+        hub.dispatch(rev, Some(&[put_event("k", rev)]));
+    }
+    // Each stream may take one message past the total, never more.
+    let created = receivers.len() * 20;
+    assert!(
+        hub.queued_bytes() <= 50 * per_message + 10 * per_message + created,
+        "{} queued",
+        hub.queued_bytes()
+    );
+    assert_eq!(hub.inner.lock().unsynced.len(), 10);
+    for rx in &mut receivers {
+        let got = revisions(rx);
+        // What a stream got is a gapless start of the history; the rest comes by catch-up.
+        assert_eq!(got, (2..2 + got.len() as i64).collect::<Vec<_>>());
+    }
+    assert_eq!(hub.queued_bytes(), 0);
 }
