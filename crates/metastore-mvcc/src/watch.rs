@@ -44,6 +44,7 @@ pub struct WatchSpec {
     pub filter_delete: bool,
 }
 
+#[derive(Clone)]
 struct Watcher {
     stream: u64,
     watch_id: i64,
@@ -198,9 +199,10 @@ impl Inner {
 /// Why a watcher over `WatchLimits::watchers_per_stream` is refused.
 pub const ERR_TOO_MANY_WATCHERS: &str = "mvcc: too many watchers on one watch stream";
 
-/// Bytes of events in one catch-up response: a revision is never split, so one revision larger
-/// than this goes alone.
+/// Bytes and events in one catch-up response, about: a revision is never split, so one
+/// revision larger than this goes alone.
 const CATCH_UP_MESSAGE_BYTES: usize = 1024 * 1024;
+const CATCH_UP_MESSAGE_EVENTS: usize = 1000;
 
 pub struct WatchHub {
     inner: Mutex<Inner>,

@@ -88,11 +88,12 @@ async fn a_client_sending_watch_requests_without_reading_is_held_back_not_buffer
         return;
     }
 
-    // Once the client reads, every request it sent is answered, and the event the other
-    // client wrote comes through as well.
+    // Once the client reads, the queued answers come, and the event the other client wrote.
+    // Progress requests made while a watcher is behind are answered once, when it has caught
+    // up (etcd defers them the same way), so there may be fewer answers than requests.
     let mut progress = 0u64;
     let mut events = 0;
-    while progress < sent || events == 0 {
+    while events == 0 {
         let resp = next(&mut stream).await;
         if resp.events().is_empty() {
             progress += 1;
@@ -100,10 +101,16 @@ async fn a_client_sending_watch_requests_without_reading_is_held_back_not_buffer
             events += resp.events().len();
         }
     }
-    assert_eq!(events, 1);
-    // And it is read again.
+    assert!(progress <= sent, "{progress} answers to {sent} requests");
+    // Drain what is left, then the stream is read and answered again.
+    while let Ok(Ok(Some(resp))) =
+        tokio::time::timeout(Duration::from_secs(1), stream.message()).await
+    {
+        assert!(resp.events().is_empty(), "only progress answers are left");
+    }
     stream.request_progress().await.unwrap();
-    assert!(next(&mut stream).await.events().is_empty());
+    let resp = next(&mut stream).await;
+    assert!(resp.events().is_empty() && !resp.canceled());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

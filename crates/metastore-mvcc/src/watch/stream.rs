@@ -55,6 +55,11 @@ impl TotalQueued {
     pub(super) fn bytes(&self) -> usize {
         self.queued.load(Ordering::Acquire)
     }
+
+    /// Bytes more that all streams together may take.
+    pub(super) fn room(&self) -> usize {
+        self.limit.saturating_sub(self.bytes())
+    }
 }
 
 /// What the queue holds and how much it may hold; shared by both ends.
@@ -189,10 +194,19 @@ impl StreamSink {
         }
     }
 
-    /// Whether no event message fits now (this stream's queue, or all of them together).
-    pub(super) fn is_full(&self) -> bool {
+    /// Bytes of event messages this stream can take now: the least of its own room and
+    /// everyone's; a stream holding nothing takes one message of any size.
+    pub(super) fn room_bytes(&self) -> usize {
         let queued = self.room.queued.load(Ordering::Acquire);
-        queued >= self.room.limit
-            || (queued > 0 && self.room.total.bytes() >= self.room.total.limit)
+        if queued == 0 {
+            return usize::MAX;
+        }
+        let own = self.room.limit.saturating_sub(queued);
+        let everyone = self
+            .room
+            .total
+            .limit
+            .saturating_sub(self.room.total.bytes());
+        own.min(everyone)
     }
 }

@@ -1,4 +1,3 @@
-use super::catch_up::chunk_by_revision;
 use super::*;
 use metastore_proto::mvccpb::KeyValue;
 
@@ -155,7 +154,7 @@ fn control_messages_count_against_the_limit_and_readers_wait_for_room() {
 }
 
 #[test]
-fn catch_up_chunks_are_bounded_by_bytes_and_keep_revisions_whole() {
+fn catch_up_messages_are_bounded_by_bytes_and_keep_revisions_whole() {
     let big = |rev: i64| {
         let mut e = put_event("k", rev);
         if let Some(kv) = e.kv.as_mut() {
@@ -163,11 +162,35 @@ fn catch_up_chunks_are_bounded_by_bytes_and_keep_revisions_whole() {
         }
         e
     };
-    let events = vec![big(2), big(2), big(2), big(3), big(4), big(5)];
-    let chunks = chunk_by_revision(&events, 1000, CATCH_UP_MESSAGE_BYTES);
-    let sizes: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
+    let history = vec![big(2), big(2), big(2), big(3), big(4), big(5)];
+    // Far behind: a round reads revisions 2..=1001 only.
+    let hub = WatchHub::new(6000);
+    let (stream, mut rx) = hub.open_stream();
+    hub.watch(stream, spec("k", 2), -1);
+    // A second watcher starting past this round's window keeps its start revision.
+    hub.watch(stream, spec("k", 5000), -1);
+    let read = |_: i64, to: i64| {
+        Some(History {
+            events: history.clone(),
+            to,
+        })
+    };
+    assert!(!hub.sync_round(&|| -1, &read, std::time::Duration::ZERO));
+    let mut sizes = Vec::new();
+    while let Some(msg) = rx.try_recv() {
+        if !msg.events.is_empty() {
+            sizes.push(msg.events.len());
+        }
+    }
     assert_eq!(sizes, vec![3, 3]);
-    assert_eq!(chunks.concat(), events);
+    let inner = hub.inner.lock();
+    let mut next: Vec<(i64, i64)> = inner
+        .watchers
+        .values()
+        .map(|w| (w.spec.start_revision, w.next_rev))
+        .collect();
+    next.sort_unstable();
+    assert_eq!(next, vec![(2, 1002), (5000, 5000)]);
 }
 
 #[test]
