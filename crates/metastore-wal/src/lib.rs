@@ -275,6 +275,17 @@ impl Wal {
             let is_last = i + 1 == nfiles;
             let data = fs::read(&path).map_err(io_err(&path))?;
             let parsed = parse_segment(&path, &data, is_last)?;
+            if !is_last && parsed.records.is_empty() {
+                // A segment is only left for the next one once it is full: an empty one
+                // before the last means its records are gone, and replaying around the hole
+                // would skip them silently.
+                return Err(WalError::Corrupt {
+                    path,
+                    offset: 0,
+                    reason: "a segment before the last holds no records (the log has a hole)"
+                        .into(),
+                });
+            }
             let mut size = data.len() as u64;
             if parsed.zero_tail {
                 size = parsed.valid_len;

@@ -430,3 +430,12 @@ fn write_failure_poisons_the_log() {
     let (_wal, recovered) = open_with(tmp.path(), 1);
     assert_eq!(recovered, vec![rec(0, 5, b"first")]);
 }
+
+#[test]
+fn an_emptied_segment_before_the_last_is_corrupt_not_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = twenty_records_in_segments_of(tmp.path(), 100);
+    assert!(files.len() >= 3);
+    fs::write(&files[1], b"").unwrap();
+    assert_eq!(corruption(tmp.path()), (files[1].clone(), 0));
+}
