@@ -120,6 +120,10 @@ pub fn from_mvcc(e: MvccError) -> Status {
         MvccError::LeaseExists => lease_exists(),
         MvccError::NoSpace => no_space(),
         MvccError::Auth(a) => from_auth(a),
+        // grpc-go's answer to a response over the server's send limit, which etcd clients get.
+        MvccError::ResponseTooLarge { size, limit } => Status::resource_exhausted(format!(
+            "grpc: trying to send message larger than max ({size} vs. {limit})"
+        )),
         MvccError::Engine(_)
         | MvccError::Corrupt(..)
         | MvccError::Downgrade { .. }

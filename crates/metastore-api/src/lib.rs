@@ -65,6 +65,9 @@ pub struct Limits {
     pub max_watchers_per_stream: usize,
     /// Bytes of responses queued for all watch streams together.
     pub watch_total_queue_bytes: usize,
+    /// Largest Range response: a range whose key-values pass it is refused as soon as they do,
+    /// with grpc-go's "trying to send message larger than max" (etcd's send limit is 2 GiB).
+    pub max_response_bytes: usize,
 }
 
 /// etcd's default backend quota.
@@ -83,6 +86,7 @@ impl Default for Limits {
             watch_stream_queue_bytes: metastore_mvcc::WatchLimits::default().stream_queue_bytes,
             max_watchers_per_stream: metastore_mvcc::WatchLimits::default().watchers_per_stream,
             watch_total_queue_bytes: metastore_mvcc::WatchLimits::default().total_queue_bytes,
+            max_response_bytes: i32::MAX as usize,
         }
     }
 }

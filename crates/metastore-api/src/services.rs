@@ -157,7 +157,11 @@ impl<E: Engine> Svc<E> {
     ) -> Result<RangeResponse, Status> {
         self.0.check_read(who, &req.key, &req.range_end)?;
         self.read_barrier(req.serializable).await?;
-        let mut resp = self.0.store.range(req).map_err(errors::from_mvcc)?;
+        let mut resp = self
+            .0
+            .store
+            .range_bounded(req, self.0.limits.max_response_bytes)
+            .map_err(errors::from_mvcc)?;
         self.0.recheck_revision(who)?;
         self.0.fill_header(&mut resp.header);
         Ok(resp)

@@ -56,6 +56,9 @@ pub enum MvccError {
     UnknownCommand(u64),
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
+    /// A range's key-values passed the response limit (`size` counted when it stopped).
+    #[error("response of at least {size} bytes is over the limit of {limit}")]
+    ResponseTooLarge { size: usize, limit: usize },
 }
 
 impl From<metastore_engine::EngineError> for MvccError {

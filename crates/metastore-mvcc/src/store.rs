@@ -368,9 +368,15 @@ impl<E: Engine> Store<E> {
 
     /// A serializable read at the current (or requested) revision.
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse> {
+        self.range_bounded(req, usize::MAX)
+    }
+
+    /// `range`, refused with `ResponseTooLarge` as soon as the key-values it has loaded pass
+    /// `max_bytes`, so that a range over millions of keys never holds more than that.
+    pub fn range_bounded(&self, req: &RangeRequest, max_bytes: usize) -> Result<RangeResponse> {
         let _gate = self.install_gate.read();
         at_current(req.revision <= 0, || {
-            self.range_in(req, &View::at(self.current_revision()))
+            self.range_in_bounded(req, &View::at(self.current_revision()), max_bytes)
         })
     }
 
@@ -752,6 +758,15 @@ impl<E: Engine> Store<E> {
     }
 
     fn range_in(&self, req: &RangeRequest, view: &View<'_>) -> Result<RangeResponse> {
+        self.range_in_bounded(req, view, usize::MAX)
+    }
+
+    fn range_in_bounded(
+        &self,
+        req: &RangeRequest,
+        view: &View<'_>,
+        max_bytes: usize,
+    ) -> Result<RangeResponse> {
         let rev = self.check_rev(req.revision, view)?;
         let sort_order = range_request::SortOrder::try_from(req.sort_order)
             .unwrap_or(range_request::SortOrder::None);
@@ -783,8 +798,22 @@ impl<E: Engine> Store<E> {
             },
         );
         let mut kvs = Vec::with_capacity(revs.len());
+        let mut bytes = 0usize;
         for r in revs {
-            kvs.push(self.load(r, view)?);
+            let kv = self.load(r, view)?;
+            if max_bytes != usize::MAX {
+                // Each key-value's field tag and length prefix included, as it is sent (with
+                // no value when only keys are asked for).
+                let value = if req.keys_only { kv.value.len() } else { 0 };
+                bytes += kv.encoded_len() - value + 6;
+                if bytes > max_bytes {
+                    return Err(MvccError::ResponseTooLarge {
+                        size: bytes,
+                        limit: max_bytes,
+                    });
+                }
+            }
+            kvs.push(kv);
         }
         // A compaction that ran while we read may have trimmed what we saw.
         if rev < self.compact_revision().max(view.compact_floor) {

@@ -353,6 +353,10 @@ pub struct Flags {
     /// Maximum number of operations permitted in a transaction.
     #[arg(long)]
     pub max_txn_ops: Option<usize>,
+    /// Largest Range response in bytes (default 2 GiB, etcd's send limit); a larger one is
+    /// refused as soon as it passes the limit, before it is all in memory.
+    #[arg(long)]
+    pub max_response_bytes: Option<usize>,
     /// Most bytes of write requests waiting to be proposed (each counted with 256 bytes of
     /// overhead); more are answered "etcdserver: too many requests" (batch.max-queued-bytes).
     #[arg(long)]
@@ -430,6 +434,9 @@ impl Config {
         cfg.peer_tls.apply(flags.peer_tls);
         if let Some(v) = flags.max_request_bytes {
             cfg.limits.max_request_bytes = v;
+        }
+        if let Some(v) = flags.max_response_bytes {
+            cfg.limits.max_response_bytes = v;
         }
         if let Some(v) = flags.max_queued_request_bytes {
             cfg.batch.max_queued_bytes = v;

@@ -148,3 +148,49 @@ async fn a_write_flood_is_refused_with_too_many_requests_and_loses_nothing_ackno
             .collect::<HashSet<_>>()
     ));
 }
+
+/// A range whose answer would pass `--max-response-bytes` is refused as soon as it passes it
+/// (with grpc-go's text for an over-limit response), not after building all of it; one with a
+/// limit, a count or keys only is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_over_the_response_limit_is_refused_and_a_limited_one_served() {
+    let srv = TestServer::start_with_args(&["--max-response-bytes", "1048576"]).await;
+    let mut c = srv.client().await;
+    let value = "v".repeat(1024);
+    for chunk in 0..30 {
+        let ops: Vec<etcd_client::TxnOp> = (0..100)
+            .map(|i| {
+                etcd_client::TxnOp::put(format!("big/{:05}", chunk * 100 + i), value.clone(), None)
+            })
+            .collect();
+        c.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+    }
+    let prefix = || GetOptions::new().with_prefix();
+    match c.get("big/", Some(prefix())).await {
+        Err(Error::GRpcStatus(s)) => {
+            assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+            assert!(
+                s.message()
+                    .starts_with("grpc: trying to send message larger than max ("),
+                "{}",
+                s.message()
+            );
+            assert!(s.message().ends_with(" vs. 1048576)"), "{}", s.message());
+        }
+        other => panic!("3 MB range under a 1 MiB limit answered {other:?}"),
+    }
+    let page = c.get("big/", Some(prefix().with_limit(500))).await.unwrap();
+    assert_eq!(page.kvs().len(), 500);
+    assert!(page.more());
+    assert_eq!(page.count(), 3000);
+    let counted = c
+        .get("big/", Some(prefix().with_count_only()))
+        .await
+        .unwrap();
+    assert_eq!(counted.count(), 3000);
+    let keys = c
+        .get("big/", Some(prefix().with_keys_only()))
+        .await
+        .unwrap();
+    assert_eq!(keys.kvs().len(), 3000);
+}
