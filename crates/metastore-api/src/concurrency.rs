@@ -141,7 +141,8 @@ impl<E: Engine> InternalWatch<E> {
     /// The next batch of events, with the header revision they came with.
     async fn next(&mut self) -> Result<(i64, Vec<Event>), Status> {
         loop {
-            let msg = self
+            // Taken off the queue as soon as it is read: nothing holds it further.
+            let (msg, _slot) = self
                 .rx
                 .recv()
                 .await

@@ -4,8 +4,9 @@
 use crate::services::Svc;
 use bytes::Bytes;
 use futures::stream::BoxStream;
+use futures::StreamExt;
 use metastore_engine::Engine;
-use metastore_mvcc::{StreamReceiver, WatchSpec};
+use metastore_mvcc::{QueueSlot, StreamReceiver, WatchSpec};
 use metastore_proto::etcdserverpb::{
     watch_create_request::FilterType, watch_request::RequestUnion, watch_server::Watch,
     WatchRequest, WatchResponse,
@@ -29,6 +30,9 @@ struct WatcherOpts {
 
 type Opts = Arc<Mutex<HashMap<i64, WatcherOpts>>>;
 
+/// A response on its way to the client, holding its bytes' place in the stream's queue.
+type Outgoing = (WatchResponse, Option<QueueSlot>);
+
 #[tonic::async_trait]
 impl<E: Engine> Watch for Svc<E> {
     type WatchStream = BoxStream<'static, Result<WatchResponse, Status>>;
@@ -43,8 +47,9 @@ impl<E: Engine> Watch for Svc<E> {
         let (stream_id, rx) = server.store.open_watch_stream();
         let room = rx.room();
         let opts: Opts = Arc::default();
-        // Small: the hub's queue before it is bounded by bytes; this one only decouples.
-        let (out_tx, out_rx) = mpsc::channel::<Result<WatchResponse, Status>>(8);
+        // Small: the hub's queue before it is bounded by bytes, and a message here still
+        // counts against it (its slot is dropped when tonic takes the message).
+        let (out_tx, out_rx) = mpsc::channel::<Outgoing>(8);
 
         // Requests: create, cancel, progress. The stream ends when the client's side does.
         let recv = {
@@ -82,7 +87,7 @@ impl<E: Engine> Watch for Svc<E> {
                                     cancel_reason: crate::errors::watch_cancel_reason(e),
                                     ..Default::default()
                                 };
-                                if refusals.send(Ok(refusal)).await.is_err() {
+                                if refusals.send((refusal, None)).await.is_err() {
                                     return;
                                 }
                                 continue;
@@ -129,7 +134,8 @@ impl<E: Engine> Watch for Svc<E> {
             send_loop(&server, stream_id, rx, out_tx, opts, interval, recv).await;
             server.store.watch_hub().close_stream(stream_id);
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+        let out = ReceiverStream::new(out_rx).map(|(msg, _slot)| Ok(msg));
+        Ok(Response::new(Box::pin(out)))
     }
 }
 
@@ -137,7 +143,7 @@ async fn send_loop<E: Engine>(
     server: &crate::EtcdServer<E>,
     stream_id: u64,
     mut rx: StreamReceiver,
-    out: mpsc::Sender<Result<WatchResponse, Status>>,
+    out: mpsc::Sender<Outgoing>,
     opts: Opts,
     interval: std::time::Duration,
     mut recv: tokio::task::JoinHandle<()>,
@@ -147,7 +153,7 @@ async fn send_loop<E: Engine>(
     loop {
         tokio::select! {
             msg = rx.recv() => {
-                let Some(mut msg) = msg else { return };
+                let Some((mut msg, slot)) = msg else { return };
                 server.fill_header(&mut msg.header);
                 let fragment = {
                     let mut opts = opts.lock();
@@ -171,8 +177,12 @@ async fn send_loop<E: Engine>(
                 } else {
                     vec![msg]
                 };
-                for part in parts {
-                    if out.send(Ok(part)).await.is_err() {
+                // The last part carries the slot: the bytes count until all parts are taken.
+                let mut slot = Some(slot);
+                let last = parts.len().saturating_sub(1);
+                for (i, part) in parts.into_iter().enumerate() {
+                    let slot = if i == last { slot.take() } else { None };
+                    if out.send((part, slot)).await.is_err() {
                         recv.abort();
                         return;
                     }

@@ -23,7 +23,7 @@ pub use store::{
     ClusterVersion, KvHash, Store,
 };
 pub use watch::{
-    StreamReceiver, StreamRoom, WatchHub, WatchLimits, WatchSpec, ERR_TOO_MANY_WATCHERS,
+    QueueSlot, StreamReceiver, StreamRoom, WatchHub, WatchLimits, WatchSpec, ERR_TOO_MANY_WATCHERS,
     INVALID_WATCH_ID,
 };
 

@@ -18,9 +18,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 mod catch_up;
+mod index;
 mod stream;
+use index::SyncedIndex;
 use stream::{stream_queue, Delivery, StreamSink, TotalQueued};
-pub use stream::{StreamReceiver, StreamRoom, WatchLimits};
+pub use stream::{QueueSlot, StreamReceiver, StreamRoom, WatchLimits};
 
 /// The watch id etcd uses for responses not tied to one watcher.
 pub const INVALID_WATCH_ID: i64 = -1;
@@ -121,9 +123,8 @@ struct Inner {
     next_stream: u64,
     streams: HashMap<u64, Stream>,
     watchers: HashMap<u64, Watcher>,
-    /// Synced single-key watchers by key; synced range watchers apart.
-    by_key: HashMap<Bytes, HashSet<u64>>,
-    ranges: HashSet<u64>,
+    /// Synced watchers, found by the keys they watch.
+    synced: SyncedIndex,
     unsynced: HashSet<u64>,
     /// Every revision up to this one has been handed to synced watchers.
     dispatched_rev: i64,
@@ -134,32 +135,14 @@ struct Inner {
 
 impl Inner {
     fn index(&mut self, handle: u64) {
-        let Some(w) = self.watchers.get(&handle) else {
-            return;
-        };
-        if w.spec.range_end.is_empty() {
-            self.by_key
-                .entry(w.spec.key.clone())
-                .or_default()
-                .insert(handle);
-        } else {
-            self.ranges.insert(handle);
+        if let Some(w) = self.watchers.get(&handle) {
+            self.synced.insert(handle, &w.spec);
         }
     }
 
     fn unindex(&mut self, handle: u64) {
-        let Some(w) = self.watchers.get(&handle) else {
-            return;
-        };
-        if w.spec.range_end.is_empty() {
-            if let Some(set) = self.by_key.get_mut(&w.spec.key) {
-                set.remove(&handle);
-                if set.is_empty() {
-                    self.by_key.remove(&w.spec.key);
-                }
-            }
-        } else {
-            self.ranges.remove(&handle);
+        if let Some(w) = self.watchers.get(&handle) {
+            self.synced.remove(handle, &w.spec);
         }
     }
 
@@ -200,8 +183,10 @@ impl Inner {
 pub const ERR_TOO_MANY_WATCHERS: &str = "mvcc: too many watchers on one watch stream";
 
 /// Bytes and events in one catch-up response, about: a revision is never split, so one
-/// revision larger than this goes alone.
-const CATCH_UP_MESSAGE_BYTES: usize = 1024 * 1024;
+/// revision larger than this goes alone. Small, because past the stream's queue each stream
+/// may hold about two messages uncounted (one being encoded, one in HTTP/2's send buffer):
+/// with 1,000 streams catching up, 1 MiB messages made that 700 MiB, 64 KiB ones ~128 MiB.
+const CATCH_UP_MESSAGE_BYTES: usize = 64 * 1024;
 const CATCH_UP_MESSAGE_EVENTS: usize = 1000;
 
 pub struct WatchHub {
@@ -484,16 +469,10 @@ impl WatchHub {
         let mut per_watcher: HashMap<u64, Vec<Event>> = HashMap::new();
         for ev in events {
             let Some(kv) = &ev.kv else { continue };
-            let candidates = inner
-                .by_key
-                .get(&kv.key)
-                .into_iter()
-                .flatten()
-                .chain(inner.ranges.iter());
-            for h in candidates {
-                if let Some(w) = inner.watchers.get(h) {
+            for h in inner.synced.candidates(&kv.key) {
+                if let Some(w) = inner.watchers.get(&h) {
                     if w.wants(ev) {
-                        per_watcher.entry(*h).or_default().push(w.shape(ev));
+                        per_watcher.entry(h).or_default().push(w.shape(ev));
                     }
                 }
             }

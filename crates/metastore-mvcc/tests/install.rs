@@ -159,7 +159,7 @@ fn an_install_replaces_everything_and_hashes_agree() {
         .expect("runtime");
     let canceled = runtime.block_on(async {
         let wait = std::time::Duration::from_secs(5);
-        while let Ok(Some(resp)) = tokio::time::timeout(wait, rx.recv()).await {
+        while let Ok(Some((resp, _slot))) = tokio::time::timeout(wait, rx.recv()).await {
             if resp.canceled && resp.compact_revision == 12 {
                 return true;
             }

@@ -61,7 +61,7 @@ fn in_range(spec: &WatchSpec, key: &[u8]) -> bool {
 
 async fn drain(rx: &mut StreamReceiver, until_quiet: Duration) -> Vec<WatchResponse> {
     let mut out = Vec::new();
-    while let Ok(Some(msg)) = tokio::time::timeout(until_quiet, rx.recv()).await {
+    while let Ok(Some((msg, _slot))) = tokio::time::timeout(until_quiet, rx.recv()).await {
         out.push(msg);
     }
     out

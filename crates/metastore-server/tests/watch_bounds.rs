@@ -256,12 +256,30 @@ async fn watchers_that_never_read_stay_bounded_and_catch_up_event_by_event() {
             }
         }));
     }
+    let reading_started = Instant::now();
+    let peak_reading = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = tokio::spawn({
+        let peak = peak_reading.clone();
+        async move {
+            loop {
+                peak.fetch_max(rss_bytes(pid), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
     for r in readers {
         tokio::time::timeout(Duration::from_secs(120), r)
             .await
             .expect("watchers caught up within 120 s")
             .unwrap();
     }
+    sampler.abort();
+    eprintln!(
+        "caught up in {:?}; server RSS peak while they read {} MiB (before the puts {} MiB)",
+        reading_started.elapsed(),
+        peak_reading.load(std::sync::atomic::Ordering::Relaxed) >> 20,
+        rss_before >> 20
+    );
 }
 
 fn env_or(name: &str, default: usize) -> usize {

@@ -91,11 +91,29 @@ pub struct StreamReceiver {
     room: Arc<Room>,
 }
 
+/// A received message's place in its stream's queue: the bytes stay counted until this is
+/// dropped, so a message still on its way to the connection counts against the limits.
+pub struct QueueSlot {
+    room: Arc<Room>,
+    cost: usize,
+}
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        self.room.release(self.cost);
+    }
+}
+
 impl StreamReceiver {
-    pub async fn recv(&mut self) -> Option<WatchResponse> {
+    /// The next message, with its slot in the queue (drop it once the message is handed to
+    /// the connection).
+    pub async fn recv(&mut self) -> Option<(WatchResponse, QueueSlot)> {
         let (msg, cost) = self.rx.recv().await?;
-        self.room.release(cost);
-        Some(msg)
+        let slot = QueueSlot {
+            room: self.room.clone(),
+            cost,
+        };
+        Some((msg, slot))
     }
 
     /// A handle that waits until the stream's queue is below its limit.
