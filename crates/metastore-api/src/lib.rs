@@ -20,6 +20,7 @@ pub mod lease;
 mod members;
 mod membership;
 pub mod observe;
+mod quota;
 mod services;
 mod slowlog;
 pub mod validate;
@@ -304,6 +305,7 @@ pub struct EtcdServer<E: Engine> {
     pub(crate) dialer: forward::Dialer,
     /// The JWT keys when `--auth-token jwt,...` (else simple tokens).
     pub(crate) jwt: Option<auth::JwtKeys>,
+    storage_size: quota::SizeCache,
 }
 
 impl<E: Engine> EtcdServer<E> {
@@ -363,6 +365,7 @@ impl<E: Engine> EtcdServer<E> {
                     )
                     .ok()
             }),
+            storage_size: quota::SizeCache::default(),
         });
         server.store.auth().set_token_ttl(services.auth.token_ttl);
         server
@@ -407,9 +410,18 @@ impl<E: Engine> EtcdServer<E> {
         }
         if metastore_mvcc::adds_data(&cmd) {
             let quota = self.limits.quota_bytes();
-            let size = self.store.engine().size_bytes() + encoded_len as u64;
-            // etcd: available while size + cost < quota.
-            if size >= quota {
+            let read = || self.store.engine().size_bytes();
+            let cost = encoded_len as u64;
+            // etcd: available while size + cost < quota. The estimate errs high; refuse only
+            // on a fresh read.
+            let estimate = self.storage_size.estimate(read, cost) + cost;
+            let over = if estimate >= quota {
+                let size = self.storage_size.fresh(read) + cost;
+                (size >= quota).then_some(size)
+            } else {
+                None
+            };
+            if let Some(size) = over {
                 if !self.store.is_space_capped() {
                     // As etcd: raise NOSPACE through raft, so every member refuses writes.
                     let alarm = metastore_proto::etcdserverpb::AlarmRequest {
