@@ -51,6 +51,8 @@ pub enum Bench {
     /// What auth (simple tokens) and TLS cost: put at 256 clients against MetaStore and
     /// etcd, each plain, with auth on, and over TLS.
     Secure(crate::secure::SecureArgs),
+    /// Puts of 64 KiB and 1 MiB values against MetaStore and, with `--vs-etcd`, etcd.
+    Large(crate::large::LargeArgs),
     /// Every layer bench, then the e2e matrix, in a cut-down form that takes seconds (what CI
     /// runs so the harness cannot rot).
     Smoke(SmokeArgs),
@@ -133,6 +135,7 @@ pub fn run(cmd: BenchCmd, rt: &tokio::runtime::Runtime) -> Result<()> {
         Bench::Restart(args) => rt.block_on(restart(args, &mut rec))?,
         Bench::E2e(args) => rt.block_on(e2e::run(args, &mut rec))?,
         Bench::Secure(args) => rt.block_on(crate::secure::run(args, &mut rec))?,
+        Bench::Large(args) => rt.block_on(crate::large::run(args, &mut rec))?,
         Bench::Smoke(args) => {
             layers::codec(&mut rec, true)?;
             rt.block_on(layers::batch(&mut rec, true))?;
@@ -152,7 +155,11 @@ pub fn run(cmd: BenchCmd, rt: &tokio::runtime::Runtime) -> Result<()> {
             let cluster_args = e2e::E2eArgs::smoke(args.bin_dir.clone()).with_cluster(3);
             rt.block_on(e2e::run(cluster_args, &mut rec))?;
             rt.block_on(crate::secure::run(
-                crate::secure::SecureArgs::smoke(args.bin_dir),
+                crate::secure::SecureArgs::smoke(args.bin_dir.clone()),
+                &mut rec,
+            ))?;
+            rt.block_on(crate::large::run(
+                crate::large::LargeArgs::smoke(args.bin_dir),
                 &mut rec,
             ))?;
         }

@@ -8,6 +8,7 @@
 mod bench;
 mod cluster;
 mod e2e;
+mod large;
 mod layers;
 mod loadgen;
 mod results;

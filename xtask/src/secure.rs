@@ -51,14 +51,14 @@ impl SecureArgs {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Mode {
+pub(crate) enum Mode {
     Plain,
     Auth,
     Tls,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Who {
+pub(crate) enum Who {
     MetaStore,
     Etcd,
 }
@@ -77,13 +77,13 @@ fn label(who: Who, mode: Mode) -> String {
 }
 
 /// A CA and a server certificate for 127.0.0.1, written as PEM files under `dir`.
-struct Certs {
+pub(crate) struct Certs {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
 }
 
-fn certs(dir: &Path) -> Result<Certs> {
+pub(crate) fn certs(dir: &Path) -> Result<Certs> {
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.distinguished_name.push(DnType::CommonName, "bench CA");
@@ -106,7 +106,14 @@ fn certs(dir: &Path) -> Result<Certs> {
     })
 }
 
-fn spawn(who: Who, mode: Mode, bin: &Path, dir: &Path, port: u16, c: &Certs) -> Result<Child> {
+pub(crate) fn spawn(
+    who: Who,
+    mode: Mode,
+    bin: &Path,
+    dir: &Path,
+    port: u16,
+    c: &Certs,
+) -> Result<Child> {
     let peer = format!("http://127.0.0.1:{}", free_port()?);
     let scheme = if mode == Mode::Tls { "https" } else { "http" };
     let url = format!("{scheme}://127.0.0.1:{port}");
@@ -142,7 +149,7 @@ fn spawn(who: Who, mode: Mode, bin: &Path, dir: &Path, port: u16, c: &Certs) -> 
 }
 
 /// Waits until a put goes through the way the load will send it, setting auth up first.
-async fn prepare(mode: Mode, base: &Common) -> Result<Common> {
+pub(crate) async fn prepare(mode: Mode, base: &Common) -> Result<Common> {
     let started = Instant::now();
     let admin = Common {
         user: None,

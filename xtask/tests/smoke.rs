@@ -62,7 +62,9 @@ fn smoke_bench_writes_results_and_compare_flags_regressions() {
     let text = std::fs::read_to_string(&json[0]).expect("read run file");
     let file: serde_json::Value = serde_json::from_str(&text).expect("run file is JSON");
     let entries = file["entries"].as_array().expect("entries");
-    for layer in ["codec", "batch", "wal", "raft", "engine", "e2e", "cluster"] {
+    for layer in [
+        "codec", "batch", "wal", "raft", "engine", "e2e", "cluster", "secure", "large",
+    ] {
         assert!(
             entries.iter().any(|e| e["layer"] == layer),
             "no {layer} entry in {text}"
@@ -76,6 +78,8 @@ fn smoke_bench_writes_results_and_compare_flags_regressions() {
         "metastore-rocksdb/put-c256",
         "noop/put-c256",
         "noop-deferred/put-c256",
+        "put-64k-c32/metastore",
+        "put-1m-c8/metastore",
     ] {
         let entry = entries
             .iter()
