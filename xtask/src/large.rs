@@ -8,44 +8,13 @@ use crate::results::Recorder;
 use crate::secure::{certs, prepare, spawn, Mode, Who};
 use crate::server::{free_port, Server};
 use anyhow::{bail, Result};
-use clap::Parser;
 use metastore_bench::report::Report;
 use metastore_bench::{Common, Workload};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-#[derive(Parser, Clone)]
-pub struct LargeArgs {
-    /// Seconds each run lasts.
-    #[arg(long, default_value_t = 5.0)]
-    duration: f64,
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
-    /// Directory holding release `metastore` (default: `cargo build --release` first).
-    #[arg(long)]
-    bin_dir: Option<PathBuf>,
-    #[arg(long, default_value = "etcd")]
-    etcd_bin: String,
-    /// Also run etcd with the same loads.
-    #[arg(long)]
-    vs_etcd: bool,
-    /// Cut down to seconds (CI).
-    #[arg(long)]
-    smoke: bool,
-}
-
-impl LargeArgs {
-    pub fn smoke(bin_dir: Option<PathBuf>) -> Self {
-        Self {
-            duration: 0.3,
-            rounds: 1,
-            bin_dir,
-            etcd_bin: "etcd".into(),
-            vs_etcd: false,
-            smoke: true,
-        }
-    }
-}
+/// The same as `bench secure`'s: duration, rounds, binaries, `--vs-etcd`, smoke.
+pub use crate::secure::SecureArgs as LargeArgs;
 
 /// A load: value size, clients, connections, keys overwritten.
 struct Case {

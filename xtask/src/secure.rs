@@ -16,28 +16,30 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Servers taking turns: the arguments of `bench secure` and `bench large`.
 #[derive(Parser, Clone)]
 pub struct SecureArgs {
     /// Seconds each run lasts.
     #[arg(long, default_value_t = 5.0)]
-    duration: f64,
+    pub(crate) duration: f64,
     #[arg(long, default_value_t = 3)]
-    rounds: usize,
+    pub(crate) rounds: usize,
     /// Directory holding release `metastore` (default: `cargo build --release` first).
     #[arg(long)]
-    bin_dir: Option<PathBuf>,
+    pub(crate) bin_dir: Option<PathBuf>,
     #[arg(long, default_value = "etcd")]
-    etcd_bin: String,
-    /// Also run etcd with the same three settings (the comparison the issue asks for).
+    pub(crate) etcd_bin: String,
+    /// Also run etcd with the same settings and loads (the comparison the issues ask for).
     #[arg(long)]
-    vs_etcd: bool,
+    pub(crate) vs_etcd: bool,
     /// Cut down to seconds (CI).
     #[arg(long)]
-    smoke: bool,
+    pub(crate) smoke: bool,
 }
 
 impl SecureArgs {
-    /// MetaStore's three settings for a second each: keeps the harness from rotting in CI.
+    /// MetaStore alone for a fraction of a second per case: keeps the harness from rotting
+    /// in CI.
     pub fn smoke(bin_dir: Option<PathBuf>) -> Self {
         Self {
             duration: 0.3,

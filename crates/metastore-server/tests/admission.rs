@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::TestServer;
+use common::{rss_bytes, TestServer};
 use etcd_client::{Error, GetOptions};
 
 const CONNECTIONS: usize = 8;
@@ -32,16 +32,6 @@ fn is_too_many_requests(e: &Error) -> bool {
     matches!(e, Error::GRpcStatus(s)
         if s.code() == tonic::Code::ResourceExhausted
             && s.message() == "etcdserver: too many requests")
-}
-
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

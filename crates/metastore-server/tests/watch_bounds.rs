@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::TestServer;
+use common::{rss_bytes, TestServer};
 use etcd_client::{WatchOptions, WatchResponse};
 
 /// 64 KiB of queued answers: a few thousand progress responses.
@@ -26,16 +26,6 @@ async fn next(stream: &mut etcd_client::WatchStream) -> WatchResponse {
         .expect("a watch response within 10 s")
         .unwrap()
         .expect("the stream is open")
-}
-
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,6 +39,17 @@ fn binary_path() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_metastore"))
 }
 
+/// Resident memory of a process, in bytes (0 once it is gone).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
 /// Reserve two distinct free ports on 127.0.0.1 (bind to :0, then drop).
 fn pick_ports() -> (u16, u16) {
     let a = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
