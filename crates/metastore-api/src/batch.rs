@@ -100,7 +100,11 @@ impl<E: Engine> Batch for Svc<E> {
             failure: Vec::new(),
         };
         self.read_barrier(req.serializable).await?;
-        let resp = self.0.store.read_txn(&txn).map_err(errors::from_mvcc)?;
+        let resp = self
+            .0
+            .store
+            .read_txn_bounded(&txn, self.0.limits.max_response_bytes)
+            .map_err(errors::from_mvcc)?;
         let revision = resp.header.as_ref().map(|h| h.revision).unwrap_or_default();
         let mut responses = Vec::with_capacity(resp.responses.len());
         for op in resp.responses {

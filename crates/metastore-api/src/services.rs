@@ -182,7 +182,11 @@ impl<E: Engine> Svc<E> {
             }
             self.read_barrier(validate::txn_is_serializable(&req))
                 .await?;
-            let resp = self.0.store.read_txn(&req).map_err(errors::from_mvcc)?;
+            let resp = self
+                .0
+                .store
+                .read_txn_bounded(&req, self.0.limits.max_response_bytes)
+                .map_err(errors::from_mvcc)?;
             self.0.recheck_revision(who)?;
             resp
         } else {

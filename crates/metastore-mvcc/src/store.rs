@@ -376,7 +376,7 @@ impl<E: Engine> Store<E> {
     pub fn range_bounded(&self, req: &RangeRequest, max_bytes: usize) -> Result<RangeResponse> {
         let _gate = self.install_gate.read();
         at_current(req.revision <= 0, || {
-            self.range_in_bounded(req, &View::at(self.current_revision()), max_bytes)
+            self.range_in_bounded(req, &View::at(self.current_revision()), max_bytes, &mut 0)
         })
     }
 
@@ -758,14 +758,16 @@ impl<E: Engine> Store<E> {
     }
 
     fn range_in(&self, req: &RangeRequest, view: &View<'_>) -> Result<RangeResponse> {
-        self.range_in_bounded(req, view, usize::MAX)
+        self.range_in_bounded(req, view, usize::MAX, &mut 0)
     }
 
+    /// `used` carries the bytes counted so far across the ranges of one answer (a Txn's).
     fn range_in_bounded(
         &self,
         req: &RangeRequest,
         view: &View<'_>,
         max_bytes: usize,
+        used: &mut usize,
     ) -> Result<RangeResponse> {
         let rev = self.check_rev(req.revision, view)?;
         let sort_order = range_request::SortOrder::try_from(req.sort_order)
@@ -798,17 +800,17 @@ impl<E: Engine> Store<E> {
             },
         );
         let mut kvs = Vec::with_capacity(revs.len());
-        let mut bytes = 0usize;
+        let bytes = used;
         for r in revs {
             let kv = self.load(r, view)?;
             if max_bytes != usize::MAX {
                 // Each key-value's field tag and length prefix included, as it is sent (with
                 // no value when only keys are asked for).
                 let value = if req.keys_only { kv.value.len() } else { 0 };
-                bytes += kv.encoded_len() - value + 6;
-                if bytes > max_bytes {
+                *bytes += kv.encoded_len() - value + 6;
+                if *bytes > max_bytes {
                     return Err(MvccError::ResponseTooLarge {
-                        size: bytes,
+                        size: *bytes,
                         limit: max_bytes,
                     });
                 }
@@ -1158,13 +1160,20 @@ impl<E: Engine> Store<E> {
 
     /// Runs a read-only txn locally (serializable view at the current revision).
     pub fn read_txn(&self, t: &TxnRequest) -> Result<TxnResponse> {
+        self.read_txn_bounded(t, usize::MAX)
+    }
+
+    /// `read_txn`, refused with `ResponseTooLarge` once the key-values of all its ranges
+    /// together pass `max_bytes` (see `range_bounded`).
+    pub fn read_txn_bounded(&self, t: &TxnRequest, max_bytes: usize) -> Result<TxnResponse> {
         let _gate = self.install_gate.read();
         at_current(true, || {
             let view = View::at(self.current_revision());
             let mut path = Vec::new();
             self.txn_path(t, &view, &mut path)?;
             let mut at = 0;
-            let mut resp = self.read_txn_exec(t, &path, &mut at, &view)?;
+            let mut used = 0;
+            let mut resp = self.read_txn_exec(t, &path, &mut at, &view, max_bytes, &mut used)?;
             resp.header = header(view.current);
             Ok(resp)
         })
@@ -1176,18 +1185,20 @@ impl<E: Engine> Store<E> {
         path: &[bool],
         at: &mut usize,
         view: &View<'_>,
+        max_bytes: usize,
+        used: &mut usize,
     ) -> Result<TxnResponse> {
         let ok = path[*at];
         *at += 1;
         let mut responses = Vec::new();
         for op in branch(t, ok) {
             let response = match &op.request {
-                Some(request_op::Request::RequestRange(r)) => {
-                    response_op::Response::ResponseRange(self.range_in(r, view)?)
-                }
-                Some(request_op::Request::RequestTxn(inner)) => {
-                    response_op::Response::ResponseTxn(self.read_txn_exec(inner, path, at, view)?)
-                }
+                Some(request_op::Request::RequestRange(r)) => response_op::Response::ResponseRange(
+                    self.range_in_bounded(r, view, max_bytes, used)?,
+                ),
+                Some(request_op::Request::RequestTxn(inner)) => response_op::Response::ResponseTxn(
+                    self.read_txn_exec(inner, path, at, view, max_bytes, used)?,
+                ),
                 _ => continue,
             };
             responses.push(ResponseOp {
