@@ -211,6 +211,18 @@ impl TestServer {
     }
 
     /// The last lines of the current run's logs (for failure messages).
+    /// Everything the current process wrote to stdout and stderr (empty with inherited logs).
+    pub fn logs(&self) -> String {
+        if self.inherit_logs || self.spawns == 0 {
+            return String::new();
+        }
+        [self.stdout_log(self.spawns), self.stderr_log(self.spawns)]
+            .iter()
+            .map(|p| fs::read_to_string(p).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     pub fn log_tail(&self) -> String {
         if self.inherit_logs || self.spawns == 0 {
             return String::new();
