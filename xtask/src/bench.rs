@@ -53,6 +53,9 @@ pub enum Bench {
     Secure(crate::secure::SecureArgs),
     /// Puts of 64 KiB and 1 MiB values against MetaStore and, with `--vs-etcd`, etcd.
     Large(crate::large::LargeArgs),
+    /// Loads 100k / 1M / 10M keys into each engine (and etcd): load rate, memory and disk per
+    /// key, restart time, get / range-100 / put rates at that size.
+    Scale(crate::scale::ScaleArgs),
     /// Every layer bench, then the e2e matrix, in a cut-down form that takes seconds (what CI
     /// runs so the harness cannot rot).
     Smoke(SmokeArgs),
@@ -136,6 +139,7 @@ pub fn run(cmd: BenchCmd, rt: &tokio::runtime::Runtime) -> Result<()> {
         Bench::E2e(args) => rt.block_on(e2e::run(args, &mut rec))?,
         Bench::Secure(args) => rt.block_on(crate::secure::run(args, &mut rec))?,
         Bench::Large(args) => rt.block_on(crate::large::run(args, &mut rec))?,
+        Bench::Scale(args) => rt.block_on(crate::scale::run(args, &mut rec))?,
         Bench::Smoke(args) => {
             layers::codec(&mut rec, true)?;
             rt.block_on(layers::batch(&mut rec, true))?;
@@ -159,7 +163,11 @@ pub fn run(cmd: BenchCmd, rt: &tokio::runtime::Runtime) -> Result<()> {
                 &mut rec,
             ))?;
             rt.block_on(crate::large::run(
-                crate::large::LargeArgs::smoke(args.bin_dir),
+                crate::large::LargeArgs::smoke(args.bin_dir.clone()),
+                &mut rec,
+            ))?;
+            rt.block_on(crate::scale::run(
+                crate::scale::ScaleArgs::smoke(args.bin_dir),
                 &mut rec,
             ))?;
         }
@@ -315,17 +323,6 @@ fn engine(args: EngineArgs, rec: &mut Recorder) -> Result<()> {
 /// A restart replays up to millions of keys; far longer than a fresh start may take.
 const RESTART_READY_TIMEOUT: Duration = Duration::from_secs(600);
 
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
 async fn restart(args: RestartArgs, rec: &mut Recorder) -> Result<()> {
     let dir = layers::scratch_dir()?;
     let port = server::free_port()?;
@@ -357,7 +354,7 @@ async fn restart(args: RestartArgs, rec: &mut Recorder) -> Result<()> {
         t.await??;
     }
     let load = load.elapsed();
-    let rss_loaded = rss_kb(server.child.id());
+    let rss_loaded = server::rss_kb(server.child.id());
     server.kill()?;
     let server = spawn()?;
     let ready = server::wait_ready(port, Probe::StatusAndPut, RESTART_READY_TIMEOUT).await?;
@@ -366,7 +363,7 @@ async fn restart(args: RestartArgs, rec: &mut Recorder) -> Result<()> {
     if count != args.keys as i64 {
         bail!("{count} of {} keys after the restart", args.keys);
     }
-    let rss_restarted = rss_kb(server.child.id());
+    let rss_restarted = server::rss_kb(server.child.id());
     println!(
         "restart bench ({}): {} keys of {} B loaded in {:.1}s; after kill -9 ready again in {:.2}s with all keys; RSS {} MB loaded, {} MB after restart",
         args.storage,

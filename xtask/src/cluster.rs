@@ -301,6 +301,7 @@ fn cases() -> Vec<Case> {
         consistency: Consistency::L,
         limit: 0,
         prefix: None,
+        span: 0,
     });
     vec![
         Case {

@@ -265,6 +265,7 @@ fn matrix(smoke: bool) -> Vec<Case> {
             consistency,
             limit: 0,
             prefix: None,
+            span: 0,
         })
     };
     let watchers = if smoke { 10 } else { 1000 };

@@ -12,6 +12,7 @@ mod large;
 mod layers;
 mod loadgen;
 mod results;
+mod scale;
 mod secure;
 mod server;
 mod targets;

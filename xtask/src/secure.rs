@@ -116,7 +116,24 @@ pub(crate) fn spawn(
     port: u16,
     c: &Certs,
 ) -> Result<Child> {
-    let peer = format!("http://127.0.0.1:{}", free_port()?);
+    command(who, mode, bin, dir, (port, free_port()?), c)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))
+}
+
+/// The command line of one single-member server with its data under `dir/data`, serving
+/// clients on `ports.0` and peers on `ports.1` (fixed, so a restart finds the member where
+/// its data says it is).
+pub(crate) fn command(
+    who: Who,
+    mode: Mode,
+    bin: &Path,
+    dir: &Path,
+    ports: (u16, u16),
+    c: &Certs,
+) -> Command {
+    let (port, peer) = ports;
+    let peer = format!("http://127.0.0.1:{peer}");
     let scheme = if mode == Mode::Tls { "https" } else { "http" };
     let url = format!("{scheme}://127.0.0.1:{port}");
     let mut cmd = Command::new(bin);
@@ -146,8 +163,7 @@ pub(crate) fn spawn(
         Who::MetaStore => cmd.args(["--log-level", "warn"]),
         Who::Etcd => cmd.args(["--logger", "zap", "--log-level", "error"]),
     };
-    cmd.spawn()
-        .with_context(|| format!("starting {}", bin.display()))
+    cmd
 }
 
 /// Waits until a put goes through the way the load will send it, setting auth up first.

@@ -74,6 +74,18 @@ pub fn spawn_metastore(
         .with_context(|| format!("starting {}", bin.display()))
 }
 
+/// The resident memory of process `pid` in KiB (0 once it is gone).
+pub fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
 /// How many keys under `prefix` the server holds (a count-only range, no values sent).
 pub async fn count_prefix(client: &mut etcd_client::Client, prefix: &str) -> Result<i64> {
     let options = etcd_client::GetOptions::new()

@@ -63,7 +63,7 @@ fn smoke_bench_writes_results_and_compare_flags_regressions() {
     let file: serde_json::Value = serde_json::from_str(&text).expect("run file is JSON");
     let entries = file["entries"].as_array().expect("entries");
     for layer in [
-        "codec", "batch", "wal", "raft", "engine", "e2e", "cluster", "secure", "large",
+        "codec", "batch", "wal", "raft", "engine", "e2e", "cluster", "secure", "large", "scale",
     ] {
         assert!(
             entries.iter().any(|e| e["layer"] == layer),
@@ -80,6 +80,10 @@ fn smoke_bench_writes_results_and_compare_flags_regressions() {
         "noop-deferred/put-c256",
         "put-64k-c32/metastore",
         "put-1m-c8/metastore",
+        "5000/metastore-memory/get",
+        "5000/metastore-memory/range100",
+        "5000/metastore-memory/put",
+        "5000/metastore-rocksdb/range100",
     ] {
         let entry = entries
             .iter()
@@ -91,6 +95,22 @@ fn smoke_bench_writes_results_and_compare_flags_regressions() {
             entry["metrics"]["check_failures"].as_f64(),
             Some(0.0),
             "{name}"
+        );
+    }
+    // The scale case loaded its keys and came back from a kill -9 with all of them (it fails
+    // otherwise), and says what they cost.
+    let loaded = entries
+        .iter()
+        .find(|e| e["name"] == "5000/metastore-memory")
+        .unwrap_or_else(|| panic!("no scale entry in {text}"));
+    for metric in [
+        "load_keys_per_sec",
+        "rss_per_key_bytes",
+        "disk_per_key_bytes",
+    ] {
+        assert!(
+            loaded["metrics"][metric].as_f64().unwrap_or(0.0) > 0.0,
+            "{metric} in {loaded}"
         );
     }
     let md = std::fs::read_to_string(json[0].with_extension("md")).expect("markdown beside");

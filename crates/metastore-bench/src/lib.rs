@@ -146,6 +146,10 @@ pub struct RangeArgs {
     /// Read every key under this prefix in each request instead of single keys.
     #[arg(long)]
     pub prefix: Option<String>,
+    /// Read this many consecutive keys of the key space, from a key drawn as single reads
+    /// draw theirs, in each request instead of single keys (0 = single keys).
+    #[arg(long, default_value_t = 0, conflicts_with = "prefix")]
+    pub span: u64,
 }
 
 #[derive(Args, Clone, Debug)]

@@ -34,6 +34,7 @@ enum Kind {
         serializable: bool,
         limit: i64,
         prefix: Option<Vec<u8>>,
+        span: u64,
     },
     TxnPut {
         ops: usize,
@@ -75,6 +76,7 @@ impl Worker {
                 serializable: a.consistency == Consistency::S,
                 limit: a.limit,
                 prefix: a.prefix.as_ref().map(|p| p.as_bytes().to_vec()),
+                span: a.span,
             },
             Workload::TxnPut(a) => {
                 if a.txn_ops == 0 {
@@ -177,6 +179,7 @@ impl Worker {
                 serializable,
                 limit,
                 prefix,
+                span,
             } => {
                 let mut opts = GetOptions::new();
                 if *serializable {
@@ -189,6 +192,13 @@ impl Worker {
                     Some(p) => {
                         opts = opts.with_prefix();
                         p.clone()
+                    }
+                    None if *span > 0 => {
+                        // Start early enough that every range holds `span` keys.
+                        let starts = self.keys.space.saturating_sub(*span) + 1;
+                        let first = self.keys.next(seq) % starts;
+                        opts = opts.with_range(key_of(first + *span, key_size));
+                        key_of(first, key_size)
                     }
                     None => key_of(self.keys.next(seq), key_size),
                 };
