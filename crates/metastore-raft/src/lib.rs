@@ -172,6 +172,9 @@ pub struct RaftStatus {
     pub applied_index: u64,
     pub last_index: u64,
     pub is_leader: bool,
+    /// Bytes of log entries held in memory (for followers to catch up from, and not yet
+    /// applied ones).
+    pub log_bytes_in_memory: u64,
 }
 
 /// The membership raft works with now.
@@ -218,6 +221,7 @@ struct Shared {
     leader: AtomicU64,
     commit: AtomicU64,
     last_index: AtomicU64,
+    log_bytes_in_memory: AtomicU64,
     stopped: AtomicBool,
     applied: watch::Sender<u64>,
     /// Woken once when the member stops (after `stopped` is set).
@@ -322,6 +326,7 @@ impl RaftNode {
             leader: AtomicU64::new(0),
             commit: AtomicU64::new(0),
             last_index: AtomicU64::new(0),
+            log_bytes_in_memory: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
             applied: applied_tx,
             leadership: watch::channel((0, 0)).0,
@@ -515,6 +520,7 @@ impl RaftNode {
             applied_index: *self.shared.applied.borrow(),
             last_index: self.shared.last_index.load(Ordering::Acquire),
             is_leader: leader_id == self.shared.id,
+            log_bytes_in_memory: self.shared.log_bytes_in_memory.load(Ordering::Acquire),
         }
     }
 
