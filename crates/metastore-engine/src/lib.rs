@@ -119,6 +119,18 @@ pub trait Engine: Send + Sync + 'static {
         self.scan(space, range, visit)
     }
 
+    /// [`scan_bulk`](Self::scan_bulk) lending each value as a slice, for a reader that keeps
+    /// little of it (the key index rebuild at start reads four small fields of every record):
+    /// an engine that would copy each value into `Bytes` need not.
+    fn scan_bulk_borrowed(
+        &self,
+        space: Space,
+        range: (Bound<&[u8]>, Bound<&[u8]>),
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<()> {
+        self.scan_bulk(space, range, &mut |k, v| visit(k, v))
+    }
+
     /// Applies a batch.
     fn write(&self, batch: WriteBatch) -> Result<()>;
 

@@ -111,13 +111,8 @@ impl RocksDbEngine {
     /// A forward scan; `fill_cache: false` for reads of everything (snapshots, hashes, the
     /// index rebuild), which would otherwise push the block cache's working set out and grow it
     /// to its full size.
-    fn scan_with(
-        &self,
-        space: Space,
-        range: (Bound<&[u8]>, Bound<&[u8]>),
-        visit: &mut dyn FnMut(&[u8], &Bytes) -> bool,
-        fill_cache: bool,
-    ) -> Result<()> {
+    /// Where an iterator over `range` of `space` starts, and its (exclusive) upper bound.
+    fn iter_bounds(space: Space, range: (Bound<&[u8]>, Bound<&[u8]>)) -> (Vec<u8>, Vec<u8>) {
         let p = prefix(space);
         let start = match range.0 {
             Bound::Included(k) | Bound::Excluded(k) => full_key(space, k),
@@ -127,6 +122,17 @@ impl RocksDbEngine {
             Bound::Included(k) | Bound::Excluded(k) => full_key(space, k),
             Bound::Unbounded => vec![p + 1],
         };
+        (start, upper)
+    }
+
+    fn scan_with(
+        &self,
+        space: Space,
+        range: (Bound<&[u8]>, Bound<&[u8]>),
+        visit: &mut dyn FnMut(&[u8], &Bytes) -> bool,
+        fill_cache: bool,
+    ) -> Result<()> {
+        let (start, upper) = Self::iter_bounds(space, range);
         let mut ro = ReadOptions::default();
         ro.fill_cache(fill_cache);
         ro.set_iterate_upper_bound(upper.clone());
@@ -192,6 +198,38 @@ impl Engine for RocksDbEngine {
         visit: &mut dyn FnMut(&[u8], &Bytes) -> bool,
     ) -> Result<()> {
         self.scan_with(space, range, visit, false)
+    }
+
+    /// The raw iterator lends key and value out of RocksDB's block; the plain iterator boxes a
+    /// copy of both for every record (two allocations and copies per record, ~18 % of a
+    /// restart's index rebuild).
+    fn scan_bulk_borrowed(
+        &self,
+        space: Space,
+        range: (Bound<&[u8]>, Bound<&[u8]>),
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<()> {
+        let (start, upper) = Self::iter_bounds(space, range);
+        let mut ro = ReadOptions::default();
+        ro.fill_cache(false);
+        ro.set_iterate_upper_bound(upper);
+        let mut it = self.db.raw_iterator_opt(ro);
+        it.seek(&start);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let key = &k[1..];
+            let skip = matches!(range.0, Bound::Excluded(lo) if key == lo);
+            if !skip && !visit(key, v) {
+                return Ok(());
+            }
+            it.next();
+        }
+        it.status().map_err(io)?;
+        if let Bound::Included(hi) = range.1 {
+            if let Some(v) = self.get(space, hi)? {
+                visit(hi, &v);
+            }
+        }
+        Ok(())
     }
 
     fn write(&self, batch: WriteBatch) -> Result<()> {
@@ -277,6 +315,42 @@ mod tests {
             collect(&e, Space::Kv, Bound::Included(b"b"), Bound::Excluded(b"d")),
             vec![b"b".to_vec(), b"c".to_vec()]
         );
+    }
+
+    /// The borrowing bulk scan sees what the plain scan sees, for every kind of bound.
+    #[test]
+    fn borrowed_scan_matches_scan() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = RocksDbEngine::open(dir.path(), &RocksDbConfig::default()).expect("open");
+        let mut b = WriteBatch::new();
+        for k in ["a", "b", "c", "d"] {
+            b.put(Space::Kv, k.as_bytes().to_vec(), k.repeat(3).into_bytes());
+        }
+        b.put(Space::Meta, &b"b"[..], &b"meta"[..]);
+        e.write(b).expect("write");
+        let bounds: [(Bound<&[u8]>, Bound<&[u8]>); 4] = [
+            (Bound::Unbounded, Bound::Unbounded),
+            (Bound::Excluded(b"a"), Bound::Included(b"c")),
+            (Bound::Included(b"b"), Bound::Excluded(b"d")),
+            (Bound::Excluded(b"b"), Bound::Unbounded),
+        ];
+        for space in [Space::Kv, Space::Meta] {
+            for range in bounds {
+                let mut plain = Vec::new();
+                e.scan(space, range, &mut |k, v| {
+                    plain.push((k.to_vec(), v.to_vec()));
+                    true
+                })
+                .expect("scan");
+                let mut lent = Vec::new();
+                e.scan_bulk_borrowed(space, range, &mut |k, v| {
+                    lent.push((k.to_vec(), v.to_vec()));
+                    true
+                })
+                .expect("borrowed scan");
+                assert_eq!(lent, plain, "{range:?}");
+            }
+        }
     }
 
     #[test]
