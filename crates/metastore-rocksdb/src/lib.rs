@@ -328,7 +328,8 @@ mod tests {
         }
         b.put(Space::Meta, &b"b"[..], &b"meta"[..]);
         e.write(b).expect("write");
-        let bounds: [(Bound<&[u8]>, Bound<&[u8]>); 4] = [
+        type Range<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
+        let bounds: [Range; 4] = [
             (Bound::Unbounded, Bound::Unbounded),
             (Bound::Excluded(b"a"), Bound::Included(b"c")),
             (Bound::Included(b"b"), Bound::Excluded(b"d")),
