@@ -207,7 +207,6 @@ fn header(revision: i64) -> Option<ResponseHeader> {
     })
 }
 
-/// Fills `index` from every MVCC record the engine holds; returns the highest main revision.
 /// The fields of a stored `KeyValue` the key index needs: decoding into this skips the value
 /// (tag 5) and mod revision (tag 3) without copying them.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -222,6 +221,7 @@ struct IndexFields {
     lease: i64,
 }
 
+/// Fills `index` from every MVCC record the engine holds; returns the highest main revision.
 fn rebuild_index(engine: &dyn Engine, index: &KeyIndex) -> Result<i64> {
     let mut max_rev = 1i64;
     let mut err = None;
