@@ -56,6 +56,9 @@ pub enum Bench {
     /// Loads 100k / 1M / 10M keys into each engine (and etcd): load rate, memory and disk per
     /// key, restart time, get / range-100 / put rates at that size.
     Scale(crate::scale::ScaleArgs),
+    /// Kubernetes-shaped load: 50k objects of 1–16 KiB, guarded updates / creates / deletes,
+    /// gets, paged lists, a watch per type and compaction, against each engine (and etcd).
+    K8s(crate::k8s::K8sBenchArgs),
     /// Every layer bench, then the e2e matrix, in a cut-down form that takes seconds (what CI
     /// runs so the harness cannot rot).
     Smoke(SmokeArgs),
@@ -140,6 +143,7 @@ pub fn run(cmd: BenchCmd, rt: &tokio::runtime::Runtime) -> Result<()> {
         Bench::Secure(args) => rt.block_on(crate::secure::run(args, &mut rec))?,
         Bench::Large(args) => rt.block_on(crate::large::run(args, &mut rec))?,
         Bench::Scale(args) => rt.block_on(crate::scale::run(args, &mut rec))?,
+        Bench::K8s(args) => rt.block_on(crate::k8s::run(args, &mut rec))?,
         Bench::Smoke(args) => {
             layers::codec(&mut rec, true)?;
             rt.block_on(layers::batch(&mut rec, true))?;
@@ -167,7 +171,11 @@ pub fn run(cmd: BenchCmd, rt: &tokio::runtime::Runtime) -> Result<()> {
                 &mut rec,
             ))?;
             rt.block_on(crate::scale::run(
-                crate::scale::ScaleArgs::smoke(args.bin_dir),
+                crate::scale::ScaleArgs::smoke(args.bin_dir.clone()),
+                &mut rec,
+            ))?;
+            rt.block_on(crate::k8s::run(
+                crate::k8s::K8sBenchArgs::smoke(args.bin_dir),
                 &mut rec,
             ))?;
         }

@@ -8,6 +8,7 @@
 mod bench;
 mod cluster;
 mod e2e;
+mod k8s;
 mod large;
 mod layers;
 mod loadgen;

@@ -68,20 +68,56 @@ impl ScaleArgs {
     }
 }
 
+/// A server a case loads: MetaStore on either engine, or etcd.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Target {
+pub(crate) enum Target {
     Memory,
     RocksDb,
     Etcd,
 }
 
 impl Target {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Target::Memory => "metastore-memory",
             Target::RocksDb => "metastore-rocksdb",
             Target::Etcd => "etcd",
         }
+    }
+
+    /// The targets a case runs: MetaStore's engines, then etcd if asked for.
+    pub(crate) fn chosen(rocksdb: bool, etcd: bool) -> Vec<Target> {
+        let mut targets = vec![Target::Memory];
+        if rocksdb {
+            targets.push(Target::RocksDb);
+        }
+        if etcd {
+            targets.push(Target::Etcd);
+        }
+        targets
+    }
+
+    /// Starts this server with its data under `dir` on fixed `ports` (client, peer).
+    pub(crate) fn start(
+        self,
+        bin_dir: &Path,
+        etcd_bin: &str,
+        dir: &Path,
+        ports: (u16, u16),
+    ) -> Result<Server> {
+        let (who, bin) = match self {
+            Target::Etcd => (Who::Etcd, PathBuf::from(etcd_bin)),
+            _ => (Who::MetaStore, bin_dir.join("metastore")),
+        };
+        let certs = certs(dir)?;
+        let mut cmd = command(who, Mode::Plain, &bin, dir, ports, &certs);
+        if self == Target::RocksDb {
+            cmd.args(["--storage", "rocksdb"]);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        Ok(Server::new(child, ports.0, None))
     }
 }
 
@@ -172,22 +208,8 @@ async fn check_count(common: &Common, n: u64) -> Result<()> {
 
 async fn one_target(target: Target, n: u64, bin_dir: &Path, args: &ScaleArgs) -> Result<Scaled> {
     let dir = crate::layers::scratch_dir()?;
-    let certs = certs(dir.path())?;
     let ports = (free_port()?, free_port()?);
-    let start = || -> Result<Server> {
-        let (who, bin) = match target {
-            Target::Etcd => (Who::Etcd, PathBuf::from(&args.etcd_bin)),
-            _ => (Who::MetaStore, bin_dir.join("metastore")),
-        };
-        let mut cmd = command(who, Mode::Plain, &bin, dir.path(), ports, &certs);
-        if target == Target::RocksDb {
-            cmd.args(["--storage", "rocksdb"]);
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        Ok(Server::new(child, ports.0, None))
-    };
+    let start = || target.start(bin_dir, &args.etcd_bin, dir.path(), ports);
     let server = start()?;
     wait_ready(ports.0, Probe::StatusAndPut, READY_TIMEOUT).await?;
     let rss_empty = rss_kb(server.child.id());
@@ -280,13 +302,7 @@ pub async fn run(args: ScaleArgs, rec: &mut Recorder) -> Result<()> {
         Some(d) => d.clone(),
         None => crate::e2e::build_binaries()?,
     };
-    let mut targets = vec![Target::Memory];
-    if !args.no_rocksdb {
-        targets.push(Target::RocksDb);
-    }
-    if args.vs_etcd {
-        targets.push(Target::Etcd);
-    }
+    let targets = Target::chosen(!args.no_rocksdb, args.vs_etcd);
     println!(
         "{:<30} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9}",
         "keys/server",

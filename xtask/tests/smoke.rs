@@ -64,6 +64,7 @@ fn smoke_bench_writes_results_and_compare_flags_regressions() {
     let entries = file["entries"].as_array().expect("entries");
     for layer in [
         "codec", "batch", "wal", "raft", "engine", "e2e", "cluster", "secure", "large", "scale",
+        "k8s",
     ] {
         assert!(
             entries.iter().any(|e| e["layer"] == layer),
@@ -84,6 +85,8 @@ fn smoke_bench_writes_results_and_compare_flags_regressions() {
         "5000/metastore-memory/range100",
         "5000/metastore-memory/put",
         "5000/metastore-rocksdb/range100",
+        "k8s/metastore-memory",
+        "k8s/metastore-rocksdb",
     ] {
         let entry = entries
             .iter()
@@ -111,6 +114,27 @@ fn smoke_bench_writes_results_and_compare_flags_regressions() {
         assert!(
             loaded["metrics"][metric].as_f64().unwrap_or(0.0) > 0.0,
             "{metric} in {loaded}"
+        );
+    }
+    // The k8s case ran every kind of request, and each type's watch delivered exactly the
+    // writes acknowledged (a check failure otherwise, asserted above).
+    let k8s = entries
+        .iter()
+        .find(|e| e["name"] == "k8s/metastore-memory")
+        .unwrap_or_else(|| panic!("no k8s entry in {text}"));
+    for metric in [
+        "update_per_sec",
+        "get_per_sec",
+        "create_per_sec",
+        "delete_per_sec",
+        "list_per_sec",
+        "n_watch_events",
+        "n_compactions",
+        "watch_delay_p99_ms",
+    ] {
+        assert!(
+            k8s["metrics"][metric].as_f64().unwrap_or(0.0) > 0.0,
+            "{metric} in {k8s}"
         );
     }
     let md = std::fs::read_to_string(json[0].with_extension("md")).expect("markdown beside");

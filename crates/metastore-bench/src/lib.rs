@@ -8,6 +8,7 @@
 //! server cannot hide its queueing (no coordinated omission).
 
 pub mod cpu;
+mod k8s;
 pub mod noop;
 pub mod report;
 mod tls;
@@ -21,6 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use k8s::K8sArgs;
 pub use report::Latency;
 
 /// Flags every workload shares (etcd benchmark's global flags plus ours).
@@ -134,6 +136,10 @@ pub enum Workload {
     BatchPut(BatchArgs),
     /// MetaStore's `BatchGet`: `--batch-size` keys per request, read at one revision.
     BatchGet(BatchArgs),
+    /// What kube-apiserver asks of etcd: 1–16 KiB objects under `/registry/`, guarded
+    /// updates / creates / deletes, quorum gets, paged lists at a pinned revision, a watch per
+    /// type and periodic compaction. Needs an empty `/registry/`.
+    K8s(K8sArgs),
 }
 
 #[derive(Args, Clone, Debug)]
@@ -271,6 +277,7 @@ pub async fn run(workload: &Workload, common: &Common) -> Result<Report> {
     match workload {
         Workload::Watch(args) => watch::watch(args, common).await,
         Workload::WatchLatency(args) => watch::watch_latency(args, common).await,
+        Workload::K8s(args) => k8s::k8s(args, common).await,
         _ => drive(workload, common).await,
     }
 }
@@ -444,6 +451,7 @@ pub fn workload_name(w: &Workload) -> &'static str {
         Workload::LeaseKeepalive => "lease-keepalive",
         Workload::BatchPut(_) => "batch-put",
         Workload::BatchGet(_) => "batch-get",
+        Workload::K8s(_) => "k8s",
     }
 }
 

@@ -134,8 +134,8 @@ impl Worker {
                     },
                 }
             }
-            Workload::Watch(_) | Workload::WatchLatency(_) => {
-                bail!("watch workloads have their own driver")
+            Workload::Watch(_) | Workload::WatchLatency(_) | Workload::K8s(_) => {
+                bail!("watch and k8s workloads have their own driver")
             }
         };
         Ok(Self {
