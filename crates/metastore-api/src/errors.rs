@@ -128,7 +128,8 @@ pub fn from_mvcc(e: MvccError) -> Status {
         | MvccError::Corrupt(..)
         | MvccError::Downgrade { .. }
         | MvccError::UnknownCommand(_)
-        | MvccError::InstallInterrupted(_) => Status::internal(format!("etcdserver: {e}")),
+        | MvccError::InstallInterrupted(_)
+        | MvccError::Thread(..) => Status::internal(format!("etcdserver: {e}")),
     }
 }
 

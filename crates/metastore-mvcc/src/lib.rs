@@ -59,6 +59,9 @@ pub enum MvccError {
     /// A range's key-values passed the response limit (`size` counted when it stopped).
     #[error("response of at least {size} bytes is over the limit of {limit}")]
     ResponseTooLarge { size: usize, limit: usize },
+    /// The OS refused a thread (the error is kept as text: this enum is compared in tests).
+    #[error("starting the {0} thread: {1}")]
+    Thread(&'static str, String),
 }
 
 impl From<metastore_engine::EngineError> for MvccError {

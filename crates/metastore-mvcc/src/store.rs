@@ -32,6 +32,7 @@ mod compaction;
 mod hash;
 mod install;
 mod members;
+mod rebuild;
 pub use auth::is_auth_op;
 pub use cluster_version::ClusterVersion;
 pub use hash::KvHash;
@@ -200,61 +201,15 @@ fn encode_record(
     buf
 }
 
+/// Records a range loads from the engine at a time: enough for a batched lookup to pay off,
+/// few enough that a range refused for its size has not loaded much past the limit.
+const LOAD_CHUNK: usize = 32;
+
 fn header(revision: i64) -> Option<ResponseHeader> {
     Some(ResponseHeader {
         revision,
         ..Default::default()
     })
-}
-
-/// The fields of a stored `KeyValue` the key index needs: decoding into this skips the value
-/// (tag 5) and mod revision (tag 3) without copying them.
-#[derive(Clone, PartialEq, prost::Message)]
-struct IndexFields {
-    #[prost(bytes = "bytes", tag = "1")]
-    key: Bytes,
-    #[prost(int64, tag = "2")]
-    create_revision: i64,
-    #[prost(int64, tag = "4")]
-    version: i64,
-    #[prost(int64, tag = "6")]
-    lease: i64,
-}
-
-/// Fills `index` from every MVCC record the engine holds; returns the highest main revision.
-fn rebuild_index(engine: &dyn Engine, index: &KeyIndex) -> Result<i64> {
-    let mut max_rev = 1i64;
-    let mut err = None;
-    engine.scan_bulk_borrowed(
-        Space::Kv,
-        (Bound::Unbounded, Bound::Unbounded),
-        &mut |k, v| {
-            let Some((rev, tombstone)) = parse_rev_key(k) else {
-                err = Some(MvccError::Corrupt(0, format!("bad revision key {k:?}")));
-                return false;
-            };
-            match IndexFields::decode(v) {
-                Ok(kv) => {
-                    let entry = if tombstone {
-                        IndexRev::tombstone(rev)
-                    } else {
-                        IndexRev::live(rev, kv.create_revision, kv.version, kv.lease)
-                    };
-                    index.push(&kv.key, entry);
-                    max_rev = max_rev.max(rev.main);
-                    true
-                }
-                Err(e) => {
-                    err = Some(MvccError::Corrupt(rev.main, e.to_string()));
-                    false
-                }
-            }
-        },
-    )?;
-    match err {
-        Some(e) => Err(e),
-        None => Ok(max_rev),
-    }
 }
 
 impl<E: Engine> Store<E> {
@@ -264,7 +219,7 @@ impl<E: Engine> Store<E> {
             return Err(MvccError::InstallInterrupted(index));
         }
         let index = KeyIndex::new();
-        let max_rev = rebuild_index(engine.as_ref(), &index)?;
+        let max_rev = rebuild::rebuild_index(engine.as_ref(), &index)?;
         let revision = read_meta_i64(engine.as_ref(), META_REVISION)?
             .unwrap_or(1)
             .max(max_rev);
@@ -365,20 +320,16 @@ impl<E: Engine> Store<E> {
                 .map_err(|e| MvccError::Corrupt(0, format!("lease record: {e}")))?;
             self.leases.grant(rec.id, rec.ttl, rec.remaining_ttl);
         }
+        // The index carries each live key's lease: reading every record for it was a random
+        // engine read per key (most of a 10M-key RocksDB restart).
         let current = self.current_revision();
-        let view = View::at(current);
-        let mut attached = Vec::new();
         self.index
-            .visit(&KeyRange::new(&[0], &[0]), current, &mut |_, r| {
-                attached.push(r.rev);
+            .visit(&KeyRange::new(&[0], &[0]), current, &mut |key, r| {
+                if r.lease != 0 {
+                    self.leases.attach(r.lease, key);
+                }
                 true
             });
-        for rev in attached {
-            let kv = self.load(rev, &view)?;
-            if kv.lease != 0 {
-                self.leases.attach(kv.lease, &kv.key);
-            }
-        }
         Ok(())
     }
 
@@ -782,6 +733,35 @@ impl<E: Engine> Store<E> {
         KeyValue::decode(raw).map_err(|e| MvccError::Corrupt(rev.main, e.to_string()))
     }
 
+    /// [`load`](Self::load) of several records with one engine lookup for those the view
+    /// does not hold.
+    fn load_many(&self, revs: &[Revision], view: &View<'_>) -> Result<Vec<KeyValue>> {
+        if let [rev] = revs {
+            return Ok(vec![self.load(*rev, view)?]);
+        }
+        let mut raws: Vec<Option<Bytes>> = revs
+            .iter()
+            .map(|&r| view.overlay.and_then(|o| o.get(r)))
+            .collect();
+        let missing: Vec<usize> = (0..revs.len()).filter(|&i| raws[i].is_none()).collect();
+        if !missing.is_empty() {
+            let keys: Vec<Bytes> = missing.iter().map(|&i| rev_key(revs[i], false)).collect();
+            let refs: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
+            let found = self.engine.get_many(Space::Kv, &refs)?;
+            for (i, raw) in missing.into_iter().zip(found) {
+                raws[i] = raw;
+            }
+        }
+        revs.iter()
+            .zip(raws)
+            .map(|(rev, raw)| {
+                // As in `load`: only a racing compaction removes a record the index shows.
+                let raw = raw.ok_or(MvccError::Compacted)?;
+                KeyValue::decode(raw).map_err(|e| MvccError::Corrupt(rev.main, e.to_string()))
+            })
+            .collect()
+    }
+
     fn check_rev(&self, requested: i64, view: &View<'_>) -> Result<i64> {
         let rev = if requested <= 0 {
             view.current
@@ -841,21 +821,22 @@ impl<E: Engine> Store<E> {
         );
         let mut kvs = Vec::with_capacity(revs.len());
         let bytes = used;
-        for r in revs {
-            let kv = self.load(r, view)?;
-            if max_bytes != usize::MAX {
-                // Each key-value's field tag and length prefix included, as it is sent (with
-                // no value when only keys are asked for).
-                let value = if req.keys_only { kv.value.len() } else { 0 };
-                *bytes += kv.encoded_len() - value + 6;
-                if *bytes > max_bytes {
-                    return Err(MvccError::ResponseTooLarge {
-                        size: *bytes,
-                        limit: max_bytes,
-                    });
+        for chunk in revs.chunks(LOAD_CHUNK) {
+            for kv in self.load_many(chunk, view)? {
+                if max_bytes != usize::MAX {
+                    // Each key-value's field tag and length prefix included, as it is sent
+                    // (with no value when only keys are asked for).
+                    let value = if req.keys_only { kv.value.len() } else { 0 };
+                    *bytes += kv.encoded_len() - value + 6;
+                    if *bytes > max_bytes {
+                        return Err(MvccError::ResponseTooLarge {
+                            size: *bytes,
+                            limit: max_bytes,
+                        });
+                    }
                 }
+                kvs.push(kv);
             }
-            kvs.push(kv);
         }
         // A compaction that ran while we read may have trimmed what we saw.
         if rev < self.compact_revision().max(view.compact_floor) {
@@ -1566,7 +1547,7 @@ mod tests {
             let encoded = encode_record(&key, create_revision, mod_revision, version, &value, lease);
             prop_assert_eq!(&encoded, &kv.encode_to_vec());
             // What the index rebuild reads of it.
-            let fields = IndexFields::decode(&encoded[..]).expect("decodes");
+            let fields = super::rebuild::IndexFields::decode(&encoded[..]).expect("decodes");
             prop_assert_eq!(
                 (&fields.key[..], fields.create_revision, fields.version, fields.lease),
                 (&key[..], create_revision, version, lease)

@@ -8,7 +8,8 @@
 //! and must finish the install from the same file before it opens the store
 //! ([`replace_engine_contents`]), since its engine then holds a mix of two states.
 
-use super::{read_meta_i64, rebuild_index, Store, META_APPLIED, META_COMPACT, META_REVISION};
+use super::rebuild::rebuild_index;
+use super::{read_meta_i64, Store, META_APPLIED, META_COMPACT, META_REVISION};
 use crate::MvccError;
 use metastore_engine::{Engine, Space, WriteBatch};
 use std::path::Path;
