@@ -100,6 +100,12 @@ pub trait Engine: Send + Sync + 'static {
 
     fn get(&self, space: Space, key: &[u8]) -> Result<Option<Bytes>>;
 
+    /// [`get`](Self::get) of several keys, answered in their order: an engine that can batch
+    /// lookups pays its per-lookup cost once.
+    fn get_many(&self, space: Space, keys: &[&[u8]]) -> Result<Vec<Option<Bytes>>> {
+        keys.iter().map(|k| self.get(space, k)).collect()
+    }
+
     /// Visits keys in `range` in ascending order until `visit` returns false.
     fn scan(
         &self,
