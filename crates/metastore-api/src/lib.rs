@@ -402,8 +402,10 @@ impl<E: Engine> EtcdServer<E> {
         }
         // etcd's admission check: a member whose applying lags its committing this far takes
         // no more work until it has caught up.
+        // The same when the entries waiting to be applied pass their byte bound (raft's
+        // `max-apply-backlog-bytes`), whatever their count.
         let raft = self.raft.status();
-        if raft.commit_index > raft.applied_index + MAX_APPLY_LAG_ENTRIES {
+        if raft.commit_index > raft.applied_index + MAX_APPLY_LAG_ENTRIES || raft.apply_held {
             metrics::counter!("metastore_requests_refused_total", "reason" => "apply_lag")
                 .increment(1);
             return Err(errors::too_many_requests());

@@ -57,6 +57,21 @@ impl Drop for StopOnExit {
     }
 }
 
+/// What a batch of committed entries counts for in the apply backlog: its payloads and a
+/// little for each entry, so that empty entries count too.
+pub(crate) fn backlog_bytes(entries: &[Entry]) -> u64 {
+    const PER_ENTRY: u64 = 64;
+    entries
+        .iter()
+        .map(|e| e.data.len() as u64 + PER_ENTRY)
+        .sum()
+}
+
+/// The apply thread stops merging queued batches into one state machine call past this many
+/// bytes: the call's engine batch stays bounded, and the applied index (and the backlog the
+/// raft thread waits on) moves in steps.
+const MAX_COALESCED_BYTES: u64 = 16 * 1024 * 1024;
+
 pub(crate) fn apply_loop(
     shared: Arc<Shared>,
     mut sm: Box<dyn StateMachine>,
@@ -102,13 +117,18 @@ pub(crate) fn apply_loop(
             }
         };
         // Coalesce the entries queued behind into one call: fewer engine batches under load.
-        while let Ok(more) = rx.try_recv() {
-            match more {
-                ApplyInput::Entries(more) => entries.extend(more),
-                other => {
+        let mut bytes = backlog_bytes(&entries);
+        while bytes < MAX_COALESCED_BYTES {
+            match rx.try_recv() {
+                Ok(ApplyInput::Entries(more)) => {
+                    bytes += backlog_bytes(&more);
+                    entries.extend(more);
+                }
+                Ok(other) => {
                     next = Some(other);
                     break;
                 }
+                Err(_) => break,
             }
         }
         let Some(last) = entries.last().map(|e| e.index) else {
@@ -123,6 +143,12 @@ pub(crate) fn apply_loop(
             return;
         }
         shared.applied.send_replace(last);
+        shared
+            .apply_backlog_bytes
+            .fetch_sub(bytes, Ordering::SeqCst);
+        if shared.apply_held.load(Ordering::SeqCst) {
+            let _ = raft_tx.send(Input::Applied);
+        }
         let now_durable = sm.durable_index();
         if now_durable > durable {
             durable = now_durable;

@@ -19,6 +19,11 @@ pub struct RaftConfig {
     pub max_uncommitted_size: u64,
     /// Upper bound of committed entry bytes handed over in one Ready.
     pub max_committed_size_per_ready: u64,
+    /// Committed entry bytes handed to the apply thread and not applied yet at which the raft
+    /// thread stops taking Readies until applying catches up (a slow disk on a follower, a
+    /// replay at start): the apply queue holds at most this plus one Ready. Meanwhile the
+    /// member answers new requests "etcdserver: too many requests".
+    pub max_apply_backlog_bytes: u64,
     /// WAL segment size in bytes.
     pub wal_segment_size: u64,
     /// fsync the WAL before acknowledging. UNSAFE when false: a crash loses acknowledged
@@ -50,6 +55,7 @@ impl Default for RaftConfig {
             max_size_per_msg: 4 * 1024 * 1024,
             max_uncommitted_size: 1 << 30,
             max_committed_size_per_ready: 64 * 1024 * 1024,
+            max_apply_backlog_bytes: 128 * 1024 * 1024,
             wal_segment_size: 64 * 1024 * 1024,
             wal_sync: true,
             wal_preallocate: true,

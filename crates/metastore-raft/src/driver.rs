@@ -22,6 +22,7 @@ pub(crate) struct Driver {
     tick_interval: Duration,
     catch_up_entries: u64,
     catch_up_bytes: u64,
+    max_apply_backlog: u64,
     pending_reads: Vec<oneshot::Sender<Result<u64, RaftError>>>,
     inflight_reads: HashMap<Vec<u8>, InflightRead>,
     read_seq: u64,
@@ -63,6 +64,7 @@ impl Driver {
             tick_interval: config.tick_interval,
             catch_up_entries: config.snapshot_catch_up_entries,
             catch_up_bytes: config.snapshot_catch_up_bytes,
+            max_apply_backlog: config.max_apply_backlog_bytes,
             pending_reads: Vec::new(),
             inflight_reads: HashMap::new(),
             read_seq: 0,
@@ -224,6 +226,8 @@ impl Driver {
                 });
                 let _ = reply.send(progress);
             }
+            // Only wakes the loop: `drain_ready` looks at the backlog again.
+            Input::Applied => {}
             Input::Shutdown => return false,
         }
         true
@@ -453,14 +457,44 @@ impl Driver {
             self.shared.commit.fetch_max(last, Ordering::AcqRel);
             self.shared.last_index.fetch_max(last, Ordering::AcqRel);
         }
+        self.shared
+            .apply_backlog_bytes
+            .fetch_add(crate::apply::backlog_bytes(&entries), Ordering::SeqCst);
         self.apply_tx
             .send(ApplyInput::Entries(entries))
             .map_err(|_| RaftError::Stopped)
     }
 
+    /// Applying lags too far behind committing: take no Ready, so that no more committed
+    /// entries queue for the apply thread, until it catches up. Messages and proposals are
+    /// still stepped, so a follower keeps its leader; what raft would send waits with the
+    /// Ready. The apply thread sends `Input::Applied` while `apply_held` is set.
+    fn apply_backlog_full(&self) -> bool {
+        // Held first, backlog read second (both SeqCst), against the apply thread's decrement
+        // then read of `apply_held`: one of the two sides sees the other, so no wake is lost.
+        let was_held = self.shared.apply_held.swap(true, Ordering::SeqCst);
+        let backlog = self.shared.apply_backlog_bytes.load(Ordering::SeqCst);
+        let full = backlog >= self.max_apply_backlog;
+        if !full {
+            self.shared.apply_held.store(false, Ordering::SeqCst);
+        }
+        if full != was_held {
+            tracing::debug!(
+                backlog,
+                bound = self.max_apply_backlog,
+                held = full,
+                "apply backlog"
+            );
+        }
+        full
+    }
+
     /// Handles Readies until raft has nothing more, so no leftover work waits for a tick.
     fn drain_ready(&mut self) -> Result<(), RaftError> {
         loop {
+            if self.apply_backlog_full() {
+                return Ok(());
+            }
             self.issue_reads();
             self.on_ready()?;
             self.publish();

@@ -175,6 +175,10 @@ pub struct RaftStatus {
     /// Bytes of log entries held in memory (for followers to catch up from, and not yet
     /// applied ones).
     pub log_bytes_in_memory: u64,
+    /// Committed entry bytes waiting for the apply thread.
+    pub apply_backlog_bytes: u64,
+    /// The raft thread waits for applying to catch up (`max_apply_backlog_bytes`).
+    pub apply_held: bool,
 }
 
 /// The membership raft works with now.
@@ -212,6 +216,8 @@ enum Input {
     TransferLeader(u64),
     /// How far each member's log matches the leader's (None: not the leader).
     Progress(oneshot::Sender<Option<std::collections::HashMap<u64, u64>>>),
+    /// The apply thread applied entries while the raft thread was held: look again.
+    Applied,
     Shutdown,
 }
 
@@ -222,6 +228,11 @@ struct Shared {
     commit: AtomicU64,
     last_index: AtomicU64,
     log_bytes_in_memory: AtomicU64,
+    /// Bytes of committed entries sent to the apply thread and not applied yet.
+    apply_backlog_bytes: AtomicU64,
+    /// The raft thread takes no Ready until the backlog falls under its bound; the apply
+    /// thread wakes it (`Input::Applied`) as it goes.
+    apply_held: AtomicBool,
     stopped: AtomicBool,
     applied: watch::Sender<u64>,
     /// Woken once when the member stops (after `stopped` is set).
@@ -327,6 +338,8 @@ impl RaftNode {
             commit: AtomicU64::new(0),
             last_index: AtomicU64::new(0),
             log_bytes_in_memory: AtomicU64::new(0),
+            apply_backlog_bytes: AtomicU64::new(0),
+            apply_held: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             applied: applied_tx,
             leadership: watch::channel((0, 0)).0,
@@ -521,6 +534,8 @@ impl RaftNode {
             last_index: self.shared.last_index.load(Ordering::Acquire),
             is_leader: leader_id == self.shared.id,
             log_bytes_in_memory: self.shared.log_bytes_in_memory.load(Ordering::Acquire),
+            apply_backlog_bytes: self.shared.apply_backlog_bytes.load(Ordering::Acquire),
+            apply_held: self.shared.apply_held.load(Ordering::Acquire),
         }
     }
 

@@ -253,3 +253,82 @@ async fn a_lone_member_keeps_no_catch_up_log_in_memory() {
     );
     node.shutdown();
 }
+
+/// A state machine slower than the log it is fed.
+struct SlowRecorder(Recorder);
+
+impl StateMachine for SlowRecorder {
+    fn apply(&mut self, entries: Vec<CommittedEntry>) -> Result<(), String> {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        self.0.apply(entries)
+    }
+    fn applied_index(&self) -> u64 {
+        0
+    }
+}
+
+/// At a restart the whole log is committed at once: the raft thread used to hand all of it to
+/// the apply thread's queue (a 10M-key log held twice in memory). Now it takes no Ready while
+/// the queue holds `max_apply_backlog_bytes`, and the replay still completes, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_into_a_slow_state_machine_queues_a_bounded_backlog() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let entries = 64u32;
+    let payload = 256 * 1024;
+    {
+        let sm = Recorder::default();
+        let node = start(dir.path(), sm.clone());
+        for i in 0..entries {
+            let mut data = vec![0u8; payload];
+            data[..4].copy_from_slice(&i.to_be_bytes());
+            node.propose(data).await.expect("propose");
+        }
+        wait_for_entries(&sm, entries as usize).await;
+        node.shutdown();
+    }
+    let bound = 1024 * 1024u64;
+    let config = RaftConfig {
+        max_apply_backlog_bytes: bound,
+        max_committed_size_per_ready: bound,
+        ..RaftConfig::default()
+    };
+    let sm = Recorder::default();
+    let node = RaftNode::start(
+        1,
+        metastore_raft::Bootstrap::voters(&[1]),
+        dir.path(),
+        config,
+        Arc::new(NoPeers),
+        Box::new(SlowRecorder(sm.clone())),
+    )
+    .expect("restart");
+    let (mut most, mut held) = (0u64, false);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while sm.0.lock().expect("lock").len() < entries as usize {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replay not done in time"
+        );
+        let status = node.status();
+        most = most.max(status.apply_backlog_bytes);
+        held |= status.apply_held;
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    // One Ready past the bound, and the entries committed by persisting it (its light ready).
+    let slack = 2 * bound + 4 * 64;
+    assert!(
+        most <= bound + slack,
+        "{most} bytes queued for the apply thread; bound {bound} (+{slack} for one Ready)"
+    );
+    assert!(held, "the raft thread never waited for the apply thread");
+    let replayed = payloads(&sm);
+    assert_eq!(replayed.len(), entries as usize);
+    for (i, data) in replayed.iter().enumerate() {
+        assert_eq!(
+            data[..4],
+            (i as u32).to_be_bytes(),
+            "entry {i} out of order"
+        );
+    }
+    node.shutdown();
+}

@@ -130,6 +130,7 @@ fn sample<E: Engine>(server: &EtcdServer<E>) {
     metrics::gauge!("etcd_server_proposals_committed_total").set(raft.commit_index as f64);
     metrics::gauge!("etcd_server_proposals_applied_total").set(raft.applied_index as f64);
     metrics::gauge!("metastore_raft_log_memory_bytes").set(raft.log_bytes_in_memory as f64);
+    metrics::gauge!("metastore_raft_apply_backlog_bytes").set(raft.apply_backlog_bytes as f64);
     metrics::gauge!("etcd_server_proposals_pending")
         .set(server.proposer.stats().pending.load(Ordering::Relaxed) as f64);
     let size = server.store.engine().size_bytes() as f64;
@@ -159,6 +160,11 @@ fn describe() {
         "metastore_raft_log_memory_bytes",
         Unit::Bytes,
         "Bytes of raft log entries held in memory: not yet applied, or kept for followers to catch up from."
+    );
+    describe_gauge!(
+        "metastore_raft_apply_backlog_bytes",
+        Unit::Bytes,
+        "Bytes of committed raft entries waiting for the apply thread (bounded by raft.max-apply-backlog-bytes plus one Ready)."
     );
     describe_gauge!(
         "etcd_server_has_leader",
