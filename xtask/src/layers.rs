@@ -509,7 +509,10 @@ struct CountingMachine {
 }
 
 impl StateMachine for CountingMachine {
-    fn apply(&mut self, entries: Vec<CommittedEntry>) -> Result<(), String> {
+    fn apply(
+        &mut self,
+        entries: Vec<CommittedEntry>,
+    ) -> Result<(), metastore_raft::StateMachineError> {
         for entry in entries {
             self.applied = entry.index;
             let batch = decode_batch(&entry.data).map_err(|e| e.to_string())?;

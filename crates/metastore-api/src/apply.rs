@@ -8,7 +8,7 @@ use metastore_batch::{Completer, ProposalRefused, ProposalSink};
 use metastore_codec::decode_batch_shared;
 use metastore_engine::Engine;
 use metastore_mvcc::Store;
-use metastore_raft::{CommittedEntry, RaftNode, StateMachine};
+use metastore_raft::{CommittedEntry, RaftNode, StateMachine, StateMachineError};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -178,19 +178,57 @@ impl<E: Engine> ApplyDriver<E> {
     }
 }
 
+/// Why the state machine cannot go on: the member stops with it (`RaftError::StateMachine`).
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("raft entry {index} cannot be decoded by this version ({source}); was it written by a newer MetaStore? Upgrade this member")]
+    Undecodable {
+        index: u64,
+        #[source]
+        source: metastore_codec::CodecError,
+    },
+    #[error("applying raft entry {index}: {source}")]
+    Entry {
+        index: u64,
+        #[source]
+        source: metastore_mvcc::MvccError,
+    },
+    #[error("conf change entry {index} has an undecodable context: {source}")]
+    ConfChangeContext {
+        index: u64,
+        #[source]
+        source: prost::DecodeError,
+    },
+    #[error("applying conf change entry {index}: {source}")]
+    ConfChange {
+        index: u64,
+        #[source]
+        source: metastore_mvcc::MvccError,
+    },
+    #[error("installing the snapshot at index {index}: {source}")]
+    Install {
+        index: u64,
+        #[source]
+        source: metastore_mvcc::MvccError,
+    },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 impl<E: Engine> StateMachine for ApplyDriver<E> {
-    fn apply(&mut self, entries: Vec<CommittedEntry>) -> Result<(), String> {
+    fn apply(&mut self, entries: Vec<CommittedEntry>) -> Result<(), StateMachineError> {
         for entry in entries {
             // The WAL's CRC rules out damage, so an entry that does not decode was written by a
             // newer member (a frame layout the cluster version should have kept back) or by a
             // bug. Skipping it would let this member diverge from those that applied it: stop,
             // loudly, and let the operator upgrade this binary; the entry stays in the log.
-            let batch = decode_batch_shared(entry.data).map_err(|e| {
-                format!(
-                    "raft entry {} cannot be decoded by this version ({e}); was it written by a newer MetaStore? Upgrade this member",
-                    entry.index
-                )
-            })?;
+            let index = entry.index;
+            let batch = decode_batch_shared(entry.data)
+                .map_err(|source| ApplyError::Undecodable { index, source })?;
             let completer = self.completer.0.get().filter(|c| c.is_waiting(batch.id));
             let total = batch.commands.len();
             let mut delivered = 0;
@@ -206,7 +244,7 @@ impl<E: Engine> StateMachine for ApplyDriver<E> {
                         completer.complete_part(batch.id, results, delivered >= total);
                     }
                 })
-                .map_err(|e| format!("applying raft entry {}: {e}", entry.index))?;
+                .map_err(|source| ApplyError::Entry { index, source })?;
         }
         self.maybe_persist();
         Ok(())
@@ -220,12 +258,12 @@ impl<E: Engine> StateMachine for ApplyDriver<E> {
         &mut self,
         index: u64,
         cc: &metastore_raft::eraftpb::ConfChange,
-    ) -> Result<(), String> {
+    ) -> Result<(), StateMachineError> {
         let change = member_change_of(cc)
-            .map_err(|e| format!("conf change entry {index} has an undecodable context: {e}"))?;
+            .map_err(|source| ApplyError::ConfChangeContext { index, source })?;
         self.store
             .apply_conf_change(index, change)
-            .map_err(|e| format!("applying conf change entry {index}: {e}"))?;
+            .map_err(|source| ApplyError::ConfChange { index, source })?;
         self.maybe_persist();
         Ok(())
     }
@@ -233,25 +271,25 @@ impl<E: Engine> StateMachine for ApplyDriver<E> {
     /// The same capture as the persist thread's: the file format is the memory engine's
     /// snapshot, whatever the engine, so a follower on either engine can install it (a RocksDB
     /// checkpoint would tie both ends to RocksDB's files). The write is paced like a persist.
-    fn capture_snapshot(&mut self) -> Result<(u64, metastore_raft::SnapshotWriter), String> {
+    fn capture_snapshot(
+        &mut self,
+    ) -> Result<(u64, metastore_raft::SnapshotWriter), StateMachineError> {
         let index = self.store.applied_index();
-        let capture = self
-            .store
-            .capture_snapshot()
-            .map_err(|e| e.to_string())?
-            .with_pace(SNAPSHOT_CPU_SHARE);
+        let capture = self.store.capture_snapshot()?.with_pace(SNAPSHOT_CPU_SHARE);
         let store = self.store.clone();
         Ok((
             index,
             Box::new(move |path: &std::path::Path| {
-                capture
-                    .write_file(store.engine().as_ref(), path, 1)
-                    .map_err(|e| e.to_string())
+                Ok(capture.write_file(store.engine().as_ref(), path, 1)?)
             }),
         ))
     }
 
-    fn install_snapshot(&mut self, path: &std::path::Path, index: u64) -> Result<(), String> {
+    fn install_snapshot(
+        &mut self,
+        path: &std::path::Path,
+        index: u64,
+    ) -> Result<(), StateMachineError> {
         // A persist running on the old state must not record its index as durable after the
         // new state is in: wait for it.
         while self.persisting.load(Ordering::Acquire) {
@@ -260,17 +298,21 @@ impl<E: Engine> StateMachine for ApplyDriver<E> {
         if let Durability::Snapshots { dir, retention, .. } = &self.durability {
             // The memory engine's durable state is its newest snapshot file: this one, linked
             // into place before the engine changes, so a crash from here on restarts from it.
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let io = |path: &std::path::Path| {
+                let path = path.to_path_buf();
+                move |source| ApplyError::Io { path, source }
+            };
+            std::fs::create_dir_all(dir).map_err(io(dir))?;
             let target = metastore_mvcc::snapshot::snapshot_path(dir, index);
             let _ = std::fs::remove_file(&target);
             std::fs::hard_link(path, &target)
                 .or_else(|_| std::fs::copy(path, &target).map(|_| ()))
-                .map_err(|e| format!("{}: {e}", target.display()))?;
+                .map_err(io(&target))?;
             std::fs::File::open(&target)
                 .and_then(|f| f.sync_all())
                 .and_then(|()| std::fs::File::open(dir))
                 .and_then(|d| d.sync_all())
-                .map_err(|e| format!("{}: {e}", dir.display()))?;
+                .map_err(io(dir))?;
             for (old_index, old) in metastore_mvcc::snapshot::list_snapshots(dir) {
                 // Newer files than the leader's state belong to a history this member no
                 // longer follows; older ones beyond the retention are not needed.
@@ -287,7 +329,7 @@ impl<E: Engine> StateMachine for ApplyDriver<E> {
         }
         self.store
             .install_snapshot(path, index)
-            .map_err(|e| format!("installing the snapshot at index {index}: {e}"))?;
+            .map_err(|source| ApplyError::Install { index, source })?;
         // The persistent engine flushed the new state in the install.
         self.durable.store(index, Ordering::Release);
         Ok(())
@@ -395,8 +437,17 @@ mod tests {
         let err = driver
             .apply(vec![entry(2, newer.into()), entry(3, put_frame())])
             .expect_err("an undecodable entry must stop the member");
-        assert!(err.contains("raft entry 2 cannot be decoded"), "{err}");
-        assert!(err.contains("unsupported frame version 2"), "{err}");
+        assert!(
+            matches!(
+                err.downcast_ref::<ApplyError>(),
+                Some(ApplyError::Undecodable { index: 2, .. })
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("unsupported frame version 2"),
+            "{err}"
+        );
         assert_eq!(
             store.applied_index(),
             1,

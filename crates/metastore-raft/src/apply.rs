@@ -1,7 +1,9 @@
 //! The apply thread: committed entries to the state machine, durability back to the raft
 //! thread; and the guard that marks the member stopped when either thread ends.
 
-use crate::{CommittedEntry, Input, RaftError, Shared, StateMachine, WalStorage};
+use crate::{
+    CommittedEntry, Input, RaftError, Shared, StateMachine, StateMachineError, WalStorage,
+};
 use flume::{Receiver, Sender};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, EntryType, Snapshot};
@@ -43,10 +45,7 @@ impl Drop for StopOnExit {
             );
             let mut failure = self.shared.failure.lock();
             if failure.is_none() {
-                *failure = Some(RaftError::Raft(format!(
-                    "the {} thread panicked",
-                    self.thread
-                )));
+                *failure = Some(RaftError::ThreadPanicked(self.thread));
             }
         }
         self.shared.stopped.store(true, Ordering::Release);
@@ -104,8 +103,9 @@ pub(crate) fn apply_loop(
             } => {
                 if let Err(e) = sm.install_snapshot(&path, index) {
                     tracing::error!(index, error = %e, "cannot install the leader's snapshot; stopping this member");
-                    stop_member(&shared, RaftError::StateMachine(e.clone()));
-                    let _ = reply.send(Err(RaftError::StateMachine(e)));
+                    let e = RaftError::from(e);
+                    stop_member(&shared, e.clone());
+                    let _ = reply.send(Err(e));
                     return;
                 }
                 terms = TermStarts::default();
@@ -139,7 +139,7 @@ pub(crate) fn apply_loop(
         }
         if let Err(e) = apply_in_order(sm.as_mut(), entries) {
             tracing::error!(error = %e, "state machine failed; stopping this member");
-            stop_member(&shared, RaftError::StateMachine(e));
+            stop_member(&shared, RaftError::from(e));
             return;
         }
         shared.applied.send_replace(last);
@@ -163,7 +163,7 @@ pub(crate) fn apply_loop(
 
 /// Hands entries to the state machine in log order: runs of normal entries as one call,
 /// membership changes one by one between them.
-fn apply_in_order(sm: &mut dyn StateMachine, entries: Vec<Entry>) -> Result<(), String> {
+fn apply_in_order(sm: &mut dyn StateMachine, entries: Vec<Entry>) -> Result<(), StateMachineError> {
     let mut normal: Vec<CommittedEntry> = Vec::new();
     for e in entries {
         match e.get_entry_type() {
@@ -204,7 +204,7 @@ fn build_snapshot(sm: &mut dyn StateMachine, storage: &WalStorage, terms: &TermS
             Some(term) => term,
             None => storage
                 .term(index)
-                .map_err(|e| format!("no term for index {index}: {e}"))?,
+                .map_err(|e| SnapshotBuildError::Term(index, e))?,
         };
         // The membership as of the captured index: a later change is in the log after it.
         let conf_state = storage.conf_state_at(index);
@@ -224,15 +224,13 @@ fn build_snapshot(sm: &mut dyn StateMachine, storage: &WalStorage, terms: &TermS
             let started = std::time::Instant::now();
             let path = transfers.send_path(index);
             let tmp = path.with_extension("tmp");
-            let written = std::fs::create_dir_all(transfers.send_dir())
-                .map_err(|e| e.to_string())
-                .and_then(|()| writer(&tmp))
-                .and_then(|()| crate::SnapshotFile::of(&tmp).map_err(|e| e.to_string()))
-                .and_then(|file| {
-                    std::fs::rename(&tmp, &path)
-                        .map(|()| file)
-                        .map_err(|e| e.to_string())
-                });
+            let written = (|| -> Result<crate::SnapshotFile, StateMachineError> {
+                std::fs::create_dir_all(transfers.send_dir())?;
+                writer(&tmp)?;
+                let file = crate::SnapshotFile::of(&tmp)?;
+                std::fs::rename(&tmp, &path)?;
+                Ok(file)
+            })();
             match written {
                 Ok(file) => {
                     let mut snap = Snapshot::default();
@@ -261,6 +259,13 @@ fn build_snapshot(sm: &mut dyn StateMachine, storage: &WalStorage, terms: &TermS
         tracing::warn!(error = %e, "cannot start the snapshot thread");
         storage.transfers().build_failed();
     }
+}
+
+/// Why a snapshot for a follower could not be captured.
+#[derive(Debug, thiserror::Error)]
+enum SnapshotBuildError {
+    #[error("no term for index {0}: {1}")]
+    Term(u64, #[source] raft::Error),
 }
 
 /// Marks the member stopped with `err` and wakes every reader waiting on the applied index:

@@ -91,7 +91,7 @@ impl Driver {
             started = self
                 .raw
                 .campaign()
-                .map_err(|e| RaftError::Raft(e.to_string()))
+                .map_err(RaftError::from)
                 .and_then(|()| self.drain_ready());
         }
         if let Err(e) = started {
@@ -175,7 +175,7 @@ impl Driver {
                         Err(RaftError::NoLeader)
                     }
                     Err(raft::Error::ProposalDropped) => Err(RaftError::ProposalDropped),
-                    Err(e) => Err(RaftError::Raft(e.to_string())),
+                    Err(e) => Err(RaftError::from(e)),
                 };
                 let _ = reply.send(result);
             }
@@ -273,7 +273,7 @@ impl Driver {
             .propose_conf_change(vec![], cc)
             .map_err(|e| match e {
                 raft::Error::ProposalDropped => RaftError::ProposalDropped,
-                e => RaftError::Raft(e.to_string()),
+                e => RaftError::from(e),
             })?;
         Ok(self.raw.raft.raft_log.last_index())
     }
@@ -419,12 +419,13 @@ impl Driver {
                 EntryType::EntryNormal => {}
                 EntryType::EntryConfChange => {
                     let mut cc = ConfChange::default();
-                    cc.merge_from_bytes(&e.data)
-                        .map_err(|err| RaftError::Raft(err.to_string()))?;
-                    let cs = self
-                        .raw
-                        .apply_conf_change(&cc)
-                        .map_err(|err| RaftError::Raft(err.to_string()))?;
+                    cc.merge_from_bytes(&e.data).map_err(|err| {
+                        RaftError::UndecodableConfChange {
+                            index: e.index,
+                            source: Arc::new(err),
+                        }
+                    })?;
+                    let cs = self.raw.apply_conf_change(&cc)?;
                     let removed = (cc.get_change_type()
                         == raft::eraftpb::ConfChangeType::RemoveNode)
                         .then_some(cc.node_id);
@@ -432,12 +433,13 @@ impl Driver {
                 }
                 EntryType::EntryConfChangeV2 => {
                     let mut cc = ConfChangeV2::default();
-                    cc.merge_from_bytes(&e.data)
-                        .map_err(|err| RaftError::Raft(err.to_string()))?;
-                    let cs = self
-                        .raw
-                        .apply_conf_change(&cc)
-                        .map_err(|err| RaftError::Raft(err.to_string()))?;
+                    cc.merge_from_bytes(&e.data).map_err(|err| {
+                        RaftError::UndecodableConfChange {
+                            index: e.index,
+                            source: Arc::new(err),
+                        }
+                    })?;
+                    let cs = self.raw.apply_conf_change(&cc)?;
                     let removed = cc
                         .changes
                         .iter()

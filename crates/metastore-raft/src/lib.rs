@@ -12,6 +12,7 @@ mod apply;
 mod config;
 mod driver;
 mod entry_cache;
+mod error;
 mod storage;
 mod transfer;
 pub mod witness;
@@ -30,31 +31,11 @@ use std::thread::JoinHandle;
 use tokio::sync::{oneshot, watch};
 
 pub use config::RaftConfig;
+pub use error::{RaftError, StateMachineError};
 pub use raft::eraftpb;
 pub use storage::{Bootstrap, WalStorage};
 use transfer::Transfers;
 pub use transfer::{received_snapshot_path, transfer_dir, SnapshotFile};
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RaftError {
-    #[error("no leader")]
-    NoLeader,
-    #[error("proposal dropped")]
-    ProposalDropped,
-    #[error("raft node stopped")]
-    Stopped,
-    #[error("wal: {0}")]
-    Wal(String),
-    #[error("raft: {0}")]
-    Raft(String),
-    #[error("state machine failed: {0}")]
-    StateMachine(String),
-    #[error("not leader")]
-    NotLeader,
-    /// The leader has a membership change not applied yet: raft-rs takes one at a time.
-    #[error("a membership change is in progress")]
-    ConfChangePending,
-}
 
 /// Sends raft messages to other members. Implementations must not block the raft loop.
 pub trait Transport: Send + Sync + 'static {
@@ -124,7 +105,7 @@ pub struct CommittedEntry {
 /// Receives committed entries, in log order, on the apply thread.
 pub trait StateMachine: Send + 'static {
     /// Applies entries. An error stops the node: it must not go on with a state it cannot trust.
-    fn apply(&mut self, entries: Vec<CommittedEntry>) -> Result<(), String>;
+    fn apply(&mut self, entries: Vec<CommittedEntry>) -> Result<(), StateMachineError>;
     /// The last raft index reflected in the state machine (what survives a restart).
     fn applied_index(&self) -> u64;
 
@@ -137,7 +118,7 @@ pub trait StateMachine: Send + 'static {
     /// Captures the state as of the last applied entry for a follower that is too far behind
     /// the leader's log; returns the captured state's applied index and the job that writes it
     /// to a file (run on another thread while applying goes on).
-    fn capture_snapshot(&mut self) -> Result<(u64, SnapshotWriter), String> {
+    fn capture_snapshot(&mut self) -> Result<(u64, SnapshotWriter), StateMachineError> {
         Err("this state machine cannot send snapshots".into())
     }
 
@@ -147,21 +128,21 @@ pub trait StateMachine: Send + 'static {
         &mut self,
         _index: u64,
         _change: &eraftpb::ConfChange,
-    ) -> Result<(), String> {
+    ) -> Result<(), StateMachineError> {
         Ok(())
     }
 
     /// Replaces the whole state with the snapshot file at `path`, taken at raft `index` by the
     /// leader's `capture_snapshot`. On success the state must be durable at `index`: the raft
     /// log before it is discarded next.
-    fn install_snapshot(&mut self, _path: &Path, _index: u64) -> Result<(), String> {
+    fn install_snapshot(&mut self, _path: &Path, _index: u64) -> Result<(), StateMachineError> {
         Err("this state machine cannot install snapshots".into())
     }
 }
 
 /// Writes a captured state to the file at the path given (the whole file; the caller renames
 /// it into place once complete).
-pub type SnapshotWriter = Box<dyn FnOnce(&Path) -> Result<(), String> + Send>;
+pub type SnapshotWriter = Box<dyn FnOnce(&Path) -> Result<(), StateMachineError> + Send>;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RaftStatus {
@@ -278,11 +259,10 @@ impl RaftNode {
         let storage = WalStorage::open(wal_dir.clone(), &config, &bootstrap, transfers.clone())?;
         if state_machine.applied_index() < storage.snapshot_index() {
             // The WAL below that point is gone: starting would silently skip those entries.
-            return Err(RaftError::Wal(format!(
-                "the state machine holds index {} but the WAL was compacted up to {}: its snapshot or engine data is missing",
-                state_machine.applied_index(),
-                storage.snapshot_index()
-            )));
+            return Err(RaftError::StateBehindWal {
+                applied: state_machine.applied_index(),
+                compacted: storage.snapshot_index(),
+            });
         }
         let applied = state_machine
             .applied_index()
@@ -302,23 +282,17 @@ impl RaftNode {
             read_only_option: raft::ReadOnlyOption::Safe,
             ..Default::default()
         };
-        raft_cfg
-            .validate()
-            .map_err(|e| RaftError::Raft(e.to_string()))?;
+        raft_cfg.validate()?;
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let single_voter = storage.voters() == [id];
         let membership = {
-            let cs = storage
-                .initial_state()
-                .map_err(|e| RaftError::Raft(e.to_string()))?
-                .conf_state;
+            let cs = storage.initial_state()?.conf_state;
             Membership {
                 voters: cs.voters,
                 learners: cs.learners,
             }
         };
-        let raw = RawNode::new(&raft_cfg, storage, &logger)
-            .map_err(|e| RaftError::Raft(e.to_string()))?;
+        let raw = RawNode::new(&raft_cfg, storage, &logger)?;
         // With peers, only what is committed is sure to be applied: an uncommitted tail may be
         // replaced by the next leader, and waiting for it could wait forever. Alone, this member
         // commits its whole log as soon as it leads, so it waits for all of it (a write may have
@@ -371,7 +345,7 @@ impl RaftNode {
                     };
                     apply_loop(shared, state_machine, apply_rx, raft_tx, storage)
                 })
-                .map_err(|e| RaftError::Raft(e.to_string()))?
+                .map_err(|e| RaftError::spawn("raft-apply", e))?
         };
         let raft_thread = {
             let shared = shared.clone();
@@ -391,7 +365,7 @@ impl RaftNode {
                     let mut driver = driver;
                     driver.run()
                 })
-                .map_err(|e| RaftError::Raft(e.to_string()))?
+                .map_err(|e| RaftError::spawn("raft", e))?
         };
         Ok(RaftNode {
             shared,

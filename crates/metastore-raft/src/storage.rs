@@ -57,10 +57,6 @@ impl Bootstrap {
     }
 }
 
-fn wal_err(e: impl std::fmt::Display) -> RaftError {
-    RaftError::Wal(e.to_string())
-}
-
 impl WalStorage {
     /// Opens the WAL in `dir` and rebuilds the log from it. A new WAL starts with `voters`.
     pub(crate) fn open(
@@ -76,8 +72,7 @@ impl WalStorage {
                 sync: config.wal_sync,
                 preallocate: config.wal_preallocate,
             },
-        )
-        .map_err(wal_err)?;
+        )?;
         let wal = Arc::new(wal);
         let mem = MemStorage::new();
         let storage = WalStorage {
@@ -145,12 +140,7 @@ impl WalStorage {
                         snapshot = Some(meta);
                     }
                 }
-                other => {
-                    return Err(RaftError::Wal(format!(
-                        "unknown record kind {other} in WAL {}",
-                        dir.display()
-                    )))
-                }
+                kind => return Err(RaftError::UnknownRecord { kind, dir }),
             }
         }
         {
@@ -160,17 +150,15 @@ impl WalStorage {
                 // right after it.
                 let mut snap = Snapshot::default();
                 snap.set_metadata(meta.clone());
-                core.apply_snapshot(snap)
-                    .map_err(|e| RaftError::Raft(e.to_string()))?;
+                core.apply_snapshot(snap)?;
                 pending.retain(|e| e.index > meta.index);
                 if let Some(first) = pending.first() {
                     if first.index != meta.index + 1 {
-                        return Err(RaftError::Wal(format!(
-                            "WAL {} resumes at index {} after a snapshot at {}: entries are missing",
-                            dir.display(),
-                            first.index,
-                            meta.index
-                        )));
+                        return Err(RaftError::MissingEntries {
+                            dir,
+                            first: first.index,
+                            snapshot: meta.index,
+                        });
                     }
                 }
             }
@@ -180,8 +168,7 @@ impl WalStorage {
                 core.set_conf_state(cs.clone());
             }
             if !pending.is_empty() {
-                core.append(&pending)
-                    .map_err(|e| RaftError::Raft(e.to_string()))?;
+                core.append(&pending)?;
                 storage.cache.lock().append(&pending);
             }
             if let Some(mut hs) = hard_state {
@@ -209,7 +196,7 @@ impl WalStorage {
                 entry_type: raft::eraftpb::EntryType::EntryConfChange,
                 term: 1,
                 index: i as u64 + 1,
-                data: cc.write_to_bytes().map_err(wal_err)?.into(),
+                data: cc.write_to_bytes()?.into(),
                 ..Default::default()
             });
         }
@@ -249,29 +236,24 @@ impl WalStorage {
     ) -> Result<(), RaftError> {
         let mut encoded: Vec<(u8, u64, Vec<u8>)> = Vec::with_capacity(entries.len() + 1);
         for e in entries {
-            encoded.push((REC_ENTRY, e.index, e.write_to_bytes().map_err(wal_err)?));
+            encoded.push((REC_ENTRY, e.index, e.write_to_bytes()?));
         }
         if let Some(hs) = hs {
-            encoded.push((
-                REC_HARD_STATE,
-                hs.commit,
-                hs.write_to_bytes().map_err(wal_err)?,
-            ));
+            encoded.push((REC_HARD_STATE, hs.commit, hs.write_to_bytes()?));
         }
         if !encoded.is_empty() {
             let refs: Vec<(u8, u64, &[u8])> = encoded
                 .iter()
                 .map(|(k, i, p)| (*k, *i, p.as_slice()))
                 .collect();
-            let lsn = self.wal.append(&refs).map_err(wal_err)?;
+            let lsn = self.wal.append(&refs)?;
             if must_sync || !entries.is_empty() {
-                self.wal.sync_to(lsn).map_err(wal_err)?;
+                self.wal.sync_to(lsn)?;
             }
         }
         let mut core = self.mem.wl();
         if !entries.is_empty() {
-            core.append(entries)
-                .map_err(|e| RaftError::Raft(e.to_string()))?;
+            core.append(entries)?;
             self.cache.lock().append(entries);
         }
         if let Some(hs) = hs {
@@ -283,10 +265,7 @@ impl WalStorage {
     /// Drops in-memory entries below `index` (they stay in the WAL, which is what a restart
     /// replays). Only applied entries may be dropped.
     pub fn trim_memory(&self, index: u64) -> Result<(), RaftError> {
-        self.mem
-            .wl()
-            .compact(index)
-            .map_err(|e| RaftError::Raft(e.to_string()))?;
+        self.mem.wl().compact(index)?;
         self.cache.lock().trim_below(index);
         Ok(())
     }
@@ -315,33 +294,24 @@ impl WalStorage {
     pub fn compact_log(&self, index: u64, term: Option<u64>) -> Result<usize, RaftError> {
         let term = match term {
             Some(t) => t,
-            None => self
-                .mem
-                .term(index)
-                .map_err(|e| RaftError::Raft(e.to_string()))?,
+            None => self.mem.term(index)?,
         };
-        let state = self
-            .mem
-            .initial_state()
-            .map_err(|e| RaftError::Raft(e.to_string()))?;
+        let state = self.mem.initial_state()?;
         let mut meta = SnapshotMetadata {
             index,
             term,
             ..Default::default()
         };
         meta.set_conf_state(self.conf_state_at(index));
-        let meta_bytes = meta.write_to_bytes().map_err(wal_err)?;
-        let hs_bytes = state.hard_state.write_to_bytes().map_err(wal_err)?;
+        let meta_bytes = meta.write_to_bytes()?;
+        let hs_bytes = state.hard_state.write_to_bytes()?;
         // Written at the compaction index so that they outlive every segment purged now,
         // whichever old segment held the previous hard state and membership.
-        let lsn = self
-            .wal
-            .append(&[
-                (REC_SNAPSHOT, index, &meta_bytes[..]),
-                (REC_HARD_STATE, index, &hs_bytes[..]),
-            ])
-            .map_err(wal_err)?;
-        self.wal.sync_to(lsn).map_err(wal_err)?;
+        let lsn = self.wal.append(&[
+            (REC_SNAPSHOT, index, &meta_bytes[..]),
+            (REC_HARD_STATE, index, &hs_bytes[..]),
+        ])?;
+        self.wal.sync_to(lsn)?;
         {
             // Only the membership in force at `index` and later ones can still be asked for.
             let mut history = self.conf_history.lock();
@@ -349,34 +319,24 @@ impl WalStorage {
                 *history = history.split_off(&start);
             }
         }
-        self.wal.purge_below(index + 1).map_err(wal_err)
+        Ok(self.wal.purge_below(index + 1)?)
     }
 
     /// Records a snapshot from the leader that the state machine has installed (and holds
     /// durably): the log restarts after it. Then the WAL before it is purged.
     pub(crate) fn apply_snapshot(&self, snap: &Snapshot) -> Result<(), RaftError> {
         let meta = snap.get_metadata();
-        let meta_bytes = meta.write_to_bytes().map_err(wal_err)?;
-        let mut hs = self
-            .mem
-            .initial_state()
-            .map_err(|e| RaftError::Raft(e.to_string()))?
-            .hard_state;
+        let meta_bytes = meta.write_to_bytes()?;
+        let mut hs = self.mem.initial_state()?.hard_state;
         hs.commit = hs.commit.max(meta.index);
         hs.term = hs.term.max(meta.term);
-        let hs_bytes = hs.write_to_bytes().map_err(wal_err)?;
-        let lsn = self
-            .wal
-            .append(&[
-                (REC_INSTALLED, meta.index, &meta_bytes[..]),
-                (REC_HARD_STATE, meta.index, &hs_bytes[..]),
-            ])
-            .map_err(wal_err)?;
-        self.wal.sync_to(lsn).map_err(wal_err)?;
-        self.mem
-            .wl()
-            .apply_snapshot(snap.clone())
-            .map_err(|e| RaftError::Raft(e.to_string()))?;
+        let hs_bytes = hs.write_to_bytes()?;
+        let lsn = self.wal.append(&[
+            (REC_INSTALLED, meta.index, &meta_bytes[..]),
+            (REC_HARD_STATE, meta.index, &hs_bytes[..]),
+        ])?;
+        self.wal.sync_to(lsn)?;
+        self.mem.wl().apply_snapshot(snap.clone())?;
         *self.cache.lock() = EntryCache::default();
         {
             let mut history = self.conf_history.lock();
@@ -400,10 +360,8 @@ impl WalStorage {
 
     /// Records the membership in force from raft `index` on.
     pub fn set_conf_state(&self, index: u64, cs: ConfState) -> Result<(), RaftError> {
-        let payload = cs.write_to_bytes().map_err(wal_err)?;
-        self.wal
-            .append_sync(REC_CONF_STATE, index, &payload)
-            .map_err(wal_err)?;
+        let payload = cs.write_to_bytes()?;
+        self.wal.append_sync(REC_CONF_STATE, index, &payload)?;
         self.conf_history.lock().insert(index, cs.clone());
         self.mem.wl().set_conf_state(cs);
         Ok(())
@@ -432,11 +390,12 @@ impl WalStorage {
     }
 }
 
-fn corrupt(dir: &std::path::Path, what: &str, err: impl std::fmt::Display) -> RaftError {
-    RaftError::Wal(format!(
-        "undecodable {what} record in WAL {}: {err}",
-        dir.display()
-    ))
+fn corrupt(dir: &std::path::Path, what: &'static str, err: protobuf::ProtobufError) -> RaftError {
+    RaftError::CorruptRecord {
+        what,
+        dir: dir.to_path_buf(),
+        source: std::sync::Arc::new(err),
+    }
 }
 
 impl Storage for WalStorage {

@@ -4,7 +4,7 @@
 //! durably in its own state machine (they never need older entries from it), so its disk
 //! stays bounded.
 
-use crate::{CommittedEntry, StateMachine};
+use crate::{CommittedEntry, StateMachine, StateMachineError};
 use std::path::{Path, PathBuf};
 
 /// The lowest durable index among the data members; None while one of them is not known.
@@ -23,15 +23,21 @@ pub struct WitnessLog {
 
 impl WitnessLog {
     /// Opens the witness's index file at `path` (a new one starts at 0).
-    pub fn open(path: impl Into<PathBuf>, data_durable: DataDurable) -> Result<Self, String> {
+    pub fn open(
+        path: impl Into<PathBuf>,
+        data_durable: DataDurable,
+    ) -> Result<Self, WitnessLogError> {
         let path = path.into();
         let durable = match std::fs::read_to_string(&path) {
             Ok(text) => text
                 .trim()
                 .parse()
-                .map_err(|e| format!("{}: {e}", path.display()))?,
+                .map_err(|source| WitnessLogError::Parse {
+                    path: path.clone(),
+                    source,
+                })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(format!("{}: {e}", path.display())),
+            Err(source) => return Err(WitnessLogError::Io { path, source }),
         };
         Ok(Self {
             path,
@@ -41,7 +47,7 @@ impl WitnessLog {
         })
     }
 
-    fn record(&mut self, index: u64) -> Result<(), String> {
+    fn record(&mut self, index: u64) -> Result<(), WitnessLogError> {
         let tmp = self.path.with_extension("tmp");
         let write = || -> std::io::Result<()> {
             std::fs::write(&tmp, format!("{index}\n"))?;
@@ -52,13 +58,16 @@ impl WitnessLog {
             }
             Ok(())
         };
-        write().map_err(|e| format!("{}: {e}", self.path.display()))?;
+        write().map_err(|source| WitnessLogError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
         self.durable = index;
         Ok(())
     }
 
     /// Moves the trim point up to what every data member holds durably.
-    fn advance(&mut self) -> Result<(), String> {
+    fn advance(&mut self) -> Result<(), WitnessLogError> {
         let Some(data) = (self.data_durable)() else {
             return Ok(());
         };
@@ -70,19 +79,36 @@ impl WitnessLog {
     }
 }
 
+/// The witness's index file cannot be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum WitnessLogError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: not an index: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+}
+
 impl StateMachine for WitnessLog {
-    fn apply(&mut self, entries: Vec<CommittedEntry>) -> Result<(), String> {
+    fn apply(&mut self, entries: Vec<CommittedEntry>) -> Result<(), StateMachineError> {
         if let Some(last) = entries.last() {
             self.applied = self.applied.max(last.index);
         }
-        self.advance()
+        Ok(self.advance()?)
     }
 
     fn apply_conf_change(
         &mut self,
         index: u64,
         _change: &crate::eraftpb::ConfChange,
-    ) -> Result<(), String> {
+    ) -> Result<(), StateMachineError> {
         self.applied = self.applied.max(index);
         Ok(())
     }
@@ -97,9 +123,9 @@ impl StateMachine for WitnessLog {
 
     /// A witness too far behind gets the leader's snapshot like any member; it only needs to
     /// know where the log goes on.
-    fn install_snapshot(&mut self, _path: &Path, index: u64) -> Result<(), String> {
+    fn install_snapshot(&mut self, _path: &Path, index: u64) -> Result<(), StateMachineError> {
         self.applied = index;
-        self.record(index)
+        Ok(self.record(index)?)
     }
 }
 

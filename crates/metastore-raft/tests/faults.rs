@@ -20,7 +20,7 @@ async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool)
 struct PanicOnApply;
 
 impl StateMachine for PanicOnApply {
-    fn apply(&mut self, _: Vec<CommittedEntry>) -> Result<(), String> {
+    fn apply(&mut self, _: Vec<CommittedEntry>) -> Result<(), metastore_raft::StateMachineError> {
         panic!("injected apply panic");
     }
     fn applied_index(&self) -> u64 {
@@ -50,9 +50,53 @@ async fn a_panic_on_the_apply_thread_stops_the_member() {
     .await;
     let err = node.wait_applied(u64::MAX).await.expect_err("stopped");
     assert!(
-        err.to_string().contains("raft-apply thread panicked"),
+        matches!(err, metastore_raft::RaftError::ThreadPanicked("raft-apply")),
         "{err}"
     );
+    node.shutdown();
+}
+
+/// A state machine whose disk went away: its error, not a panic.
+struct FailOnApply;
+
+impl StateMachine for FailOnApply {
+    fn apply(&mut self, _: Vec<CommittedEntry>) -> Result<(), metastore_raft::StateMachineError> {
+        Err(Box::new(std::io::Error::other("injected disk failure")))
+    }
+    fn applied_index(&self) -> u64 {
+        0
+    }
+}
+
+/// The member stops with the state machine's own error, which callers can inspect by type
+/// (it used to travel as a string).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_state_machine_stops_the_member_with_its_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = RaftNode::start(
+        1,
+        metastore_raft::Bootstrap::voters(&[1]),
+        dir.path(),
+        RaftConfig::default(),
+        Arc::new(NoPeers),
+        Box::new(FailOnApply),
+    )
+    .expect("start");
+    node.propose(b"x".to_vec()).await.expect("propose");
+    wait_until(
+        "the member reports itself stopped",
+        Duration::from_secs(5),
+        || node.is_stopped(),
+    )
+    .await;
+    let err = node.wait_applied(u64::MAX).await.expect_err("stopped");
+    let metastore_raft::RaftError::StateMachine(source) = &err else {
+        panic!("expected the state machine's error, got {err:?}");
+    };
+    let io = source
+        .downcast_ref::<std::io::Error>()
+        .expect("the io::Error the state machine returned");
+    assert_eq!(io.to_string(), "injected disk failure");
     node.shutdown();
 }
 
@@ -70,7 +114,7 @@ impl Transport for PanickingTransport {
 struct Nothing;
 
 impl StateMachine for Nothing {
-    fn apply(&mut self, _: Vec<CommittedEntry>) -> Result<(), String> {
+    fn apply(&mut self, _: Vec<CommittedEntry>) -> Result<(), metastore_raft::StateMachineError> {
         Ok(())
     }
     fn applied_index(&self) -> u64 {
@@ -106,7 +150,10 @@ async fn a_panic_on_the_raft_thread_stops_the_member() {
     )
     .await;
     let err = node.propose(b"x".to_vec()).await.expect_err("stopped");
-    assert!(err.to_string().contains("raft thread panicked"), "{err}");
+    assert!(
+        matches!(err, metastore_raft::RaftError::ThreadPanicked("raft")),
+        "{err}"
+    );
     node.shutdown();
 }
 
@@ -124,7 +171,10 @@ const SNAPSHOT_EVERY: u64 = 5_000;
 const SNAPSHOT_TAKES: u64 = 11_500;
 
 impl StateMachine for SlowSnapshots {
-    fn apply(&mut self, entries: Vec<CommittedEntry>) -> Result<(), String> {
+    fn apply(
+        &mut self,
+        entries: Vec<CommittedEntry>,
+    ) -> Result<(), metastore_raft::StateMachineError> {
         let Some(last) = entries.last().map(|e| e.index) else {
             return Ok(());
         };

@@ -8,7 +8,10 @@ use std::sync::{Arc, Mutex};
 struct Recorder(Arc<Mutex<Vec<CommittedEntry>>>);
 
 impl StateMachine for Recorder {
-    fn apply(&mut self, entries: Vec<CommittedEntry>) -> Result<(), String> {
+    fn apply(
+        &mut self,
+        entries: Vec<CommittedEntry>,
+    ) -> Result<(), metastore_raft::StateMachineError> {
         self.0.lock().map_err(|e| e.to_string())?.extend(entries);
         Ok(())
     }
@@ -126,7 +129,10 @@ struct DurableRecorder {
 }
 
 impl StateMachine for DurableRecorder {
-    fn apply(&mut self, entries: Vec<CommittedEntry>) -> Result<(), String> {
+    fn apply(
+        &mut self,
+        entries: Vec<CommittedEntry>,
+    ) -> Result<(), metastore_raft::StateMachineError> {
         if let Some(last) = entries.last() {
             self.durable
                 .store(last.index, std::sync::atomic::Ordering::SeqCst);
@@ -258,7 +264,10 @@ async fn a_lone_member_keeps_no_catch_up_log_in_memory() {
 struct SlowRecorder(Recorder);
 
 impl StateMachine for SlowRecorder {
-    fn apply(&mut self, entries: Vec<CommittedEntry>) -> Result<(), String> {
+    fn apply(
+        &mut self,
+        entries: Vec<CommittedEntry>,
+    ) -> Result<(), metastore_raft::StateMachineError> {
         std::thread::sleep(std::time::Duration::from_millis(10));
         self.0.apply(entries)
     }

@@ -56,9 +56,11 @@ pub enum ServerError {
     #[error("the raft member stopped: {0}")]
     MemberStopped(String),
     #[error("peer transport: {0}")]
-    Transport(String),
+    Transport(#[from] metastore_transport::TransportError),
     #[error("the member has been permanently removed from the cluster")]
     Removed,
+    #[error("witness log: {0}")]
+    WitnessLog(#[from] metastore_raft::witness::WitnessLogError),
     #[error(transparent)]
     Metrics(#[from] metastore_api::observe::ObserveError),
     #[error(transparent)]
@@ -182,18 +184,15 @@ pub async fn start<E: Engine>(
     } else {
         peer_map(&table)
     };
-    let transport = Arc::new(
-        PeerTransport::new(
-            member_id,
-            cluster_id,
-            peers,
-            TransportConfig {
-                dialer: cfg.peer_dialer(),
-                ..TransportConfig::default()
-            },
-        )
-        .map_err(|e| ServerError::Transport(e.to_string()))?,
-    );
+    let transport = Arc::new(PeerTransport::new(
+        member_id,
+        cluster_id,
+        peers,
+        TransportConfig {
+            dialer: cfg.peer_dialer(),
+            ..TransportConfig::default()
+        },
+    )?);
     store.spawn_watch_sync().map_err(ServerError::Thread)?;
     store.spawn_compactor().map_err(ServerError::Thread)?;
     let slot = CompleterSlot::default();

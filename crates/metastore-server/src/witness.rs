@@ -32,26 +32,22 @@ pub(crate) async fn run(
         .filter(|m| m.id != member_id)
         .filter_map(|m| m.peer_urls.first().map(|u| (m.id, u.clone())))
         .collect();
-    let transport = Arc::new(
-        PeerTransport::new(
-            member_id,
-            cluster_id,
-            peers.clone(),
-            TransportConfig {
-                witness: true,
-                dialer: cfg.peer_dialer(),
-                ..TransportConfig::default()
-            },
-        )
-        .map_err(|e| ServerError::Transport(e.to_string()))?,
-    );
+    let transport = Arc::new(PeerTransport::new(
+        member_id,
+        cluster_id,
+        peers.clone(),
+        TransportConfig {
+            witness: true,
+            dialer: cfg.peer_dialer(),
+            ..TransportConfig::default()
+        },
+    )?);
     let versions = PeerVersions::default();
     let data_durable = {
         let versions = versions.clone();
         Box::new(move || versions.data_durable_index())
     };
-    let log = WitnessLog::open(dir.join("witness-index"), data_durable)
-        .map_err(|e| ServerError::Identity(dir.join("witness-index"), e))?;
+    let log = WitnessLog::open(dir.join("witness-index"), data_durable)?;
     let mut raft_config = cfg.raft.clone();
     raft_config.witness = true;
     let raft = RaftNode::start(
