@@ -20,6 +20,7 @@ pub mod lease;
 mod members;
 mod membership;
 pub mod observe;
+mod offload;
 mod quota;
 mod services;
 mod slowlog;

@@ -157,11 +157,14 @@ impl<E: Engine> Svc<E> {
     ) -> Result<RangeResponse, Status> {
         self.0.check_read(who, &req.key, &req.range_end)?;
         self.read_barrier(req.serializable).await?;
-        let mut resp = self
-            .0
-            .store
-            .range_bounded(req, self.0.limits.max_response_bytes)
-            .map_err(errors::from_mvcc)?;
+        let limit = self.0.limits.max_response_bytes;
+        let mut resp = if crate::offload::range_may_be_large(req) {
+            let (store, req) = (self.0.store.clone(), req.clone());
+            crate::offload::read(true, move || store.range_bounded(&req, limit)).await
+        } else {
+            self.0.store.range_bounded(req, limit)
+        }
+        .map_err(errors::from_mvcc)?;
         self.0.recheck_revision(who)?;
         self.0.fill_header(&mut resp.header);
         Ok(resp)
@@ -182,10 +185,10 @@ impl<E: Engine> Svc<E> {
             }
             self.read_barrier(validate::txn_is_serializable(&req))
                 .await?;
-            let resp = self
-                .0
-                .store
-                .read_txn_bounded(&req, self.0.limits.max_response_bytes)
+            let (store, limit) = (self.0.store.clone(), self.0.limits.max_response_bytes);
+            let large = crate::offload::txn_may_be_large(&req);
+            let resp = crate::offload::read(large, move || store.read_txn_bounded(&req, limit))
+                .await
                 .map_err(errors::from_mvcc)?;
             self.0.recheck_revision(who)?;
             resp

@@ -146,7 +146,9 @@ impl Worker {
             check_every: common.check_every,
             steps: 0,
             written: Vec::new(),
-            kv: conn.kv_client(),
+            // A `--prefix` or `--span` read may be far larger than tonic's 4 MiB default: the
+            // server's `--max-response-bytes` is what bounds an answer.
+            kv: conn.kv_client().max_decoding_message_size(usize::MAX),
         })
     }
 
