@@ -472,23 +472,33 @@ impl Driver {
     /// still stepped, so a follower keeps its leader; what raft would send waits with the
     /// Ready. The apply thread sends `Input::Applied` while `apply_held` is set.
     fn apply_backlog_full(&self) -> bool {
-        // Held first, backlog read second (both SeqCst), against the apply thread's decrement
-        // then read of `apply_held`: one of the two sides sees the other, so no wake is lost.
+        let over = |backlog: u64| backlog >= self.max_apply_backlog;
+        let backlog = self.shared.apply_backlog_bytes.load(Ordering::SeqCst);
+        if !over(backlog) {
+            // `apply_held` is also what admission control reads: it must never be set, not
+            // even for an instant, while the backlog is under its bound.
+            if self.shared.apply_held.load(Ordering::SeqCst) {
+                self.shared.apply_held.store(false, Ordering::SeqCst);
+            }
+            return false;
+        }
+        // Held first, backlog read again second (both SeqCst), against the apply thread's
+        // decrement then read of `apply_held`: one of the two sides sees the other, so no
+        // wake is lost.
         let was_held = self.shared.apply_held.swap(true, Ordering::SeqCst);
         let backlog = self.shared.apply_backlog_bytes.load(Ordering::SeqCst);
-        let full = backlog >= self.max_apply_backlog;
-        if !full {
+        if !over(backlog) {
             self.shared.apply_held.store(false, Ordering::SeqCst);
+            return false;
         }
-        if full != was_held {
+        if !was_held {
             tracing::debug!(
                 backlog,
                 bound = self.max_apply_backlog,
-                held = full,
-                "apply backlog"
+                "apply backlog full: waiting for the apply thread"
             );
         }
-        full
+        true
     }
 
     /// Handles Readies until raft has nothing more, so no leftover work waits for a tick.

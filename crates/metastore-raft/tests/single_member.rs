@@ -341,3 +341,49 @@ async fn a_replay_into_a_slow_state_machine_queues_a_bounded_backlog() {
     }
     node.shutdown();
 }
+
+/// `apply_held` is what admission control reads ("etcdserver: too many requests"): under a
+/// backlog far below its bound it must never be seen set. It once was, for an instant in each
+/// Ready, and a put in ~50,000 was refused under load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_apply_backlog_never_shows_the_member_as_held() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sm = Recorder::default();
+    let node = start(dir.path(), sm.clone());
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (node, done) = (node.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut seen = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if node.status().apply_held {
+                    seen += 1;
+                }
+            }
+            seen
+        })
+    };
+    let entries = 20_000u32;
+    let mut tasks = Vec::new();
+    for t in 0..16u32 {
+        let node = node.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (t..entries).step_by(16) {
+                node.propose(i.to_be_bytes().to_vec())
+                    .await
+                    .expect("propose");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("join");
+    }
+    wait_for_entries(&sm, entries as usize).await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = watcher.join().expect("watcher");
+    assert_eq!(
+        seen, 0,
+        "apply_held seen set {seen} times with a backlog of a few KiB"
+    );
+    node.shutdown();
+}
