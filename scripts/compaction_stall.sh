@@ -13,47 +13,16 @@ base_rev="${1:-651122a}"
 keys="${2:-1000000}"
 seconds="${3:-8}"
 rounds="${4:-2}"
-target="${CARGO_TARGET_DIR:-target}"
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  kill "${pids[@]}" 2>/dev/null || true
-  git worktree remove --force "$work/base-src" 2>/dev/null || true
-  git worktree remove --force "$work/head-src" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-build() { # <source dir> <out dir>
-  # Cargo's unit hashes do not depend on the workspace's path and its freshness check compares
-  # source mtimes with the last build's: without this, a worktree checked out before the other
-  # one was built would reuse that build's crates wherever its sources look older.
-  find "$1" -name '*.rs' -o -name 'Cargo.toml' -o -name '*.proto' | xargs touch
-  (cd "$1" && cargo build --release -p metastore-server -p metastore-bench >&2)
-  mkdir -p "$2"
-  cp "$target/release/metastore" "$target/release/metastore-bench" "$2/"
-}
+source scripts/lib/ab.sh
 git worktree add --detach "$work/base-src" "$base_rev" >&2
 git worktree add --detach "$work/head-src" HEAD >&2
 build "$work/base-src" "$work/base"
 build "$work/head-src" "$work/head"
 bench="$work/head/metastore-bench"
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 run() { # <bin dir>; prints "max_ms p999_ms compact_s"
-  local c p dir pid rev report compact_s
-  c="$(port)"; p="$(port)"; dir="$(mktemp -d -p "$work")"
-  "$1/metastore" --data-dir "$dir" --listen-client-urls "http://127.0.0.1:$c" \
-    --advertise-client-urls "http://127.0.0.1:$c" --listen-peer-urls "http://127.0.0.1:$p" \
-    --initial-advertise-peer-urls "http://127.0.0.1:$p" --initial-cluster "default=http://127.0.0.1:$p" \
-    --quota-backend-bytes 8589934592 --log-level warn 2>>"$work/server.log" &
-  pid=$!; pids+=("$pid")
-  sleep 1.5
-  # Filled with MetaStore's BatchPut (1000 keys per proposal): a million single puts would take
-  # minutes on a small machine.
-  "$bench" --endpoints "127.0.0.1:$c" --conns 4 --clients 4 --total $((2 * keys / 1000)) \
-    --key-space-size "$keys" --sequential-keys --no-progress --check-every 0 \
-    batch-put --batch-size 1000 >/dev/null
+  local rev report compact_s
+  start_loaded "$1" "$keys" 2
   rev=$(ETCDCTL_API=3 etcdctl --endpoints "127.0.0.1:$c" endpoint status -w json |
     python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["Status"]["header"]["revision"])')
   "$bench" --endpoints "127.0.0.1:$c" --conns 4 --clients 16 --duration "${seconds}s" \
@@ -64,7 +33,7 @@ run() { # <bin dir>; prints "max_ms p999_ms compact_s"
   ETCDCTL_API=3 etcdctl --endpoints "127.0.0.1:$c" --command-timeout 300s compaction --physical \
     $((rev - 1)) >/dev/null
   compact_s=$(awk -v s="$t0" -v e="$(date +%s.%N)" 'BEGIN {printf "%.2f", e - s}')
-  wait "$load"
+  wait "$load" || true
   report=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); l=r["latency_ms"]; print("%.1f %.1f" % (l["max"], l["p999"]))' "$work/report.json")
   kill "$pid"; wait "$pid" 2>/dev/null || true
   rm -rf "$dir"

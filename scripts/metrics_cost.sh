@@ -14,26 +14,7 @@ cd "$(dirname "$0")/.."
 base_rev="${1:-off}"
 rounds="${2:-5}"
 seconds="${3:-5}"
-target="${CARGO_TARGET_DIR:-target}"
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  kill "${pids[@]}" 2>/dev/null || true
-  git worktree remove --force "$work/src" 2>/dev/null || true
-  git worktree remove --force "$work/head-src" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-build() { # <source dir> <out dir>
-  # Cargo's unit hashes do not depend on the workspace's path and its freshness check compares
-  # source mtimes with the last build's: without this, a worktree checked out before the other
-  # one was built would reuse that build's crates wherever its sources look older.
-  find "$1" -name '*.rs' -o -name 'Cargo.toml' -o -name '*.proto' | xargs touch
-  (cd "$1" && cargo build --release -p metastore-server -p metastore-bench >&2)
-  mkdir -p "$2"
-  cp "$target/release/metastore" "$target/release/metastore-bench" "$2/"
-}
+source scripts/lib/ab.sh
 # Both from clean worktrees of their commits (HEAD: the last commit, not the working tree).
 if [[ "$base_rev" == off ]]; then
   git worktree add --detach "$work/src" HEAD >&2
@@ -46,7 +27,6 @@ build "$work/src" "$work/base"
 build "$work/head-src" "$work/head"
 bench="$work/head/metastore-bench"
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # ops/s and server CPU µs per op of one JSON report.
 fields() { python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.0f %.2f %d" % (r["ops_per_sec"], r.get("server_cpu_us_per_op") or 0, sum(r["errors"].values())))'; }

@@ -13,45 +13,16 @@ base_rev="${1:-4617124}"
 keys="${2:-1000000}"
 seconds="${3:-10}"
 rounds="${4:-2}"
-target="${CARGO_TARGET_DIR:-target}"
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  kill "${pids[@]}" 2>/dev/null || true
-  git worktree remove --force "$work/base-src" 2>/dev/null || true
-  git worktree remove --force "$work/head-src" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-build() { # <source dir> <out dir>
-  # Cargo's unit hashes do not depend on the workspace's path and its freshness check compares
-  # source mtimes with the last build's: without this, a worktree checked out before the other
-  # one was built would reuse that build's crates wherever its sources look older.
-  find "$1" -name '*.rs' -o -name 'Cargo.toml' -o -name '*.proto' | xargs touch
-  (cd "$1" && cargo build --release -p metastore-server -p metastore-bench >&2)
-  mkdir -p "$2"
-  cp "$target/release/metastore" "$target/release/metastore-bench" "$2/"
-}
+source scripts/lib/ab.sh
 git worktree add --detach "$work/base-src" "$base_rev" >&2
 git worktree add --detach "$work/head-src" HEAD >&2
 build "$work/base-src" "$work/base"
 build "$work/head-src" "$work/head"
 bench="$work/head/metastore-bench"
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 run() { # <bin dir>; prints "p50_ms p99_ms max_ms single_per_s whole_ranges peak_rss_mb"
-  local c p dir pid report whole peak rss
-  c="$(port)"; p="$(port)"; dir="$(mktemp -d -p "$work")"
-  "$1/metastore" --data-dir "$dir" --listen-client-urls "http://127.0.0.1:$c" \
-    --advertise-client-urls "http://127.0.0.1:$c" --listen-peer-urls "http://127.0.0.1:$p" \
-    --initial-advertise-peer-urls "http://127.0.0.1:$p" --initial-cluster "default=http://127.0.0.1:$p" \
-    --quota-backend-bytes 8589934592 --log-level warn 2>>"$work/server.log" &
-  pid=$!; pids+=("$pid")
-  sleep 1.5
-  "$bench" --endpoints "127.0.0.1:$c" --conns 4 --clients 4 --total $((keys / 1000)) \
-    --key-space-size "$keys" --sequential-keys --no-progress --check-every 0 \
-    batch-put --batch-size 1000 >/dev/null
+  local report whole peak rss
+  start_loaded "$1" "$keys" 1
   # Every key of the key space starts with "0" (zero-padded decimal).
   "$bench" --endpoints "127.0.0.1:$c" --clients 1 --duration "${seconds}s" --json --no-progress \
     --check-every 0 range --consistency s --prefix 0 >"$work/whole.json" &
@@ -66,7 +37,8 @@ run() { # <bin dir>; prints "p50_ms p99_ms max_ms single_per_s whole_ranges peak
     ((rss > peak)) && peak=$rss
     sleep 0.2
   done
-  wait "$single_pid"; wait "$whole_pid" || true
+  # A failed request makes the bench exit non-zero; its report still says what happened.
+  wait "$single_pid" || true; wait "$whole_pid" || true
   report=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); l=r["latency_ms"]; print("%.2f %.2f %.1f %.0f" % (l["p50"], l["p99"], l["max"], r["ops_per_sec"]))' "$work/single.json")
   whole=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["ok"])' "$work/whole.json")
   kill "$pid"; wait "$pid" 2>/dev/null || true

@@ -3,7 +3,6 @@
 use crate::apply::ApplyInput;
 use crate::{Input, RaftError, Shared, Transport, WalStorage};
 use flume::{Receiver, RecvTimeoutError, Sender};
-use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeV2, EntryType};
 use raft::prelude::Entry;
 use raft::{RawNode, SnapshotStatus, StateRole};
@@ -418,13 +417,7 @@ impl Driver {
             match e.get_entry_type() {
                 EntryType::EntryNormal => {}
                 EntryType::EntryConfChange => {
-                    let mut cc = ConfChange::default();
-                    cc.merge_from_bytes(&e.data).map_err(|err| {
-                        RaftError::UndecodableConfChange {
-                            index: e.index,
-                            source: Arc::new(err),
-                        }
-                    })?;
+                    let cc: ConfChange = decode_conf_change(e)?;
                     let cs = self.raw.apply_conf_change(&cc)?;
                     let removed = (cc.get_change_type()
                         == raft::eraftpb::ConfChangeType::RemoveNode)
@@ -432,13 +425,7 @@ impl Driver {
                     self.record_conf_change(e.index, cs, removed)?;
                 }
                 EntryType::EntryConfChangeV2 => {
-                    let mut cc = ConfChangeV2::default();
-                    cc.merge_from_bytes(&e.data).map_err(|err| {
-                        RaftError::UndecodableConfChange {
-                            index: e.index,
-                            source: Arc::new(err),
-                        }
-                    })?;
+                    let cc: ConfChangeV2 = decode_conf_change(e)?;
                     let cs = self.raw.apply_conf_change(&cc)?;
                     let removed = cc
                         .changes
@@ -588,4 +575,15 @@ impl Driver {
             .log_bytes_in_memory
             .store(self.raw.store().cached_bytes(), Ordering::Release);
     }
+}
+
+/// A committed membership change entry's payload (either version of the message).
+fn decode_conf_change<M: protobuf::Message + Default>(e: &Entry) -> Result<M, RaftError> {
+    let mut cc = M::default();
+    cc.merge_from_bytes(&e.data)
+        .map_err(|err| RaftError::UndecodableConfChange {
+            index: e.index,
+            source: Arc::new(err),
+        })?;
+    Ok(cc)
 }

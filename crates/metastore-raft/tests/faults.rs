@@ -28,8 +28,9 @@ impl StateMachine for PanicOnApply {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panic_on_the_apply_thread_stops_the_member() {
+/// Starts a lone member on `sm`, proposes one entry, and returns the error the member stopped
+/// with once it reports itself stopped (by itself: no further proposal wakes it).
+async fn stopped_after_one_entry(sm: Box<dyn StateMachine>) -> metastore_raft::RaftError {
     let dir = tempfile::tempdir().expect("tempdir");
     let node = RaftNode::start(
         1,
@@ -37,11 +38,10 @@ async fn a_panic_on_the_apply_thread_stops_the_member() {
         dir.path(),
         RaftConfig::default(),
         Arc::new(NoPeers),
-        Box::new(PanicOnApply),
+        sm,
     )
     .expect("start");
-    node.propose(b"boom".to_vec()).await.expect("propose");
-    // No further proposal: the member must notice by itself, not at the next entry.
+    node.propose(b"x".to_vec()).await.expect("propose");
     wait_until(
         "the member reports itself stopped",
         Duration::from_secs(5),
@@ -49,11 +49,17 @@ async fn a_panic_on_the_apply_thread_stops_the_member() {
     )
     .await;
     let err = node.wait_applied(u64::MAX).await.expect_err("stopped");
+    node.shutdown();
+    err
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_on_the_apply_thread_stops_the_member() {
+    let err = stopped_after_one_entry(Box::new(PanicOnApply)).await;
     assert!(
         matches!(err, metastore_raft::RaftError::ThreadPanicked("raft-apply")),
         "{err}"
     );
-    node.shutdown();
 }
 
 /// A state machine whose disk went away: its error, not a panic.
@@ -72,24 +78,7 @@ impl StateMachine for FailOnApply {
 /// (it used to travel as a string).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_state_machine_stops_the_member_with_its_error() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let node = RaftNode::start(
-        1,
-        metastore_raft::Bootstrap::voters(&[1]),
-        dir.path(),
-        RaftConfig::default(),
-        Arc::new(NoPeers),
-        Box::new(FailOnApply),
-    )
-    .expect("start");
-    node.propose(b"x".to_vec()).await.expect("propose");
-    wait_until(
-        "the member reports itself stopped",
-        Duration::from_secs(5),
-        || node.is_stopped(),
-    )
-    .await;
-    let err = node.wait_applied(u64::MAX).await.expect_err("stopped");
+    let err = stopped_after_one_entry(Box::new(FailOnApply)).await;
     let metastore_raft::RaftError::StateMachine(source) = &err else {
         panic!("expected the state machine's error, got {err:?}");
     };
@@ -97,7 +86,6 @@ async fn a_failing_state_machine_stops_the_member_with_its_error() {
         .downcast_ref::<std::io::Error>()
         .expect("the io::Error the state machine returned");
     assert_eq!(io.to_string(), "injected disk failure");
-    node.shutdown();
 }
 
 /// A transport whose first send panics, on the raft thread.
