@@ -371,6 +371,9 @@ impl<E: Engine> EtcdServer<E> {
         server.store.auth().set_token_ttl(services.auth.token_ttl);
         server
             .store
+            .set_apply_response_limit(server.limits.max_response_bytes);
+        server
+            .store
             .watch_hub()
             .set_limits(metastore_mvcc::WatchLimits {
                 stream_queue_bytes: server.limits.watch_stream_queue_bytes,

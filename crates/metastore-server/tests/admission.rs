@@ -183,4 +183,36 @@ async fn a_range_over_the_response_limit_is_refused_and_a_limited_one_served() {
         .await
         .unwrap();
     assert_eq!(keys.kvs().len(), 3000);
+
+    // A Txn that writes answers its ranges in the apply step: bounded the same, and its
+    // writes still apply (every member must write the same whatever its own limit), as
+    // etcd's txn applies and then fails to send an answer too large.
+    let txn = etcd_client::Txn::new().and_then(vec![
+        etcd_client::TxnOp::get("big/", Some(prefix())),
+        etcd_client::TxnOp::put("written-anyway", "yes", None),
+    ]);
+    match c.txn(txn).await {
+        Err(Error::GRpcStatus(s)) => {
+            assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+            assert!(
+                s.message()
+                    .starts_with("grpc: trying to send message larger than max ("),
+                "{}",
+                s.message()
+            );
+        }
+        other => panic!("a write txn with a 3 MB range under a 1 MiB limit answered {other:?}"),
+    }
+    let written = c.get("written-anyway", None).await.unwrap();
+    assert_eq!(written.kvs()[0].value(), b"yes");
+    // Under the limit, a write txn's range answers in full.
+    let txn = etcd_client::Txn::new().and_then(vec![
+        etcd_client::TxnOp::get("big/", Some(prefix().with_limit(10))),
+        etcd_client::TxnOp::put("written-too", "yes", None),
+    ]);
+    let answered = c.txn(txn).await.unwrap();
+    match &answered.op_responses()[0] {
+        etcd_client::TxnOpResponse::Get(r) => assert_eq!(r.kvs().len(), 10),
+        other => panic!("expected the range's answer, got {other:?}"),
+    }
 }
